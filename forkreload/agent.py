@@ -1,0 +1,266 @@
+"""The forkreload agent inside each worker.
+
+Installed in the worker's IPython shell as `__forkreload__` (hidden from the
+user). It tells the controller which of the user's modules were imported
+(and from which files), exports the user's namespace for migration, and on
+the receiving side imports the user's modules fresh and loads the namespace.
+The controller calls it through silent execute requests of its own whose
+results come back in `user_expressions`: no history entry, no count change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import importlib
+import importlib.util
+import json
+import os
+import re
+import site
+import sys
+import sysconfig
+import time
+import traceback
+import types
+from typing import Any
+
+from . import migrate
+
+__all__ = ["Agent", "install", "user_variable_names"]
+
+_OUTPUT_NAME = re.compile(r"^_(i{1,3}|_{1,2}|\d+|i\d+|)$")
+_FORKRELOAD_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _library_prefixes() -> tuple[str, ...]:
+    paths = set()
+    for name in ("stdlib", "platstdlib", "purelib", "platlib"):
+        p = sysconfig.get_paths().get(name)
+        if p:
+            paths.add(os.path.realpath(p))
+    try:
+        paths.update(os.path.realpath(p) for p in site.getsitepackages())
+    except AttributeError:
+        pass
+    user_site = getattr(site, "USER_SITE", None)
+    if user_site:
+        paths.add(os.path.realpath(user_site))
+    return tuple(p.rstrip(os.sep) + os.sep for p in paths)
+
+
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path.startswith(p) for p in prefixes)
+
+
+def user_variable_names(shell: Any) -> list[str]:
+    """The names in `user_ns` that the user made, not IPython's own."""
+    hidden = shell.user_ns_hidden
+    missing = object()
+    names = []
+    for name, value in shell.user_ns.items():
+        if name.startswith("__") and name.endswith("__"):
+            continue
+        if hidden.get(name, missing) is value or _OUTPUT_NAME.match(name):
+            continue
+        names.append(name)
+    return names
+
+
+def _sign(key: bytes, data: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback of the user's own code, without forkreload or importlib."""
+    if isinstance(exc, SyntaxError):
+        where = f"{os.path.basename(exc.filename or '?')}, line {exc.lineno}"
+        return f"{where}: {exc.msg}"
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(_FORKRELOAD_DIR) and "importlib" not in f.filename
+    ]
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "".join(lines).rstrip()
+
+
+class Agent:
+    """State and entry points of forkreload inside one worker."""
+
+    def __init__(self, kernel: Any, baseline: set[str], cwd: str, watch: list[str]) -> None:
+        self.kernel = kernel
+        self.shell = kernel.shell
+        self.key: bytes = kernel.session.key
+        self.cwd = os.path.realpath(cwd)
+        self.watch = tuple(os.path.realpath(w).rstrip(os.sep) + os.sep for w in watch)
+        self.libs = _library_prefixes()
+        self.seen: set[str] = set(sys.modules)
+        self.baseline = baseline
+        self._nmods = len(sys.modules)
+        # name -> {"file", "sha", "source"}: the source as it was executed
+        self.user_modules: dict[str, dict[str, Any]] = {}
+        self.third_party: list[str] = []
+
+    # -- module tracking -------------------------------------------------
+
+    def is_user_module(self, mod: types.ModuleType) -> str | None:
+        """The module's file when it is one of the user's modules, else None."""
+        file = getattr(mod, "__file__", None)
+        if not isinstance(file, str) or not os.path.isfile(file):
+            return None
+        path = os.path.realpath(file)
+        if path.startswith(_FORKRELOAD_DIR + os.sep):
+            return None
+        if _under(path, self.watch):
+            return path
+        if _under(path, self.libs):
+            return None
+        return path
+
+    def scan(self) -> list[dict[str, Any]]:
+        """Record modules imported since the last scan; return new user modules."""
+        if len(sys.modules) == self._nmods:
+            return []
+        found = []
+        for name in [n for n in list(sys.modules) if n not in self.seen]:
+            self.seen.add(name)
+            mod = sys.modules.get(name)
+            if mod is None:
+                continue
+            path = self.is_user_module(mod)
+            if path is None:
+                if "." not in name and getattr(mod, "__file__", None):
+                    self.third_party.append(name)
+                continue
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            entry = {"name": name, "file": path, "sha": hashlib.sha256(data).hexdigest()}
+            self.user_modules[name] = dict(entry, source=data)
+            found.append(entry)
+        self._nmods = len(sys.modules)
+        return found
+
+    def _post_run_cell(self, result: Any = None) -> None:
+        found = self.scan()
+        if found:
+            self.kernel.session.send(
+                self.kernel.iopub_socket,
+                "forkreload_modules",
+                {"modules": found},
+                parent=self.kernel.get_parent("shell"),
+                ident=b"forkreload",
+            )
+
+    def modules(self) -> str:
+        """JSON list of the user modules known so far (scans first)."""
+        self.scan()
+        return json.dumps(
+            [{"name": n, "file": e["file"], "sha": e["sha"]} for n, e in self.user_modules.items()]
+        )
+
+    # -- migration: the old worker's side ----------------------------------
+
+    def export(self, path: str) -> str:
+        """Dump the user's namespace and session state next to `path`."""
+        t0 = time.perf_counter()
+        self.scan()
+        ns = self.shell.user_ns
+        names = user_variable_names(self.shell)
+        dump = migrate.dump_namespace(ns, names, self.key, path, globals_ns=ns)
+        hm = self.shell.history_manager
+        meta = {
+            "execution_count": self.shell.execution_count,
+            "history_raw": list(hm.input_hist_raw),
+            "history_parsed": list(hm.input_hist_parsed),
+            "cwd": os.getcwd(),
+            "sys_path": list(sys.path),
+            "environ": dict(os.environ),
+            "modules": list(self.user_modules),
+        }
+        data = json.dumps(meta).encode()
+        with open(os.open(path + ".meta", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            f.write(_sign(self.key, data).encode() + b"\n" + data)
+        return json.dumps(
+            {
+                "saved": dump.saved,
+                "lost": dump.lost,
+                "groups": [g for g in dump.groups if len(g) > 1],
+                "inband_bytes": dump.inband_bytes,
+                "buffer_bytes": dump.buffer_bytes,
+                "seconds": round(time.perf_counter() - t0, 4),
+            }
+        )
+
+    # -- migration: the new worker's side ----------------------------------
+
+    def _read_meta(self, path: str) -> dict[str, Any]:
+        with open(path + ".meta", "rb") as f:
+            mac, _, data = f.read().partition(b"\n")
+        if not hmac.compare_digest(mac.decode(), _sign(self.key, data)):
+            raise migrate.ForgedPayload("session state with a bad signature")
+        return json.loads(data)
+
+    def prepare(self, path: str, changed_files: list[str]) -> str:
+        """Restore cwd, sys.path and environment, then import the user's modules."""
+        t0 = time.perf_counter()
+        meta = self._read_meta(path)
+        os.environ.clear()
+        os.environ.update(meta["environ"])
+        try:
+            os.chdir(meta["cwd"])
+        except OSError:
+            pass
+        sys.path[:] = meta["sys_path"]
+        for file in changed_files:
+            # A .pyc written within the same second as the edit, at the same
+            # size, would pass the mtime check and load the stale code.
+            try:
+                os.unlink(importlib.util.cache_from_source(file))
+            except (OSError, ValueError, NotImplementedError):
+                pass
+        importlib.invalidate_caches()
+        for name in meta["modules"]:
+            if name in sys.modules:
+                continue
+            try:
+                importlib.import_module(name)
+            except BaseException as exc:
+                return json.dumps({"ok": False, "module": name, "error": _user_traceback(exc)})
+        self.scan()
+        return json.dumps({"ok": True, "seconds": round(time.perf_counter() - t0, 4)})
+
+    def load(self, path: str) -> str:
+        """Load the namespace dumped at `path`; all or nothing."""
+        t0 = time.perf_counter()
+        meta = self._read_meta(path)
+        ns = self.shell.user_ns
+        res = migrate.load_namespace(path, self.key, ns)
+        if res.failed:
+            return json.dumps({"ok": False, "failed": res.failed})
+        ns.update(res.values)
+        self.shell.execution_count = meta["execution_count"]
+        hm = self.shell.history_manager
+        hm.input_hist_raw[:] = meta["history_raw"]
+        hm.input_hist_parsed[:] = meta["history_parsed"]
+        return json.dumps({"ok": True, "loaded": res.loaded, "seconds": round(time.perf_counter() - t0, 4)})
+
+    def call(self, method: str, *args: Any) -> str:
+        """Entry point for the controller: never raises, always JSON."""
+        try:
+            return getattr(self, method)(*args)
+        except BaseException as exc:
+            return json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}", "internal": True})
+
+
+def install(kernel: Any, baseline: set[str], cwd: str, watch: list[str]) -> Agent:
+    """Create the agent and hook it into the kernel's shell."""
+    agent = Agent(kernel, baseline, cwd, watch)
+    shell = kernel.shell
+    shell.user_ns["__forkreload__"] = agent
+    shell.user_ns_hidden["__forkreload__"] = agent
+    shell.events.register("post_run_cell", agent._post_run_cell)
+    return agent

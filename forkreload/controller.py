@@ -1,0 +1,803 @@
+"""The controller: the process a front end starts, holding no user state.
+
+It owns the ports of the Jupyter connection file and proxies the Jupyter
+protocol to the current worker (messages pass through unchanged: both sides
+share the HMAC key). It spawns the snapshot, asks it for workers, watches
+the source files of the user's modules, and before forwarding an
+`execute_request` after an edit it swaps in a fresh worker with the user's
+variables migrated. A worker that dies is replaced; the controller never
+runs user code.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from jupyter_client.session import Session as JupyterSession
+
+from .channel import Channel, ForgedMessage, make_private_dir
+from .watch import SourceWatch
+from .worker import worker_connection
+
+__all__ = ["Controller", "Settings", "ControllerError"]
+
+log = logging.getLogger("forkreload.controller")
+
+DELIM = b"<IDS|MSG>"
+INTERNAL = b"forkreload-internal"
+_READY_TIMEOUT = 60.0
+
+
+class ControllerError(RuntimeError):
+    """The controller could not start or lost its snapshot."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker exited while the controller was waiting on it."""
+
+
+@dataclass
+class Settings:
+    """What the user chose for this session."""
+
+    cwd: str = "."
+    preload: list[str] = field(default_factory=list)
+    mode: str = "auto"
+    quiet: bool = False
+    watch: list[str] = field(default_factory=list)
+
+
+class WorkerHandle:
+    """The controller's side of one worker: its sockets and its process."""
+
+    def __init__(self, ctx: zmq.Context, wid: int, pid: int, pidfd: int, conn: dict[str, Any]) -> None:
+        self.wid = wid
+        self.pid = pid
+        self.pidfd = pidfd
+        self.ready = False
+        self.dead = False
+        self.exit_status: str | None = None
+        self.inflight: dict[str, tuple[list[bytes], dict[str, Any]]] = {}
+        base = f"ipc://{conn['ip']}-"
+        identity = f"forkreload-{uuid.uuid4().hex[:8]}".encode()
+        self.shell = ctx.socket(zmq.DEALER)
+        self.stdin = ctx.socket(zmq.DEALER)
+        # input_request is routed to the shell request's identity: the stdin
+        # socket must carry the same one or it never comes back.
+        for s in (self.shell, self.stdin):
+            s.setsockopt(zmq.IDENTITY, identity)
+        self.control = ctx.socket(zmq.DEALER)
+        self.iopub = ctx.socket(zmq.SUB)
+        self.iopub.setsockopt(zmq.RCVHWM, 0)
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.shell.connect(base + str(conn["shell_port"]))
+        self.stdin.connect(base + str(conn["stdin_port"]))
+        self.control.connect(base + str(conn["control_port"]))
+        self.iopub.connect(base + str(conn["iopub_port"]))
+        self.sockets = (self.shell, self.stdin, self.control, self.iopub)
+
+    def kill(self) -> None:
+        if not self.dead:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close(linger=0)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+def _json(frame: bytes) -> dict[str, Any]:
+    return json.loads(frame) if frame else {}
+
+
+def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    i = frames.index(DELIM)
+    return frames[:i], frames[i + 1 :]
+
+
+def _human_seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+
+class Controller:
+    """One session's controller; `run()` serves until shutdown."""
+
+    def __init__(self, connection: dict[str, Any], settings: Settings) -> None:
+        self.conn = connection
+        self.settings = settings
+        self.settings.cwd = os.path.realpath(settings.cwd)
+        self.key = connection["key"].encode() if isinstance(connection["key"], str) else connection["key"]
+        self.session = JupyterSession(key=self.key, signature_scheme=connection.get("signature_scheme", "hmac-sha256"), username="forkreload")
+        self.ctx = zmq.Context()
+        self.privdir = make_private_dir()
+        self.watch = SourceWatch()
+        self.worker: WorkerHandle | None = None
+        self.spare: WorkerHandle | None = None
+        self.retired: list[WorkerHandle] = []
+        self.next_wid = 1
+        self.held: list[list[bytes]] = []
+        self.internal_ids: set[str] = set()
+        self.reports: dict[str, dict[str, Any]] = {}
+        self.pending_report: dict[str, Any] | None = None  # told with the next cell
+        self.failed_signature: frozenset[tuple[str, str | None]] | None = None
+        self.force_fresh = False
+        self.last_report: dict[str, Any] | None = None
+        self.snapshot_info: dict[str, Any] = {}
+        self.exit_statuses: dict[int, str] = {}
+        self.running = False
+        self._ppid = os.getppid()
+
+    # -- start-up ----------------------------------------------------------
+
+    def _url(self, port: int) -> str:
+        transport = self.conn.get("transport", "tcp")
+        ip = self.conn.get("ip", "127.0.0.1")
+        return f"ipc://{ip}-{port}" if transport == "ipc" else f"tcp://{ip}:{port}"
+
+    def _bind_front(self) -> None:
+        self.fe_shell = self.ctx.socket(zmq.ROUTER)
+        self.fe_control = self.ctx.socket(zmq.ROUTER)
+        self.fe_stdin = self.ctx.socket(zmq.ROUTER)
+        self.fe_iopub = self.ctx.socket(zmq.XPUB)
+        # A flood of prints must reach the front end, not be dropped here.
+        self.fe_iopub.setsockopt(zmq.SNDHWM, 0)
+        for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
+            s.setsockopt(zmq.LINGER, 1000)
+        self.fe_shell.bind(self._url(self.conn["shell_port"]))
+        self.fe_control.bind(self._url(self.conn["control_port"]))
+        self.fe_stdin.bind(self._url(self.conn["stdin_port"]))
+        self.fe_iopub.bind(self._url(self.conn["iopub_port"]))
+        hb_url = self._url(self.conn["hb_port"])
+        ready = threading.Event()
+
+        def heartbeat() -> None:
+            # Echo in a thread of its own so a swap never stops the heartbeat.
+            s = self.ctx.socket(zmq.ROUTER)
+            s.bind(hb_url)
+            ready.set()
+            try:
+                zmq.device(zmq.QUEUE, s, s)
+            except zmq.ContextTerminated:
+                pass
+            finally:
+                s.close(linger=0)
+
+        threading.Thread(target=heartbeat, name="forkreload-heartbeat", daemon=True).start()
+        ready.wait(10)
+
+    def _spawn_snapshot(self) -> None:
+        sock_path = os.path.join(self.privdir, "snapshot.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(sock_path)
+        listener.listen(1)
+        env = dict(os.environ)
+        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+        # debugpy (pre-imported for fast worker start) warns about frozen modules.
+        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+        self.snapshot_proc = subprocess.Popen(
+            [sys.executable, "-m", "forkreload.snapshot"],
+            stdin=subprocess.PIPE,
+            cwd=self.settings.cwd,
+            env=env,
+            # Ctrl-C in a terminal must reach the controller only; it decides
+            # whether the worker gets an interrupt.
+            start_new_session=True,
+        )
+        cfg = {
+            "key": self.key.decode(),
+            "sock": sock_path,
+            "controller_pid": os.getpid(),
+            "privdir": self.privdir,
+            "cwd": self.settings.cwd,
+            "preload": self.settings.preload,
+            "watch": self.settings.watch,
+        }
+        assert self.snapshot_proc.stdin is not None
+        self.snapshot_proc.stdin.write(json.dumps(cfg).encode() + b"\n")
+        self.snapshot_proc.stdin.close()
+        listener.settimeout(1.0)
+        deadline = time.monotonic() + 300
+        try:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                    break
+                except socket.timeout:
+                    if self.snapshot_proc.poll() is not None:
+                        raise ControllerError(f"the snapshot process exited at start (status {self.snapshot_proc.returncode})")
+                    if time.monotonic() > deadline:
+                        raise ControllerError("the snapshot did not start within 300 s")
+        finally:
+            listener.close()
+            os.unlink(sock_path)
+        pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if pid != self.snapshot_proc.pid:
+            conn.close()
+            raise ControllerError("an unexpected process connected to the snapshot socket")
+        conn.settimeout(None)
+        self.snap = Channel(conn, self.key)
+        hello, _ = self.snap.recv()
+        if not hello or hello.get("op") != "hello":
+            raise ControllerError("the snapshot did not say hello")
+        self.snapshot_info = hello
+        if hello.get("kernel_failed"):
+            raise ControllerError(f"the snapshot could not import the kernel: {hello['kernel_failed']}")
+        for name, why in hello.get("preload_failed", {}).items():
+            log.warning("preload %s failed: %s", name, why)
+        risky = hello.get("threads", {}).get("risky")
+        if risky:
+            log.warning("preload modules started threads %s: forking with them is a fork-safety risk", risky)
+
+    def start(self) -> None:
+        """Bind the front end's ports, start the snapshot and a first worker."""
+        if not hasattr(os, "fork"):
+            raise ControllerError("forkreload needs os.fork, which this platform does not have")
+        self._bind_front()
+        self._spawn_snapshot()
+        self.worker = self._fork()
+        self._wait_ready(self.worker)
+        self.spare = self._fork()
+        self.running = True
+
+    # -- workers -------------------------------------------------------------
+
+    def _snapshot_message(self) -> tuple[dict[str, Any], list[int]]:
+        msg, fds = self.snap.recv()
+        if msg is None:
+            raise ControllerError("the snapshot process is gone")
+        return msg, fds
+
+    def _on_snapshot_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("op") == "exited":
+            self.exit_statuses[msg["pid"]] = msg["status"]
+
+    def _fork(self) -> WorkerHandle:
+        wid = self.next_wid
+        self.next_wid += 1
+        self.snap.send({"op": "fork", "wid": wid, "cwd": self.settings.cwd})
+        while True:
+            msg, fds = self._snapshot_message()
+            if msg.get("op") == "fork":
+                break
+            self._on_snapshot_message(msg)
+            for fd in fds:
+                os.close(fd)
+        if msg.get("error") or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise ControllerError(f"could not fork a worker: {msg.get('error', 'no process handle')}")
+        conn = worker_connection(self.privdir, wid, self.key.decode())
+        return WorkerHandle(self.ctx, wid, msg["pid"], fds[0], conn)
+
+    def _wait_ready(self, w: WorkerHandle) -> None:
+        """Block until the worker's iopub welcome arrived: only then is routing safe."""
+        deadline = time.monotonic() + _READY_TIMEOUT
+        poller = zmq.Poller()
+        poller.register(w.iopub, zmq.POLLIN)
+        poller.register(w.pidfd, zmq.POLLIN)
+        while not w.ready:
+            if time.monotonic() > deadline:
+                raise WorkerDied("the new worker did not start in time")
+            events = dict(poller.poll(200))
+            if w.pidfd in events:
+                w.dead = True
+                raise WorkerDied("the new worker exited while starting")
+            if w.iopub in events:
+                self._on_worker_iopub(w, w.iopub.recv_multipart())
+
+    def _take_spare(self) -> WorkerHandle:
+        w = self.spare
+        self.spare = None
+        if w is None or w.dead:
+            if w is not None:
+                self._retire(w)
+            w = self._fork()
+        self._wait_ready(w)
+        return w
+
+    def _retire(self, w: WorkerHandle) -> None:
+        w.kill()
+        # Output still queued from the old worker belongs to cells that ended.
+        w.close()
+        for name in os.listdir(self.privdir):
+            if name.startswith(f"w{w.wid}-") or name == f"w{w.wid}.json":
+                try:
+                    os.unlink(os.path.join(self.privdir, name))
+                except OSError:
+                    pass
+
+    def _refill_spare(self) -> None:
+        if self.spare is None:
+            try:
+                self.spare = self._fork()
+            except ControllerError as exc:
+                log.warning("no spare worker: %s", exc)
+
+    # -- talking to a worker's agent ---------------------------------------
+
+    def call_agent(self, w: WorkerHandle, method: str, *args: Any) -> dict[str, Any]:
+        """Run an agent method in `w` as a silent execute of our own."""
+        expr = f"__forkreload__.call({method!r}, *{args!r})"
+        msg = self.session.msg(
+            "execute_request",
+            {
+                "code": "",
+                "silent": True,
+                "store_history": False,
+                "user_expressions": {"r": expr},
+                "allow_stdin": False,
+                "stop_on_error": False,
+            },
+        )
+        msg_id = msg["header"]["msg_id"]
+        self.internal_ids.add(msg_id)
+        self.session.send(w.shell, msg, ident=[INTERNAL])
+        poller = zmq.Poller()
+        poller.register(w.shell, zmq.POLLIN)
+        poller.register(w.iopub, zmq.POLLIN)
+        poller.register(w.pidfd, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll(1000))
+                if w.iopub in events:
+                    self._on_worker_iopub(w, w.iopub.recv_multipart())
+                if w.shell in events:
+                    frames = w.shell.recv_multipart()
+                    idents, parts = _split(frames)
+                    if idents[:1] == [INTERNAL]:
+                        parent = _json(parts[2])
+                        if parent.get("msg_id") != msg_id:
+                            continue
+                        content = _json(parts[4])
+                        r = content.get("user_expressions", {}).get("r", {})
+                        if r.get("status") != "ok":
+                            raise WorkerDied(f"agent call {method} failed: {r.get('ename')}: {r.get('evalue')}")
+                        return json.loads(ast.literal_eval(r["data"]["text/plain"]))
+                    self._on_worker_shell(w, frames)
+                if w.pidfd in events:
+                    w.dead = True
+                    raise WorkerDied("the worker exited")
+        finally:
+            self.internal_ids.discard(msg_id)
+
+    # -- the swap ------------------------------------------------------------
+
+    def _notice(self, parent: dict[str, Any] | None, text: str, error: bool = False) -> None:
+        if parent is None or (self.settings.quiet and not error):
+            return
+        self.session.send(
+            self.fe_iopub,
+            "stream",
+            {"name": "stderr" if error else "stdout", "text": text.rstrip("\n") + "\n"},
+            parent=parent,
+            ident=b"stream",
+            metadata={"forkreload": "notice"},
+        )
+
+    def _status(self, parent: dict[str, Any], state: str) -> None:
+        self.session.send(self.fe_iopub, "status", {"execution_state": state}, parent=parent, ident=b"status")
+
+    def swap(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
+        """Replace the current worker by a fresh one holding the same values.
+
+        On any failure the old worker stays current, untouched.
+        """
+        t0 = time.perf_counter()
+        old = self.worker
+        assert old is not None
+        files = sorted(changed)
+        report: dict[str, Any] = {
+            "mode": "fresh",
+            "ok": False,
+            "modules": self.watch.modules_of([f for f in files if f in self.watch.files]),
+            "files": files,
+            "reason": reason,
+            "migrated": [],
+            "lost": {},
+            "seconds": 0.0,
+            "error": None,
+        }
+        path = os.path.join(self.privdir, f"ns-{old.wid}-{uuid.uuid4().hex[:6]}")
+        new: WorkerHandle | None = None
+        try:
+            new = self._take_spare()
+            exported = self.call_agent(old, "export", path)
+            if exported.get("ok") is False:
+                raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
+            report["lost"] = dict(exported.get("lost", {}))
+            prepared = self.call_agent(new, "prepare", path, [f for f in files if changed[f] is not None])
+            if not prepared.get("ok"):
+                report["error"] = prepared.get("error")
+                report["failed_module"] = prepared.get("module")
+                raise _SwapFailed()
+            loaded = self.call_agent(new, "load", path)
+            if not loaded.get("ok"):
+                if loaded.get("failed"):
+                    report["error"] = "; ".join(f"{k}: {v}" for k, v in loaded["failed"].items())
+                    report["failed_variables"] = sorted(loaded["failed"])
+                else:
+                    report["error"] = loaded.get("error")
+                raise _SwapFailed()
+            report["migrated"] = loaded.get("loaded", [])
+        except (_SwapFailed, WorkerDied, ControllerError) as exc:
+            if not isinstance(exc, _SwapFailed) and report["error"] is None:
+                report["error"] = str(exc)
+            if new is not None:
+                self._retire(new)
+            self._remove_dump(path)
+            self._refill_spare()
+            report["seconds"] = round(time.perf_counter() - t0, 4)
+            self.failed_signature = frozenset(changed.items())
+            self._notice(parent, self._failure_text(report), error=True)
+            self.last_report = report
+            return report
+        self._remove_dump(path)
+        self.worker = new
+        self._retire(old)
+        self.watch.clear()
+        for m in self.call_agent(new, "modules"):
+            self.watch.add(m["name"], m["file"], m["sha"])
+        self.failed_signature = None
+        self._refill_spare()
+        report["ok"] = True
+        report["seconds"] = round(time.perf_counter() - t0, 4)
+        self._notice(parent, self._success_text(report), error=False)
+        self.last_report = report
+        return report
+
+    def _remove_dump(self, path: str) -> None:
+        for suffix in ("", ".buf", ".meta"):
+            try:
+                os.unlink(path + suffix)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _success_text(r: dict[str, Any]) -> str:
+        parts = [f"forkreload: fresh worker ({r['reason']})", f"migrated {len(r['migrated'])}"]
+        if r["lost"]:
+            lost = ", ".join(f"{k} ({v.split(':')[0]})" for k, v in sorted(r["lost"].items()))
+            parts.append(f"lost: {lost}")
+        parts.append(_human_seconds(r["seconds"]))
+        return " · ".join(parts)
+
+    @staticmethod
+    def _failure_text(r: dict[str, Any]) -> str:
+        if r.get("failed_module"):
+            head = f"forkreload: kept the old code: {r['failed_module']} failed to import"
+        elif r.get("failed_variables"):
+            head = "forkreload: kept the old worker: variables could not be rebuilt with the new code (fix them, or `del` them and run %forkreload fresh)"
+        else:
+            head = "forkreload: kept the old worker: the fresh worker failed"
+        return f"{head}\n{r['error']}"
+
+    def _pending_change(self) -> tuple[dict[str, str | None], str] | None:
+        """The edit that must be handled before the next cell, if any."""
+        if self.settings.mode == "off":
+            return None
+        changed = self.watch.changed()
+        if self.force_fresh:
+            return changed, "restart requested"
+        if not changed:
+            return None
+        if self.failed_signature == frozenset(changed.items()):
+            return None  # same broken content as last try: wait for the next save
+        names = ", ".join(os.path.basename(p) for p in sorted(changed))
+        return changed, f"{names} changed"
+
+    # -- crashes -------------------------------------------------------------
+
+    def _on_worker_exit(self, w: WorkerHandle) -> None:
+        w.dead = True
+        if w is self.spare:
+            self.spare = None
+            self._retire(w)
+            return
+        if w is not self.worker:
+            if w in self.retired:
+                self.retired.remove(w)
+            w.close()
+            return
+        status = self.exit_statuses.get(w.pid, "exited")
+        why = f"the worker {status}; its variables were lost"
+        for msg_id, (idents, header) in list(w.inflight.items()):
+            self._reply_dead(idents, header, why)
+        w.inflight.clear()
+        self._retire(w)
+        self.worker = None
+        self.watch.clear()
+        self.failed_signature = None
+        self.pending_report = {
+            "mode": "fresh", "ok": True, "modules": [], "files": [], "reason": why,
+            "migrated": [], "lost": {"*": why}, "seconds": 0.0, "error": None,
+        }
+        try:
+            self.worker = self._take_spare()
+        except (WorkerDied, ControllerError) as exc:
+            log.error("could not start a fresh worker: %s", exc)
+        self._refill_spare()
+
+    def _reply_dead(self, idents: list[bytes], header: dict[str, Any], why: str) -> None:
+        msg_type = header.get("msg_type", "")
+        reply_type = msg_type.replace("_request", "_reply")
+        content = {"status": "error", "ename": "WorkerDied", "evalue": why, "traceback": [f"forkreload: {why}"]}
+        if msg_type == "execute_request":
+            content["execution_count"] = None
+            self.session.send(self.fe_iopub, "error", {k: content[k] for k in ("ename", "evalue", "traceback")}, parent=header, ident=b"error")
+        self.session.send(self.fe_shell, reply_type, content, parent=header, ident=idents)
+        self._status(header, "idle")
+
+    # -- message routing -----------------------------------------------------
+
+    def _on_worker_iopub(self, w: WorkerHandle, frames: list[bytes]) -> None:
+        _idents, parts = _split(frames)
+        header = _json(parts[1])
+        msg_type = header.get("msg_type")
+        if msg_type == "iopub_welcome":
+            w.ready = True
+            return
+        if msg_type == "forkreload_modules":
+            if w is self.worker:
+                for m in _json(parts[4]).get("modules", []):
+                    self.watch.add(m["name"], m["file"], m["sha"])
+            return
+        if w is not self.worker:
+            return
+        parent = _json(parts[2])
+        if parent.get("msg_id") in self.internal_ids:
+            return
+        self.fe_iopub.send_multipart(frames)
+
+    def _on_worker_shell(self, w: WorkerHandle, frames: list[bytes]) -> None:
+        idents, parts = _split(frames)
+        if idents[:1] == [INTERNAL]:
+            return  # a late reply to an agent call that gave up
+        parent = _json(parts[2])
+        msg_id = parent.get("msg_id")
+        w.inflight.pop(msg_id, None)
+        report = self.reports.pop(msg_id, None)
+        if report is not None:
+            msg = self.session.deserialize(parts, content=True)
+            msg["metadata"]["forkreload"] = report
+            self.session.send(self.fe_shell, msg, ident=idents)
+        else:
+            self.fe_shell.send_multipart(frames)
+        if not w.inflight and self.held:
+            held, self.held = self.held, []
+            for f in held:
+                self._route_shell(f)
+
+    def _verify(self, frames: list[bytes]) -> tuple[list[bytes], dict[str, Any]] | None:
+        """Check a front end's message signature; None (logged) if forged."""
+        try:
+            idents, parts = self.session.feed_identities(frames, copy=True)
+            msg = self.session.deserialize(parts, content=False)
+        except Exception as exc:
+            log.warning("dropped a message that failed authentication: %s", exc)
+            return None
+        return idents, msg
+
+    def _on_front_shell(self, frames: list[bytes]) -> None:
+        if self._verify(frames) is None:
+            return
+        if self.held:
+            self.held.append(frames)
+            return
+        self._route_shell(frames)
+
+    def _route_shell(self, frames: list[bytes]) -> None:
+        idents, parts = _split(frames)
+        header = _json(parts[1])
+        if self.worker is None:
+            try:
+                self.worker = self._take_spare()
+                self._refill_spare()
+            except (WorkerDied, ControllerError) as exc:
+                self._reply_dead(idents, header, f"no worker could be started: {exc}")
+                return
+        w = self.worker
+        if header.get("msg_type") == "execute_request":
+            pending = self._pending_change()
+            if pending is not None:
+                if w.inflight:
+                    self.held.append(frames)  # swap only when the worker is idle
+                    return
+                self._status(header, "busy")
+                self.force_fresh = False
+                report = self.swap(header, *pending)
+                self.reports[header["msg_id"]] = report
+                w = self.worker
+            elif self.pending_report is not None:
+                report, self.pending_report = self.pending_report, None
+                self.reports[header["msg_id"]] = report
+                self._notice(header, f"forkreload: fresh worker: {report['reason']}", error=True)
+        w.inflight[header.get("msg_id", "")] = (idents, header)
+        w.shell.send_multipart(frames)
+
+    def _on_front_control(self, frames: list[bytes]) -> None:
+        verified = self._verify(frames)
+        if verified is None:
+            return
+        idents, msg = verified
+        header = msg["header"]
+        msg_type = header.get("msg_type")
+        if msg_type == "interrupt_request":
+            self.interrupt()
+            self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=header, ident=idents)
+        elif msg_type == "shutdown_request":
+            content = self.session.unpack(msg["content"])
+            reply = {"status": "ok", "restart": bool(content.get("restart"))}
+            self.session.send(self.fe_control, "shutdown_reply", reply, parent=header, ident=idents)
+            self.session.send(self.fe_iopub, "shutdown_reply", reply, parent=header, ident=b"shutdown_reply")
+            self.running = False
+        elif msg_type == "forkreload_request":
+            content = self.session.unpack(msg["content"])
+            reply = self._forkreload_request(content)
+            self.session.send(self.fe_control, "forkreload_reply", reply, parent=header, ident=idents)
+        elif self.worker is not None:
+            self.worker.control.send_multipart(frames)
+
+    def _forkreload_request(self, content: dict[str, Any]) -> dict[str, Any]:
+        cmd = content.get("cmd")
+        if cmd == "status":
+            return {"status": "ok", **self.status()}
+        if cmd == "restart":
+            if self.worker is None or self.worker.inflight:
+                return {"status": "error", "evalue": "the worker is busy"}
+            report = self.swap(None, self.watch.changed(), "restart requested")
+            return {"status": "ok" if report["ok"] else "error", "report": report}
+        return {"status": "error", "evalue": f"unknown command {cmd!r}"}
+
+    def status(self) -> dict[str, Any]:
+        """What a user asks `%forkreload status` or `Session.status()` for."""
+        snap = self.snapshot_info
+        return {
+            "mode": self.settings.mode,
+            "cwd": self.settings.cwd,
+            "snapshot": {
+                "pid": snap.get("pid"),
+                "preload": snap.get("preload", {}),
+                "preload_failed": snap.get("preload_failed", {}),
+                "seconds": snap.get("seconds"),
+                "threads": snap.get("threads", {}),
+            },
+            "worker_pid": self.worker.pid if self.worker else None,
+            "spare_pid": self.spare.pid if self.spare else None,
+            "watched": dict(self.watch.modules),
+            "last_reload": self.last_report,
+        }
+
+    def interrupt(self) -> None:
+        if self.worker is not None and not self.worker.dead:
+            try:
+                os.kill(self.worker.pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until a shutdown request, SIGTERM, or the parent's death."""
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        os.set_blocking(rfd, False)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGINT, lambda *a: None)
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        signal.signal(signal.SIGHUP, lambda *a: None)
+        try:
+            while self.running:
+                self._step(rfd)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(rfd)
+            os.close(wfd)
+            self.close()
+
+    def _step(self, sigfd: int) -> None:
+        poller = zmq.Poller()
+        for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
+            poller.register(s, zmq.POLLIN)
+        poller.register(sigfd, zmq.POLLIN)
+        poller.register(self.snap.fileno(), zmq.POLLIN)
+        workers = [w for w in (self.worker, self.spare, *self.retired) if w is not None and w.pidfd >= 0]
+        for w in workers:
+            poller.register(w.pidfd, zmq.POLLIN)
+            for s in (w.shell, w.stdin, w.control, w.iopub):
+                poller.register(s, zmq.POLLIN)
+        events = dict(poller.poll(1000))
+        if os.getppid() != self._ppid:
+            self.running = False  # our parent died: do not outlive it
+            return
+        if sigfd in events:
+            for signum in os.read(sigfd, 64):
+                if signum == signal.SIGINT:
+                    self.interrupt()
+                elif signum in (signal.SIGTERM, signal.SIGHUP):
+                    self.running = False
+        if self.snap.fileno() in events:
+            try:
+                msg, fds = self._snapshot_message()
+                for fd in fds:
+                    os.close(fd)
+                self._on_snapshot_message(msg)
+            except ForgedMessage:
+                log.warning("dropped a snapshot message with a bad signature")
+            except ControllerError:
+                log.error("the snapshot process died; shutting down")
+                self.running = False
+                return
+        for w in workers:
+            if w.pidfd < 0:
+                continue
+            for s in (w.iopub, w.shell, w.stdin, w.control):
+                while s in events and s.poll(0, zmq.POLLIN):
+                    frames = s.recv_multipart()
+                    if s is w.iopub:
+                        self._on_worker_iopub(w, frames)
+                    elif w is not self.worker:
+                        continue
+                    elif s is w.shell:
+                        self._on_worker_shell(w, frames)
+                    elif s is w.stdin:
+                        self.fe_stdin.send_multipart(frames)
+                    else:
+                        self.fe_control.send_multipart(frames)
+            if w.pidfd in events:
+                self._on_worker_exit(w)
+        if self.fe_iopub in events:
+            sub = self.fe_iopub.recv()
+            if sub[:1] == b"\x01":
+                self.session.send(self.fe_iopub, "iopub_welcome", {"subscription": sub[1:].decode(errors="replace")}, ident=b"iopub_welcome")
+        if self.fe_control in events:
+            self._on_front_control(self.fe_control.recv_multipart())
+        if self.fe_stdin in events and self.worker is not None:
+            frames = self.fe_stdin.recv_multipart()
+            if self._verify(frames) is not None:
+                self.worker.stdin.send_multipart(frames)
+        if self.fe_shell in events:
+            self._on_front_shell(self.fe_shell.recv_multipart())
+
+    def close(self) -> None:
+        """Stop every process this controller started and free its files."""
+        for w in (self.worker, self.spare, *self.retired):
+            if w is not None:
+                w.kill()
+                w.close()
+        self.worker = self.spare = None
+        self.retired = []
+        snap = getattr(self, "snapshot_proc", None)
+        if snap is not None and snap.poll() is None:
+            snap.kill()
+            snap.wait()
+        if hasattr(self, "snap"):
+            self.snap.close()
+        for s in ("fe_shell", "fe_control", "fe_stdin", "fe_iopub"):
+            if hasattr(self, s):
+                getattr(self, s).close(linger=200)
+        self.ctx.term()
+        shutil.rmtree(self.privdir, ignore_errors=True)
+
+
+class _SwapFailed(Exception):
+    """The fresh worker refused the user's code or values; report in hand."""

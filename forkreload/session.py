@@ -1,0 +1,280 @@
+"""`forkreload.Session`: the Python API for scripts, tests and benchmarks.
+
+A Session starts a controller process (the same one that serves notebooks
+and the console) and talks to it as an ordinary Jupyter client does, over
+jupyter_client. Nothing here takes a shortcut around the controller.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+
+from .channel import make_private_dir
+
+__all__ = ["Session", "Result", "Reload", "SessionError", "ForkUnavailable"]
+
+
+class SessionError(RuntimeError):
+    """The session's controller could not be started or stopped answering."""
+
+
+class ForkUnavailable(SessionError):
+    """This platform has no os.fork, which forkreload is built on."""
+
+
+@dataclass
+class Reload:
+    """What forkreload did before a cell ran, because of an edit or a restart."""
+
+    mode: str  # 'fresh' (a new worker), later also 'inplace'
+    ok: bool  # False: the swap failed and the old worker (old code) ran the cell
+    modules: list[str]  # the user modules whose files changed
+    migrated: list[str]  # variables carried into the new worker
+    lost: dict[str, str]  # name -> why it could not be kept ('*' = everything)
+    seconds: float
+    reason: str = ""
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Reload | None:
+        if not d:
+            return None
+        return cls(
+            mode=d.get("mode", "fresh"),
+            ok=bool(d.get("ok")),
+            modules=list(d.get("modules", [])),
+            migrated=list(d.get("migrated", [])),
+            lost=dict(d.get("lost", {})),
+            seconds=float(d.get("seconds", 0.0)),
+            reason=d.get("reason", ""),
+            error=d.get("error"),
+        )
+
+
+@dataclass
+class Result:
+    """What one `Session.execute` produced."""
+
+    status: str  # 'ok' or 'error'
+    stdout: str = ""
+    stderr: str = ""
+    result: str | None = None  # text/plain of the last expression
+    error: tuple[str, str] | None = None  # (exception name, value)
+    traceback: list[str] = field(default_factory=list)
+    reload: Reload | None = None
+    notice: str = ""  # forkreload's own one-line notices for this cell
+    execution_count: int | None = None
+    displays: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Session:
+    """An interactive session that survives edits of the user's modules.
+
+    >>> with Session(cwd="myproject", preload=["numpy"]) as s:   # doctest: +SKIP
+    ...     s.execute("import shapes; g = shapes.Greeter('ann')")
+    ...     # edit myproject/shapes.py ...
+    ...     s.execute("print(g.greet())").stdout
+    """
+
+    def __init__(
+        self,
+        cwd: str | os.PathLike[str] = ".",
+        preload: list[str] | tuple[str, ...] = (),
+        mode: str = "auto",
+        quiet: bool = False,
+        watch: list[str] | tuple[str, ...] = (),
+        startup_timeout: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if not hasattr(os, "fork"):
+            raise ForkUnavailable("forkreload needs os.fork(), which this platform does not provide")
+        self.cwd = os.path.realpath(os.fspath(cwd))
+        self._dir = make_private_dir("forkreload-client-")
+        self.connection_file = os.path.join(self._dir, "kernel.json")
+        write_connection_file(
+            self.connection_file,
+            transport="ipc",
+            ip=os.path.join(self._dir, "k"),
+            key=uuid.uuid4().hex.encode(),
+        )
+        cmd = [sys.executable, "-m", "forkreload", "kernel", "-f", self.connection_file, "--cwd", self.cwd, "--mode", mode]
+        if preload:
+            cmd += ["--preload", ",".join(preload)]
+        for w in watch:
+            cmd += ["--watch", os.fspath(w)]
+        if quiet:
+            cmd.append("--quiet")
+        self.proc = subprocess.Popen(cmd, env=env)
+        self.client = BlockingKernelClient()
+        self.client.load_connection_file(self.connection_file)
+        self.client.start_channels()
+        self._closed = False
+        try:
+            self._wait_ready(startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        """The controller's process id."""
+        return self.proc.pid
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise SessionError(f"the forkreload controller exited (status {self.proc.returncode})")
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        msg_id = self.client.kernel_info()
+        while True:
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise SessionError(f"the forkreload controller did not answer within {timeout:.0f} s")
+            try:
+                reply = self.client.get_shell_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if reply["parent_header"].get("msg_id") == msg_id:
+                break
+        # Drain the start-up chatter on iopub so it is not taken for a cell's.
+        while True:
+            try:
+                self.client.get_iopub_msg(timeout=0.05)
+            except queue.Empty:
+                break
+
+    def close(self) -> None:
+        """Shut the session down; no process it started is left behind."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc.poll() is None:
+            try:
+                self.client.shutdown()
+                self.proc.wait(timeout=10)
+            except Exception:
+                pass
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.stop_channels()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- cells ---------------------------------------------------------------
+
+    def execute(self, code: str, timeout: float | None = 120.0) -> Result:
+        """Run one cell in the current worker (after any pending reload)."""
+        self._check_alive()
+        msg_id = self.client.execute(code, allow_stdin=False)
+        res = Result(status="ok")
+        notices: list[str] = []
+        reply: dict[str, Any] | None = None
+        idle = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while reply is None or not idle:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"cell did not finish within {timeout} s")
+            self._check_alive()
+            if not idle:
+                try:
+                    msg = self.client.get_iopub_msg(timeout=0.05 if reply is None else 0.5)
+                except queue.Empty:
+                    msg = None
+                if msg is not None and msg["parent_header"].get("msg_id") == msg_id:
+                    idle = self._collect(msg, res, notices)
+            if reply is None:
+                try:
+                    m = self.client.get_shell_msg(timeout=0.01)
+                except queue.Empty:
+                    continue
+                if m["parent_header"].get("msg_id") == msg_id:
+                    reply = m
+        content = reply["content"]
+        res.status = content.get("status", "error")
+        res.execution_count = content.get("execution_count")
+        if res.status == "error" and res.error is None:
+            res.error = (content.get("ename", ""), content.get("evalue", ""))
+        res.reload = Reload.from_dict(reply.get("metadata", {}).get("forkreload"))
+        res.notice = "".join(notices)
+        return res
+
+    @staticmethod
+    def _collect(msg: dict[str, Any], res: Result, notices: list[str]) -> bool:
+        t = msg["msg_type"]
+        c = msg["content"]
+        if t == "status":
+            return c.get("execution_state") == "idle"
+        if t == "stream":
+            if msg.get("metadata", {}).get("forkreload"):
+                notices.append(c["text"])
+            elif c.get("name") == "stderr":
+                res.stderr += c["text"]
+            else:
+                res.stdout += c["text"]
+        elif t == "execute_result":
+            res.result = c.get("data", {}).get("text/plain")
+        elif t == "display_data":
+            res.displays.append(c.get("data", {}))
+        elif t == "error":
+            res.error = (c.get("ename", ""), c.get("evalue", ""))
+            res.traceback = list(c.get("traceback", []))
+        return False
+
+    # -- forkreload's own requests -------------------------------------------
+
+    def _request(self, content: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self._check_alive()
+        msg = self.client.session.msg("forkreload_request", content)
+        self.client.control_channel.send(msg)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                reply = self.client.control_channel.get_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                return reply["content"]
+        raise SessionError(f"no answer to {content.get('cmd')} within {timeout:.0f} s")
+
+    def status(self) -> dict[str, Any]:
+        """The snapshot's preload set, the watched modules, the last reload."""
+        return self._request({"cmd": "status"}, timeout=30)
+
+    def restart(self, timeout: float = 120.0) -> Reload:
+        """Force a fresh worker with the variables migrated, edits or not."""
+        reply = self._request({"cmd": "restart"}, timeout=timeout)
+        report = Reload.from_dict(reply.get("report"))
+        if report is None:
+            raise SessionError(reply.get("evalue", "restart failed"))
+        return report
+
+    def interrupt(self) -> None:
+        """Interrupt the running cell (in the worker; the session stays)."""
+        msg = self.client.session.msg("interrupt_request", {})
+        self.client.control_channel.send(msg)

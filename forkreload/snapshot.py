@@ -1,0 +1,220 @@
+"""The snapshot ("zygote"): a clean interpreter that forks workers.
+
+The controller spawns it as a fresh interpreter (so it carries none of the
+controller's sockets, keys or threads). It imports the preload set and the
+kernel machinery a worker needs, freezes the heap so the pages stay shared,
+and then does one thing: fork a worker on request. It never imports the
+user's modules, never starts a Python thread or a zmq context, and checks
+before each fork that it is still single-threaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import warnings
+from typing import Any
+
+from .channel import Channel, ForgedMessage, set_parent_death_signal
+
+__all__ = ["main", "native_threads", "KERNEL_MODULES"]
+
+# What a forked worker needs to start its kernel quickly. ipykernel.debugger
+# pulls in debugpy lazily (~60 ms on the first execute) unless imported here.
+KERNEL_MODULES = [
+    "zmq",
+    "tornado.ioloop",
+    "jupyter_client.session",
+    "IPython",
+    "IPython.core.interactiveshell",
+    "ipykernel.kernelapp",
+    "ipykernel.ipkernel",
+    "ipykernel.zmqshell",
+    "ipykernel.comm",
+    "ipykernel.debugger",
+    "cloudpickle",
+    "forkreload.agent",
+    "forkreload.worker",
+    "forkreload.migrate",
+]
+
+# Modules whose native threads are known to be fork-safe: OpenBLAS (numpy and
+# scipy wheels) registers pthread_atfork handlers and rebuilds its pool in
+# the child, where matrix products work.
+_KNOWN_SAFE_MODULES = ("numpy", "scipy", "pandas", "sklearn")
+
+_started: dict[str, int] = {}
+
+
+def native_threads() -> list[str]:
+    """Names of this process's OS threads other than the main one."""
+    names = []
+    me = str(os.getpid())
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return names
+    for tid in tids:
+        if tid == me:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            names.append("?")
+    return names
+
+
+def _preload(names: list[str], started: dict[str, int]) -> tuple[dict[str, float], dict[str, str]]:
+    """Import each module; note its time, its failure, and the threads it started."""
+    timings: dict[str, float] = {}
+    failures: dict[str, str] = {}
+    for name in names:
+        before = len(native_threads())
+        t0 = time.perf_counter()
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # a broken preload must not kill the snapshot
+            failures[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            timings[name] = round(time.perf_counter() - t0, 4)
+        extra = len(native_threads()) - before
+        if extra > 0:
+            started[name] = extra
+    return timings, failures
+
+
+def _thread_report(started: dict[str, int]) -> dict[str, Any]:
+    # Thread names do not say who made them (OpenBLAS's are called 'python'),
+    # so threads are attributed to the import that started them.
+    risky = {m: n for m, n in started.items() if m.split(".")[0] not in _KNOWN_SAFE_MODULES}
+    return {
+        "python_threads": threading.active_count(),
+        "native_threads": len(native_threads()),
+        "started_by": started,
+        "risky": risky,
+    }
+
+
+def _fork_worker(chan: Channel, cfg: dict[str, Any], request: dict[str, Any]) -> None:
+    report = _thread_report(_started)
+    if report["python_threads"] != 1:
+        chan.send({"op": "fork", "error": f"snapshot has {report['python_threads']} Python threads; refusing to fork"})
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns when the process has any OS thread besides the
+        # main one; OpenBLAS's pool is fork-safe and checked above.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:
+        try:
+            from .worker import run_worker
+
+            chan.close()
+            run_worker(cfg, request)
+        finally:
+            os._exit(1)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        chan.send({"op": "fork", "pid": pid, "error": "worker exited at once"})
+        return
+    try:
+        chan.send({"op": "fork", "pid": pid, "wid": request["wid"]}, fds=[pidfd])
+    finally:
+        os.close(pidfd)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"was killed by {name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def _reap(chan: Channel) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        try:
+            chan.send({"op": "exited", "pid": pid, "status": _describe(status)})
+        except OSError:
+            return
+
+
+def main() -> None:
+    cfg = json.loads(sys.stdin.readline())
+    key = cfg["key"].encode()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != cfg["controller_pid"]:
+        os._exit(0)  # the controller died before we could arm the signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+    # The user's directory must not shadow preloads, and user modules must
+    # never be imported here: drop it from sys.path while preloading.
+    cwd = os.path.realpath(cfg["cwd"])
+    saved_path = list(sys.path)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p or ".") != cwd]
+
+    t0 = time.perf_counter()
+    timings, failures = _preload(cfg["preload"], _started)
+    _kt, kfail = _preload(KERNEL_MODULES, _started)
+    sys.path[:] = saved_path
+    gc.collect()
+    gc.freeze()
+    hello = {
+        "op": "hello",
+        "pid": os.getpid(),
+        "python": sys.version.split()[0],
+        "preload": timings,
+        "preload_failed": failures,
+        "kernel_failed": kfail,
+        "seconds": round(time.perf_counter() - t0, 4),
+        "threads": _thread_report(_started),
+        "modules": len(sys.modules),
+    }
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(cfg["sock"])
+    chan = Channel(sock, key)
+    chan.send(hello)
+    # Reap workers as they end and tell the controller how (a worker is not
+    # the controller's child, so only we can learn its exit status).
+    signal.signal(signal.SIGCHLD, lambda *_: _reap(chan))
+    while True:
+        try:
+            msg, fds = chan.recv()
+        except ForgedMessage:
+            sys.stderr.write("forkreload snapshot: dropped a message with a bad signature\n")
+            continue
+        except OSError:
+            break
+        for fd in fds:
+            os.close(fd)
+        if msg is None or msg.get("op") == "exit":
+            break
+        if msg.get("op") == "fork":
+            _fork_worker(chan, cfg, msg)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

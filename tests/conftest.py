@@ -1,0 +1,98 @@
+"""Shared fixtures: throw-away user projects, sessions that always close, and
+a check after every test that no forkreload process was left behind."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import pytest
+
+# Every process a test starts inherits this tag, so leaks are found even
+# when a leaked process was re-parented away from the test runner.
+TAG = f"forkreload-test-{uuid.uuid4().hex[:8]}"
+os.environ["FORKRELOAD_TEST_TAG"] = TAG
+
+
+def tagged_processes() -> list[psutil.Process]:
+    found = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me:
+            continue
+        try:
+            if p.environ().get("FORKRELOAD_TEST_TAG") == TAG and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def wait_no_processes(timeout: float = 10.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    left = tagged_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = tagged_processes()
+    return left
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    yield
+    left = wait_no_processes()
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+class Project:
+    """A user's project directory whose files the test edits."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, name: str, source: str) -> Path:
+        path = self.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+        return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    root = tmp_path / "proj"
+    root.mkdir()
+    return Project(root)
+
+
+@pytest.fixture
+def ipython_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "ipython"
+    monkeypatch.setenv("IPYTHONDIR", str(d))
+    return d
+
+
+@pytest.fixture
+def make_session(project: Project, ipython_dir: Path) -> Iterator[Callable[..., "object"]]:
+    from forkreload import Session
+
+    sessions: list[Session] = []
+
+    def make(**kw: object) -> Session:
+        kw.setdefault("cwd", project.root)
+        s = Session(**kw)  # type: ignore[arg-type]
+        sessions.append(s)
+        return s
+
+    yield make
+    for s in sessions:
+        s.close()
