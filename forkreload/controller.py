@@ -15,6 +15,7 @@ import ast
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -518,7 +519,7 @@ class Controller:
                 self.retired.remove(w)
             w.close()
             return
-        status = self.exit_statuses.get(w.pid, "exited")
+        status = self._exit_status(w.pid)
         why = f"the worker {status}; its variables were lost"
         for msg_id, (idents, header) in list(w.inflight.items()):
             self._reply_dead(idents, header, why)
@@ -536,6 +537,18 @@ class Controller:
         except (WorkerDied, ControllerError) as exc:
             log.error("could not start a fresh worker: %s", exc)
         self._refill_spare()
+
+    def _exit_status(self, pid: int) -> str:
+        """How a worker ended, as the snapshot (its parent) reaped it."""
+        deadline = time.monotonic() + 1.0
+        while pid not in self.exit_statuses and time.monotonic() < deadline:
+            ready, _, _ = select.select([self.snap.fileno()], [], [], 0.05)
+            if ready:
+                msg, fds = self._snapshot_message()
+                for fd in fds:
+                    os.close(fd)
+                self._on_snapshot_message(msg)
+        return self.exit_statuses.pop(pid, "exited")
 
     def _reply_dead(self, idents: list[bytes], header: dict[str, Any], why: str) -> None:
         msg_type = header.get("msg_type", "")

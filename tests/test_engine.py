@@ -1,0 +1,270 @@
+"""The fresh-worker path end to end: real processes, real files, real edits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import zmq
+from jupyter_client.session import Session as JupyterSession
+
+from conftest import tagged_processes, wait_no_processes
+
+
+def test_function_change_is_seen(project, make_session):
+    project.write("ops.py", "def double(x):\n    return 2 * x\n")
+    s = make_session()
+    assert s.execute("import ops; y = 21; print(ops.double(y))").stdout == "42\n"
+    project.write("ops.py", "def double(x):\n    return 'two times %d' % x\n")
+    r = s.execute("print(ops.double(y))")
+    assert r.stdout == "two times 21\n"
+    assert r.reload is not None and r.reload.mode == "fresh" and r.reload.ok
+    assert r.reload.modules == ["ops"]
+    assert "y" in r.reload.migrated
+    assert "fresh worker" in r.notice
+
+
+def test_issue_example_class_shape_change_seen_by_old_instance(project, make_session):
+    project.write(
+        "shapes.py",
+        """
+        class Greeter:
+            def __init__(self, name):
+                self.name = name
+            def greet(self):
+                return f"hello {self.name}"
+        """,
+    )
+    s = make_session(preload=["numpy"])
+    r = s.execute("import shapes, numpy as np; g = shapes.Greeter('ann'); data = np.arange(10**6)")
+    assert r.status == "ok", r
+    project.write(
+        "shapes.py",
+        """
+        from dataclasses import dataclass
+
+        @dataclass
+        class Greeter:
+            name: str
+            punct: str = "!"
+            def greet(self):
+                return f"HELLO {self.name.upper()}{self.punct}"
+        """,
+    )
+    r = s.execute("print(g.greet(), data.sum(), type(g) is shapes.Greeter)")
+    assert r.stdout == "HELLO ANN! 499999500000 True\n"
+    assert r.reload.mode == "fresh" and r.reload.ok
+    assert set(r.reload.migrated) >= {"g", "data", "np", "shapes"}
+    assert r.reload.lost == {}
+    assert r.reload.seconds > 0
+
+
+def test_constant_seen_through_from_import_in_another_module(project, make_session):
+    project.write("config.py", "RATE = 2\n")
+    project.write("pricing.py", "from config import RATE\n\ndef price(x):\n    return x * RATE\n")
+    s = make_session()
+    assert s.execute("import pricing; print(pricing.price(10))").stdout == "20\n"
+    project.write("config.py", "RATE = 3\n")
+    r = s.execute("print(pricing.price(10))")
+    assert r.stdout == "30\n"
+    assert r.reload.modules == ["config"]
+
+
+def test_variables_migrated_or_named_lost(project, make_session):
+    project.write("m.py", "class Box:\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return self.v\n")
+    s = make_session()
+    r = s.execute(
+        """
+import m, random, threading
+shared = [1, 2]
+alias = shared
+holder = {"box": m.Box(5)}
+box = holder["box"]
+sq = lambda v: v * v
+def cube(v):
+    return v * sq(v)
+class Local:
+    def twice(self):
+        return 2 * cube(2)
+loc = Local()
+fh = open("m.py")
+gen = (i for i in range(3))
+lock = threading.Lock()
+_private = 7
+"""
+    )
+    assert r.status == "ok", r
+    project.write("m.py", "class Box:\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return self.v * 100\n")
+    r = s.execute(
+        "print(alias is shared, holder['box'] is box, box.get(), cube(3), loc.twice(), _private)"
+    )
+    assert r.stdout == "True True 500 27 16 7\n", r
+    assert set(r.reload.lost) == {"fh", "gen", "lock"}
+    assert "TextIOWrapper" in r.reload.lost["fh"]
+    assert "generator" in r.reload.lost["gen"]
+    assert "lost: fh" in r.notice and "gen" in r.notice and "lock" in r.notice
+    # IPython's own names never travel; the user's functions see the new namespace.
+    assert not {"In", "Out", "_", "_i1", "get_ipython", "exit", "quit"} & set(r.reload.migrated)
+    r = s.execute("def sq(v):\n    return -v\nprint(cube(3))")
+    assert r.stdout == "-9\n"
+    r = s.execute("fh")
+    assert r.error[0] == "NameError"
+
+
+def test_execution_count_history_and_random_state_continue(project, make_session):
+    project.write("m.py", "X = 1\n")
+    s = make_session(preload=["numpy"])
+    s.execute("import m, random, numpy as np; random.seed(7); np.random.seed(7); a = random.random(); b = np.random.rand()")
+    expected = s.execute("st = random.getstate(); nst = np.random.get_state(); print(random.random(), np.random.rand()); random.setstate(st); np.random.set_state(nst)")
+    assert expected.execution_count == 2
+    project.write("m.py", "X = 2\n")
+    r = s.execute("print(random.random(), np.random.rand())")
+    assert r.reload.ok
+    assert r.stdout == expected.stdout
+    assert r.execution_count == 3
+    r = s.execute("print(m.X, In[1].startswith('import m'), len(In))")
+    assert r.stdout == "2 True 5\n"
+
+
+def test_syntax_error_keeps_old_worker_then_fix_swaps(project, make_session):
+    project.write("ops.py", "def f():\n    return 'v1'\n")
+    s = make_session()
+    s.execute("import ops; keep = [1, 2, 3]")
+    project.write("ops.py", "def f(:\n    return 'v2'\n")
+    r = s.execute("print(ops.f(), keep)")
+    assert r.stdout == "v1 [1, 2, 3]\n"  # old code keeps running
+    assert r.reload.ok is False
+    assert "ops.py, line 1" in r.notice and "failed to import" in r.notice
+    assert len(r.notice.strip().splitlines()) <= 2
+    # Same broken file: no second attempt, no second notice.
+    r = s.execute("print(ops.f())")
+    assert r.reload is None and r.notice == ""
+    project.write("ops.py", "def f():\n    return 'v2'\n")
+    r = s.execute("print(ops.f(), keep)")
+    assert r.stdout == "v2 [1, 2, 3]\n"
+    assert r.reload.ok
+
+
+def test_import_time_exception_shows_users_traceback(project, make_session):
+    project.write("ops.py", "def f():\n    return 'v1'\n")
+    s = make_session()
+    s.execute("import ops; keep = 5")
+    project.write("ops.py", "def f():\n    return 'v2'\n\nraise ValueError('bad config')\n")
+    r = s.execute("print(ops.f(), keep)")
+    assert r.stdout == "v1 5\n"
+    assert r.reload.ok is False
+    assert "ValueError: bad config" in r.notice
+    assert "ops.py" in r.notice
+    assert "forkreload" not in r.notice.split("\n", 1)[1]  # no internals in the traceback
+    project.write("ops.py", "def f():\n    return 'v2'\n")
+    assert s.execute("print(ops.f(), keep)").stdout == "v2 5\n"
+
+
+def test_worker_killed_between_cells(project, make_session):
+    s = make_session()
+    s.execute("x = 1")
+    pid = s.status()["worker_pid"]
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    r = s.execute("print('alive'); x")
+    assert r.stdout == "alive\n"
+    assert r.error[0] == "NameError"
+    assert r.reload.lost == {"*": "the worker was killed by SIGKILL; its variables were lost"}
+    assert "killed by SIGKILL" in r.notice
+    assert s.status()["worker_pid"] != pid
+
+
+def test_worker_dies_during_a_cell(project, make_session):
+    s = make_session()
+    r = s.execute("import os; os._exit(3)")
+    assert r.status == "error" and r.error[0] == "WorkerDied"
+    r = s.execute("print(1 + 1)")
+    assert r.stdout == "2\n"
+    assert "exited with status 3" in r.reload.lost["*"]
+
+
+def test_interrupt_stops_the_cell_not_the_session(project, make_session):
+    s = make_session()
+    s.execute("kept = 'yes'")
+    timer = threading.Timer(1.0, s.interrupt)
+    timer.start()
+    r = s.execute("while True: pass", timeout=30)
+    timer.join()
+    assert r.error[0] == "KeyboardInterrupt"
+    # SIGINT to the controller (as jupyter_client's signal mode does) too.
+    timer = threading.Timer(1.0, os.kill, (s.pid, signal.SIGINT))
+    timer.start()
+    r = s.execute("while True: pass", timeout=30)
+    timer.join()
+    assert r.error[0] == "KeyboardInterrupt"
+    assert s.execute("print(kept)").stdout == "yes\n"
+
+
+def test_restart_forces_a_fresh_worker_with_values(project, make_session):
+    s = make_session()
+    s.execute("import os; v = {'a': 1}; pid0 = os.getpid()")
+    rep = s.restart()
+    assert rep.ok and rep.mode == "fresh" and "v" in rep.migrated
+    assert s.execute("print(v, os.getpid() != pid0)").stdout == "{'a': 1} True\n"
+
+
+def test_status_reports_preloads_and_watched_modules(project, make_session):
+    project.write("ops.py", "X = 1\n")
+    s = make_session(preload=["numpy", "no_such_module_xyz"])
+    s.execute("import ops")
+    st = s.status()
+    assert "numpy" in st["snapshot"]["preload"]
+    assert "no_such_module_xyz" in st["snapshot"]["preload_failed"]
+    assert st["snapshot"]["threads"]["python_threads"] == 1
+    assert st["watched"] == {"ops": str(project.root / "ops.py")}
+    # Modules outside the project (stdlib, site-packages) are never watched.
+    s.execute("import json, numpy")
+    assert list(s.status()["watched"]) == ["ops"]
+
+
+def test_no_process_left_after_close(project, make_session):
+    s = make_session()
+    s.execute("x = 1")
+    assert len(tagged_processes()) >= 4  # controller, snapshot, worker, spare
+    s.close()
+    assert wait_no_processes() == []
+
+
+def test_no_process_left_after_sigkill_of_controller(project, make_session):
+    s = make_session()
+    s.execute("x = 1")
+    procs = tagged_processes()
+    os.kill(s.pid, signal.SIGKILL)
+    s.proc.wait()
+    gone, alive = psutil.wait_procs(procs, timeout=10)
+    assert alive == []
+
+
+def test_forged_message_is_dropped(project, make_session, capfd):
+    s = make_session()
+    s.execute("secret = 42")
+    info = s.client.get_connection_info()
+    forger = JupyterSession(key=b"not-the-key")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(f"ipc://{info['ip']}-{info['shell_port']}")
+    try:
+        forger.send(sock, "execute_request", {"code": "secret = 'stolen'", "silent": False})
+        assert sock.poll(1000) == 0  # no reply to a forged request
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert s.execute("print(secret)").stdout == "42\n"
+    assert "failed authentication" in capfd.readouterr().err
+
+
+def test_no_fork_gives_a_clear_error(monkeypatch):
+    import forkreload
+
+    monkeypatch.delattr(os, "fork")
+    with pytest.raises(forkreload.ForkUnavailable, match="os.fork"):
+        forkreload.Session()

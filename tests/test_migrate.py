@@ -1,0 +1,500 @@
+"""Tests for forkreload.migrate: real files, real processes.
+
+Like cloudpickle's own tests, values cross into a FRESH interpreter: a cell's
+code runs in a dict namespace in one subprocess, which dumps it; another
+subprocess loads it.  User modules are written to a temporary directory on
+the subprocesses' sys.path, and may be rewritten between dump and load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import pytest
+
+from forkreload.migrate import ForgedPayload, load_namespace, remove_dump
+
+pytestmark = pytest.mark.timeout(60)
+
+KEY = bytes(range(32))
+
+DUMP_SCRIPT = """
+import builtins, dataclasses, json
+from forkreload.migrate import dump_namespace
+PATH, KEY, CELL = {path!r}, {key!r}, {cell!r}
+ns = {{"__name__": "__main__", "__builtins__": builtins}}
+exec(compile(CELL, "<cell>", "exec"), ns)
+names = [k for k in ns if not k.startswith("_")]
+res = dump_namespace(ns, names, KEY, PATH, globals_ns=ns)
+out = {{"result": dataclasses.asdict(res)}}
+{after}
+print(json.dumps(out))
+"""
+
+LOAD_SCRIPT = """
+import builtins, json
+from forkreload.migrate import load_namespace, remove_dump
+PATH, KEY = {path!r}, {key!r}
+ns = {{"__name__": "__main__", "__builtins__": builtins}}
+res = load_namespace(PATH, KEY, ns)
+ns.update(res.values)
+v = res.values
+out = {{"loaded": res.loaded, "failed": res.failed, "rng_restored": res.rng_restored}}
+{checks}
+print(json.dumps(out))
+"""
+
+
+def run_python(code: str, cwd) -> dict:
+    """Run ``code`` in a fresh interpreter with ``cwd`` on sys.path; parse its JSON."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def dump_cell(tmp_path, cell: str, after: str = "", path=None) -> dict:
+    """Run ``cell`` in a fresh interpreter and dump its namespace; return the report."""
+    path = str(path or tmp_path / "dump")
+    code = DUMP_SCRIPT.format(path=path, key=KEY, cell=textwrap.dedent(cell), after=textwrap.dedent(after))
+    return run_python(code, tmp_path)
+
+
+def load_in_fresh(tmp_path, checks: str = "", path=None) -> dict:
+    path = str(path or tmp_path / "dump")
+    return run_python(LOAD_SCRIPT.format(path=path, key=KEY, checks=textwrap.dedent(checks)), tmp_path)
+
+
+def write_module(tmp_path, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def test_basic_values_round_trip(tmp_path):
+    report = dump_cell(
+        tmp_path,
+        """
+        import numpy as np, pandas as pd
+        n = 42
+        s = "text"
+        nested = {"k": [1, 2.5, (3, None)], "set": {5, 6}, "b": b"raw"}
+        small = np.arange(10)
+        big = np.arange(1_000_000, dtype=np.float64)
+        df = pd.DataFrame({"x": np.arange(50_000.0), "y": np.arange(50_000)})
+        """,
+    )["result"]
+    assert report["lost"] == {}
+    assert set(report["saved"]) == {"np", "pd", "n", "s", "nested", "small", "big", "df"}
+    # big (8 MB) and both DataFrame columns (400 kB each) go out of band ...
+    assert report["buffer_bytes"] >= 8_000_000 + 2 * 400_000
+    # ... and only small things stay in the pickle stream.
+    assert report["inband_bytes"] < 20_000
+    for name in ("dump", "dump.buf"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+
+    out = load_in_fresh(
+        tmp_path,
+        """
+        import numpy as np, pandas as pd
+        out["ok"] = {
+            "n": v["n"] == 42,
+            "s": v["s"] == "text",
+            "nested": v["nested"] == {"k": [1, 2.5, (3, None)], "set": {5, 6}, "b": b"raw"},
+            "small": np.array_equal(v["small"], np.arange(10)),
+            "big": np.array_equal(v["big"], np.arange(1_000_000, dtype=np.float64)),
+            "df": v["df"].equals(pd.DataFrame({"x": np.arange(50_000.0), "y": np.arange(50_000)})),
+            "modules": v["np"] is np and v["pd"] is pd,
+        }
+        """,
+    )
+    assert out["failed"] == {}
+    assert out["ok"] == dict.fromkeys(out["ok"], True)
+
+
+def test_shared_objects_are_grouped_and_identity_survives(tmp_path):
+    write_module(
+        tmp_path,
+        "points",
+        """
+        class Point:
+            def __init__(self, x, y):
+                self.x, self.y = x, y
+        """,
+    )
+    report = dump_cell(
+        tmp_path,
+        """
+        import numpy as np, pandas as pd, points
+        a = [1]
+        b = a
+        obj = points.Point(1, 2)
+        d = {"x": obj}
+        p1 = points.Point(3, 4)
+        p2 = points.Point(5, 6)
+        class Local:
+            registry = []
+            def method(self):
+                return 1
+        l1 = Local()
+        l2 = Local()
+        df = pd.DataFrame({"x": np.arange(100_000.0)})
+        df_alias = df
+        df_other = pd.DataFrame({"x": np.arange(100_000.0)})
+        """,
+    )["result"]
+    groups = sorted(sorted(g) for g in report["groups"])
+    assert ["a", "b"] in groups
+    assert ["d", "obj"] in groups
+    assert ["df", "df_alias"] in groups
+    # Instances of one class share only their class (and its attributes):
+    # that must not group them.
+    for name in ("p1", "p2", "l1", "l2", "Local", "df_other"):
+        assert [name] in groups
+    # One pickle for the shared DataFrame: its data is written once.
+    assert report["buffer_bytes"] == 2 * 800_000
+
+    out = load_in_fresh(
+        tmp_path,
+        """
+        out["ok"] = {
+            "a is b": v["a"] is v["b"],
+            "d[x] is obj": v["d"]["x"] is v["obj"],
+            "df is df_alias": v["df"] is v["df_alias"],
+            "one Local class": type(v["l1"]) is type(v["l2"]) is v["Local"],
+            "registry": v["Local"].registry == [],
+            "df_other": v["df_other"] is not v["df"] and v["df_other"].equals(v["df"]),
+        }
+        """,
+    )
+    assert out["failed"] == {}
+    assert out["ok"] == dict.fromkeys(out["ok"], True)
+
+
+def test_unpicklable_values_are_lost_with_a_reason(tmp_path):
+    report = dump_cell(
+        tmp_path,
+        """
+        import socket, sqlite3, threading
+        with open("data.txt", "w") as f:
+            f.write("x")
+        reader = open("data.txt")
+        writer = open("out.txt", "w")
+        binary = open("data.txt", "rb")
+        gen = (i for i in range(3))
+        lock = threading.Lock()
+        sock = socket.socket()
+        conn = sqlite3.connect(":memory:")
+        keep = [1, 2, 3]
+        """,
+    )["result"]
+    lost = report["lost"]
+    assert set(lost) == {"f", "reader", "writer", "binary", "gen", "lock", "sock", "conn"}
+    assert lost["gen"] == "generator: cannot pickle 'generator' object"
+    assert lost["reader"].startswith("_io.TextIOWrapper: cannot pickle open file")
+    assert lost["binary"].startswith("_io.BufferedReader: ")
+    assert lost["lock"].startswith("_thread.")
+    assert lost["sock"].startswith("socket.socket: ")
+    assert lost["conn"].startswith("sqlite3.Connection: ")
+    for reason in lost.values():
+        assert "\n" not in reason and len(reason) <= 200
+    assert {"keep", "socket", "sqlite3", "threading"} <= set(report["saved"])
+
+    out = load_in_fresh(tmp_path, 'out["keep"] = v["keep"]')
+    assert out["keep"] == [1, 2, 3]
+    assert out["failed"] == {}
+
+
+def test_instances_of_user_module_classes_get_the_new_code(tmp_path):
+    write_module(
+        tmp_path,
+        "shapes",
+        """
+        VERSION = 1
+        class Shape:
+            def __init__(self, n):
+                self.n = n
+            def greet(self):
+                return f"v1: {self.n}"
+        """,
+    )
+    report = dump_cell(tmp_path, "import shapes\ns = shapes.Shape(3)\nitems = [s, s]\n")["result"]
+    assert report["lost"] == {}
+    write_module(
+        tmp_path,
+        "shapes",
+        """
+        VERSION = 2
+        class Shape:
+            def __init__(self, n):
+                self.n = n
+            def greet(self):
+                return f"v2 says {self.n}"
+        """,
+    )
+    out = load_in_fresh(
+        tmp_path,
+        """
+        import shapes
+        out["version"] = v["shapes"].VERSION
+        out["is new class"] = type(v["s"]) is shapes.Shape
+        out["greet"] = v["s"].greet()
+        out["shared"] = v["items"][0] is v["items"][1] is v["s"]
+        """,
+    )
+    assert out == {
+        "loaded": ["shapes", "s", "items"],
+        "failed": {},
+        "rng_restored": True,
+        "version": 2,
+        "is new class": True,
+        "greet": "v2 says 3",
+        "shared": True,
+    }
+
+
+def test_cell_functions_and_classes_use_the_target_namespace(tmp_path):
+    report = dump_cell(
+        tmp_path,
+        """
+        def f(x):
+            return helper(x) + OFFSET
+        g = lambda y: f(y) * 2
+        OFFSET = 1
+        class Greeter:
+            def greet(self):
+                return GREETING + "!"
+            @classmethod
+            def make(cls):
+                return cls()
+            @staticmethod
+            def shout():
+                return GREETING.upper()
+        gr = Greeter()
+        def outer():
+            def rec(n):
+                return 0 if n == 0 else 1 + rec(n - 1)
+            return rec
+        rec = outer()
+        def counter():
+            n = 0
+            def inc():
+                nonlocal n
+                n += 1
+            def get():
+                return n
+            return inc, get
+        inc, get = counter()
+        def with_defaults(a, b=[1], *, c=2) -> tuple:
+            "Doc."
+            return a, b, c
+        with_defaults.tag = "t"
+        """,
+    )["result"]
+    assert report["lost"] == {}
+    assert ["inc", "get"] in report["groups"]  # they share a closure cell
+
+    out = load_in_fresh(
+        tmp_path,
+        """
+        out["globals"] = [
+            v[name].__globals__ is ns for name in ("f", "g", "rec", "inc", "with_defaults")
+        ] + [
+            v["Greeter"].greet.__globals__ is ns,
+            type(v["gr"]).greet.__globals__ is ns,
+        ]
+        # Defined only now, after the load: the functions must see them.
+        ns["helper"] = lambda x: x * 10
+        ns["GREETING"] = "hi"
+        v["inc"]()
+        v["inc"]()
+        wd = v["with_defaults"]
+        out["ok"] = {
+            "f": v["f"](2) == 21,
+            "g": v["g"](2) == 42,
+            "method": v["gr"].greet() == "hi!",
+            "classmethod": isinstance(v["Greeter"].make(), v["Greeter"]),
+            "staticmethod": v["Greeter"].shout() == "HI",
+            "instance of loaded class": type(v["gr"]) is v["Greeter"],
+            "recursive closure": v["rec"](5) == 5,
+            "shared cell": v["get"]() == 2,
+            "qualname": v["rec"].__qualname__ == "outer.<locals>.rec",
+            "defaults": wd(0) == (0, [1], 2) and wd.__kwdefaults__ == {"c": 2},
+            "attributes": wd.tag == "t" and wd.__doc__ == "Doc." and wd.__module__ == "__main__",
+            "annotations": wd.__annotations__ == {"return": tuple},
+        }
+        """,
+    )
+    assert out["failed"] == {}
+    assert out["globals"] == [True] * 7
+    assert out["ok"] == dict.fromkeys(out["ok"], True)
+
+
+def test_forged_payload_is_refused_before_unpickling(tmp_path):
+    marker = tmp_path / "unpickled"
+    dump_cell(
+        tmp_path,
+        f"""
+        import pathlib
+        class Payload:
+            def __reduce__(self):
+                return pathlib.Path.touch, (pathlib.Path({str(marker)!r}),)
+        payload = Payload()
+        """,
+    )
+    path = tmp_path / "dump"
+    blob = path.read_bytes()
+    variants = {
+        "flipped byte": blob[:100] + bytes([blob[100] ^ 1]) + blob[101:],
+        "flipped mac": blob[:-1] + bytes([blob[-1] ^ 1]),
+        "truncated": blob[:-10],
+        "tiny": blob[:5],
+        "bad magic": b"X" + blob[1:],
+    }
+    with pytest.raises(ForgedPayload):
+        load_namespace(str(path), b"another key", {})
+    for content in variants.values():
+        path.write_bytes(content)
+        with pytest.raises(ForgedPayload):
+            load_namespace(str(path), KEY, {})
+    assert not marker.exists()
+
+    # The untampered file with the right key does run the payload: the
+    # refusals above were not vacuous.
+    path.write_bytes(blob)
+    out = load_in_fresh(tmp_path)
+    assert out["loaded"] == ["pathlib", "Payload", "payload"]
+    assert marker.exists()
+
+
+def test_buffer_file_must_match_the_index(tmp_path):
+    dump_cell(tmp_path, "import numpy as np\narr = np.zeros(100_000)\n")
+    buf = tmp_path / "dump.buf"
+    with open(buf, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ForgedPayload, match="bytes"):
+        load_namespace(str(tmp_path / "dump"), KEY, {})
+    buf.unlink()
+    with pytest.raises(ForgedPayload, match="missing"):
+        load_namespace(str(tmp_path / "dump"), KEY, {})
+
+
+def test_random_state_continues_after_load(tmp_path):
+    report = dump_cell(
+        tmp_path,
+        """
+        import random
+        import numpy as np
+        random.seed(1)
+        random.random()
+        np.random.seed(1)
+        np.random.rand()
+        """,
+        after='out["next"] = [ns["random"].random(), float(ns["np"].random.rand())]',
+    )
+    out = load_in_fresh(
+        tmp_path,
+        """
+        import random
+        import numpy as np
+        out["next"] = [random.random(), float(np.random.rand())]
+        """,
+    )
+    assert out["rng_restored"] is True
+    assert out["next"] == report["next"]
+
+
+def test_out_of_band_arrays_are_mapped_writable_and_outlive_the_files(tmp_path):
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    path = os.path.join(shm, f"forkreload-test-{uuid.uuid4().hex}")
+    try:
+        report = dump_cell(
+            tmp_path, "import numpy as np\narr = np.arange(2_000_000, dtype=np.int64)\n", path=path
+        )["result"]
+        assert report["buffer_bytes"] == 16_000_000
+        assert report["inband_bytes"] < 1000
+        out = load_in_fresh(
+            tmp_path,
+            """
+            import mmap, os
+            import numpy as np
+            arr = v["arr"]
+            base = arr
+            while isinstance(base, np.ndarray):
+                base = base.base
+            out["mapped"] = isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+            out["owndata"] = bool(arr.flags.owndata)
+            out["writeable"] = bool(arr.flags.writeable)
+            arr[0] = 7
+            # Private mapping: the write is not seen in the file.
+            out["file first"] = int(np.fromfile(PATH + ".buf", dtype=np.int64, count=1)[0])
+            remove_dump(PATH)
+            out["files left"] = [os.path.exists(PATH), os.path.exists(PATH + ".buf")]
+            arr[1] = 8
+            out["values"] = [int(arr[0]), int(arr[1]), int(arr[-1]), int(arr.sum())]
+            """,
+            path=path,
+        )
+    finally:
+        remove_dump(path)
+    n = 2_000_000
+    assert out["failed"] == {}
+    assert out["mapped"] is True
+    assert out["owndata"] is False
+    assert out["writeable"] is True
+    assert out["file first"] == 0
+    assert out["files left"] == [False, False]
+    assert out["values"] == [7, 8, n - 1, n * (n - 1) // 2 + 7 + 7]
+
+
+def test_a_group_that_fails_to_load_costs_only_itself(tmp_path):
+    write_module(
+        tmp_path,
+        "fragile",
+        """
+        class Fragile:
+            def __init__(self):
+                self.x = 1
+        """,
+    )
+    dump_cell(tmp_path, "import fragile\nfr = fragile.Fragile()\nholder = [fr]\nok = [1, 2]\n")
+    write_module(
+        tmp_path,
+        "fragile",
+        """
+        class Fragile:
+            def __setstate__(self, state):
+                raise ValueError("v2 refuses v1 state")
+        """,
+    )
+    out = load_in_fresh(tmp_path, 'out["ok"] = v["ok"]')
+    assert out["failed"] == dict.fromkeys(["fr", "holder"], "ValueError: v2 refuses v1 state")
+    assert out["loaded"] == ["fragile", "ok"]
+    assert out["ok"] == [1, 2]
+
+
+def test_missing_names_and_empty_dumps(tmp_path):
+    from forkreload.migrate import dump_namespace
+
+    path = str(tmp_path / "dump")
+    report = dump_namespace({"x": 1}, ["x", "x", "nope"], KEY, path)
+    assert report.saved == ["x"]
+    assert report.lost == {"nope": "not in the namespace"}
+    assert report.buffer_bytes == 0
+    assert not os.path.exists(path + ".buf")
+    assert load_namespace(path, KEY, {}).values == {"x": 1}
+
+    report = dump_namespace({}, [], KEY, path)
+    assert (report.saved, report.groups) == ([], [])
+    result = load_namespace(path, KEY, {})
+    assert (result.values, result.failed, result.rng_restored) == ({}, {}, True)
+    remove_dump(path)
+    remove_dump(path)  # already gone: no error
+    assert not os.path.exists(path)
