@@ -146,6 +146,7 @@ class Controller:
         self.snapshot_info: dict[str, Any] = {}
         self.exit_statuses: dict[int, str] = {}
         self.running = False
+        self.want_spare = False
         self._ppid = os.getppid()
 
     # -- start-up ----------------------------------------------------------
@@ -328,6 +329,7 @@ class Controller:
                     pass
 
     def _refill_spare(self) -> None:
+        self.want_spare = False
         if self.spare is None:
             try:
                 self.spare = self._fork()
@@ -418,11 +420,15 @@ class Controller:
             "seconds": 0.0,
             "error": None,
         }
+        phases: dict[str, float] = {}
+        report["phases"] = phases
         path = os.path.join(self.privdir, f"ns-{old.wid}-{uuid.uuid4().hex[:6]}")
         new: WorkerHandle | None = None
         try:
             new = self._take_spare()
+            phases["spare"] = time.perf_counter() - t0
             exported = self.call_agent(old, "export", path)
+            phases["export"] = time.perf_counter() - t0
             if exported.get("ok") is False:
                 raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
             report["lost"] = dict(exported.get("lost", {}))
@@ -431,7 +437,9 @@ class Controller:
                 report["error"] = prepared.get("error")
                 report["failed_module"] = prepared.get("module")
                 raise _SwapFailed()
+            phases["prepare"] = time.perf_counter() - t0
             loaded = self.call_agent(new, "load", path)
+            phases["load"] = time.perf_counter() - t0
             if not loaded.get("ok"):
                 if loaded.get("failed"):
                     report["error"] = "; ".join(f"{k}: {v}" for k, v in loaded["failed"].items())
@@ -458,8 +466,11 @@ class Controller:
         self.watch.clear()
         for m in self.call_agent(new, "modules"):
             self.watch.add(m["name"], m["file"], m["sha"])
+        phases["switch"] = time.perf_counter() - t0
         self.failed_signature = None
-        self._refill_spare()
+        self.want_spare = True  # forked after the cell is on its way, not before
+        for k in phases:
+            phases[k] = round(phases[k], 4)
         report["ok"] = True
         report["seconds"] = round(time.perf_counter() - t0, 4)
         self._notice(parent, self._success_text(report), error=False)
@@ -790,6 +801,8 @@ class Controller:
                 self.worker.stdin.send_multipart(frames)
         if self.fe_shell in events:
             self._on_front_shell(self.fe_shell.recv_multipart())
+        if self.want_spare:
+            self._refill_spare()
 
     def close(self) -> None:
         """Stop every process this controller started and free its files."""

@@ -194,7 +194,7 @@ def _refuse_open_file(obj: io.TextIOWrapper) -> tuple:
     # cloudpickle would snapshot a readable text file's whole content into a
     # StringIO.  A migrated variable should not silently change type (or read
     # a multi-gigabyte log), so open files are lost like other OS resources.
-    raise TypeError(f"cannot pickle open file {getattr(obj, 'name', '?')!r}")
+    raise TypeError(f"cannot pickle file {getattr(obj, 'name', '?')!r}")
 
 
 class _Pickler(cloudpickle.Pickler):
@@ -273,11 +273,11 @@ def _never_shared_types() -> tuple[type, ...]:
     all memoize numpy dtypes).
     """
     kinds: list[type] = [
-        str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range,
-        slice, type(Ellipsis), type(NotImplemented), type, types.ModuleType,
-        types.CodeType, types.BuiltinFunctionType, types.MethodDescriptorType,
-        types.WrapperDescriptorType, types.MethodWrapperType, enum.Enum,
-    ]  # fmt: skip
+        *(str, bytes, int, float, complex, bool, type(None), tuple, frozenset, range, slice),
+        *(type(Ellipsis), type(NotImplemented), enum.Enum, types.CodeType),
+        *(type, types.ModuleType, types.BuiltinFunctionType, types.MethodDescriptorType),
+        *(types.WrapperDescriptorType, types.MethodWrapperType),
+    ]
     np = sys.modules.get("numpy")
     if np is not None:
         kinds += [np.dtype, np.ufunc, np.generic]
@@ -380,8 +380,12 @@ class _UnionFind:
         self.parent[self.find(a)] = self.find(b)
 
 
-def _group_by_sharing(ns: Mapping[str, Any], pickled: dict[str, _Pickled], globals_ns: dict | None,
-                      never_shared: tuple[type, ...]) -> list[list[str]]:  # fmt: skip
+def _group_by_sharing(
+    ns: Mapping[str, Any],
+    pickled: dict[str, _Pickled],
+    globals_ns: dict | None,
+    never_shared: tuple[type, ...],
+) -> list[list[str]]:
     # Candidates are kept alive in the _Pickled records for the whole dump, so
     # an id can't be reused by another object between two variables' pickles.
     internals: dict[int, Any] = {}
@@ -406,7 +410,7 @@ def _group_by_sharing(ns: Mapping[str, Any], pickled: dict[str, _Pickled], globa
             if oid in internals and oid not in top_level:
                 continue
             first = owner.setdefault(oid, name)
-            if first == name:
+            if first == name or uf.find(first) == uf.find(name):
                 continue
             if oid not in by_name:
                 by_name[oid] = _pickled_by_name(obj)
@@ -534,9 +538,9 @@ def dump_namespace(
             finally:
                 os.close(fd)
         mac = hmac.new(key, digestmod=hashlib.sha256)
+        header = _HEADER.pack(_MAGIC, _VERSION, len(index))
         with os.fdopen(_create_private(path), "wb") as f:
-            for piece in (_HEADER.pack(_MAGIC, _VERSION, len(index)), index, rng,
-                          *(data for _, data, _ in groups)):  # fmt: skip
+            for piece in (header, index, rng, *(data for _, data, _ in groups)):
                 mac.update(piece)
                 f.write(piece)
             f.write(mac.digest())

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.connect import write_connection_file
 
@@ -196,22 +197,21 @@ class Session:
         reply: dict[str, Any] | None = None
         idle = False
         deadline = None if timeout is None else time.monotonic() + timeout
+        iopub, shell = self.client.iopub_channel, self.client.shell_channel
+        poller = zmq.Poller()
+        poller.register(iopub.socket, zmq.POLLIN)
+        poller.register(shell.socket, zmq.POLLIN)
         while reply is None or not idle:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"cell did not finish within {timeout} s")
             self._check_alive()
-            if not idle:
-                try:
-                    msg = self.client.get_iopub_msg(timeout=0.05 if reply is None else 0.5)
-                except queue.Empty:
-                    msg = None
-                if msg is not None and msg["parent_header"].get("msg_id") == msg_id:
-                    idle = self._collect(msg, res, notices)
-            if reply is None:
-                try:
-                    m = self.client.get_shell_msg(timeout=0.01)
-                except queue.Empty:
-                    continue
+            events = dict(poller.poll(500))
+            if iopub.socket in events:
+                msg = iopub.get_msg(timeout=0)
+                if msg["parent_header"].get("msg_id") == msg_id:
+                    idle = self._collect(msg, res, notices) or idle
+            if shell.socket in events:
+                m = shell.get_msg(timeout=0)
                 if m["parent_header"].get("msg_id") == msg_id:
                     reply = m
         content = reply["content"]

@@ -1,0 +1,1054 @@
+"""Decide whether an edit to a module can be patched into the live module, and patch it.
+
+After the user edits a module file, the worker asks `classify` to compare the
+source the live module was built from with the new source on disk. The answer
+is a `Decision`:
+
+- 'noop': nothing that runs changed (comments, formatting, docstrings); the
+  plan only refreshes docstrings and line numbers so that `help()` and
+  tracebacks match the file;
+- 'inplace': the edit only changes bodies, signatures or defaults of existing
+  functions and methods, or adds functions and methods; `apply_plan` patches
+  the live function objects, so every existing reference (`from m import f`
+  elsewhere, bound methods of old instances, registered callbacks) runs the
+  new code, and no top-level statement of the module runs again;
+- 'fresh': anything else; the reasons say why, and the caller moves to a fresh
+  worker that imports the new code;
+- 'error': the new source does not parse; the old code keeps running.
+
+The rule is that 'noop' and 'inplace' are only given when the patched module
+behaves as a fresh import of the new source would (see "What is safe in place"
+in DESIGN.md); when in doubt the answer is 'fresh'.
+"""
+
+from __future__ import annotations
+
+import __future__
+import abc
+import ast
+import copy
+import dis
+import enum
+import functools
+import inspect
+import linecache
+import os
+import sys
+import types
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Change", "Decision", "PatchError", "apply_plan", "classify"]
+
+_FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+# Decorators a patched or added method may carry: the live class attribute is
+# then this wrapper around the plain function.
+_WRAPPERS: dict[str, type] = {"staticmethod": staticmethod, "classmethod": classmethod}
+# Methods that type() wraps on its own when it creates the class.
+_IMPLICIT_WRAPPERS: dict[str, type] = {
+    "__new__": staticmethod,
+    "__init_subclass__": classmethod,
+    "__class_getitem__": classmethod,
+}
+# Methods that Python calls while classes are being created (this class, its
+# subclasses, or classes holding instances of it): their old versions have
+# already shaped the live classes, so a change needs a fresh import.
+_CLASS_CREATION_HOOKS = frozenset(
+    {"__init_subclass__", "__set_name__", "__class_getitem__", "__prepare__", "__mro_entries__"}
+)
+# Flags that make a call return a generator/coroutine instead of running the
+# body: old call sites and callers would be wrong if these changed.
+_KIND_FLAGS = (
+    inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+)
+# Node types allowed in an annotation that must be evaluated (no
+# `from __future__ import annotations`): plain type expressions such as
+# `int`, `np.ndarray`, `list[str]`, `int | None`, `"Greeter"`.
+_TYPE_EXPRESSION_NODES = (
+    ast.Constant, ast.Name, ast.Attribute, ast.Subscript, ast.Tuple, ast.List, ast.BinOp, ast.BitOr, ast.Load,
+)
+# Details of changes that alter what code runs (the others only refresh
+# docstrings and line numbers, which makes the decision a 'noop').
+_BEHAVIOUR_DETAILS = frozenset({"body", "signature", "new"})
+
+
+class PatchError(Exception):
+    """apply_plan could not apply a change; everything it had changed was restored."""
+
+
+@dataclass
+class Change:
+    """One step of a plan: set attributes of a live object, or bind a new function.
+
+    action 'patch' sets `attrs` on `target`, the live function, class or
+    module found at `path`; action 'add' binds `value` under `path[-1]` in
+    `target`, the live module or class found at `path[:-1]`.
+    """
+
+    action: str  # 'patch' | 'add'
+    qualname: str  # 'area', 'Greeter.greet', 'Greeter' (class attributes), '' (module docstring)
+    detail: str  # 'body' | 'signature' | 'new' | 'docstring' | 'lines' | 'attributes'
+    path: tuple[str, ...]  # dict keys from the module namespace down to the object (names mangled)
+    target: object = field(repr=False)
+    attrs: dict[str, object] = field(default_factory=dict, repr=False)
+    value: object = field(default=None, repr=False)
+
+
+@dataclass
+class Decision:
+    """What to do about one edited module (see the module docstring)."""
+
+    kind: str  # 'noop' | 'inplace' | 'fresh' | 'error'
+    module: str
+    reasons: list[str] = field(default_factory=list)  # fresh/error: readable reasons, headline first
+    plan: list[Change] = field(default_factory=list)  # noop/inplace: what apply_plan will do
+
+    def describe(self) -> str:
+        """One short line for the user."""
+        if self.kind in ("fresh", "error"):
+            more = f" (+{len(self.reasons) - 1} more)" if len(self.reasons) > 1 else ""
+            verb = "needs a fresh process" if self.kind == "fresh" else "not reloaded"
+            return f"{self.module}: {verb}: {self.reasons[0]}{more}"
+        patched = [c.qualname for c in self.plan if c.action == "patch" and c.detail in _BEHAVIOUR_DETAILS]
+        added = [c.qualname for c in self.plan if c.action == "add"]
+        if self.kind == "noop":
+            return f"{self.module}: no code change"
+        parts = []
+        if patched:
+            parts.append("patched " + ", ".join(patched))
+        if added:
+            parts.append("added " + ", ".join(added))
+        return f"{self.module}: in place: " + "; ".join(parts)
+
+
+def classify(module: types.ModuleType, old_source: str, new_source: str) -> Decision:
+    """Compare the source `module` was built from with its new source and decide how to reload it.
+
+    Nothing is changed; the live objects are only inspected (and new
+    annotations of patched signatures evaluated, see `_Classifier._annotations`).
+    """
+    name = module.__name__
+    filename = getattr(module, "__file__", None)
+    if not filename or not filename.endswith(".py"):
+        return Decision("fresh", name, [f"{name}: not loaded from a Python source file"])
+    shown = _shown_name(filename)
+    try:
+        new_tree = ast.parse(new_source, filename)
+        # Compiled the way importlib compiles a module, so code objects match
+        # what a fresh import would create.
+        new_code = compile(new_tree, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError) as exc:
+        where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
+        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc) or type(exc).__name__
+        return Decision("error", name, [f"{shown}: does not parse: {where}{detail}"])
+    if old_source == new_source:
+        return Decision("noop", name)
+    try:
+        old_tree = ast.parse(old_source, filename)
+    except (SyntaxError, ValueError, RecursionError):
+        return Decision("fresh", name, [f"{shown}: the source it was loaded from is unknown"])
+    classifier = _Classifier(module, shown, old_tree, new_tree, new_code)
+    classifier.run()
+    if classifier.reasons:
+        return Decision("fresh", name, classifier.reasons)
+    plan = classifier.plan
+    kind = "inplace" if any(c.detail in _BEHAVIOUR_DETAILS for c in plan) else "noop"
+    return Decision(kind, name, [], plan)
+
+
+def apply_plan(module: types.ModuleType, decision: Decision) -> list[str]:
+    """Apply the plan of a 'noop' or 'inplace' decision to the live module, all or nothing.
+
+    Returns the dotted names of the objects changed or added, in plan order
+    (line-number refreshes included). On any failure, every attribute already
+    set and every function already added is restored, and PatchError raised.
+    """
+    if decision.kind not in ("noop", "inplace") or decision.module != module.__name__:
+        raise ValueError(f"cannot apply a {decision.kind!r} decision for {decision.module} to {module.__name__}")
+    undo: list[Callable[[], None]] = []
+    done: list[str] = []
+    for change in decision.plan:
+        dotted = ".".join(filter(None, (module.__name__, change.qualname)))
+        try:
+            _apply_change(module, change, undo)
+        except Exception as exc:
+            for restore in reversed(undo):
+                restore()
+            raise PatchError(f"could not {change.action} {dotted}: {exc}") from exc
+        done.append(dotted)
+    # Tracebacks read lines through linecache; drop the stale copy so they
+    # show the file as it is now (checkcache alone misses an edit that kept
+    # the size and the mtime).
+    linecache.checkcache(module.__file__)
+    linecache.cache.pop(module.__file__, None)
+    return done
+
+
+def _apply_change(module: types.ModuleType, change: Change, undo: list[Callable[[], None]]) -> None:
+    if change.action == "add":
+        holder = _resolve(module, change.path[:-1])
+        key = change.path[-1]
+        if holder is not change.target:
+            raise PatchError(f"{'.'.join(change.path[:-1])} was replaced after the edit was classified")
+        if key in vars(holder):
+            raise PatchError(f"{key} appeared after the edit was classified")
+        setattr(holder, key, change.value)
+        undo.append(functools.partial(delattr, holder, key))
+        return
+    live = _resolve(module, change.path)
+    if isinstance(live, (staticmethod, classmethod)):
+        live = live.__func__
+    if live is not change.target:
+        raise PatchError(f"it was replaced by {type(live).__name__} {live!r:.60} after the edit was classified")
+    for attr, value in change.attrs.items():
+        old = getattr(live, attr)
+        setattr(live, attr, value)
+        undo.append(functools.partial(setattr, live, attr, old))
+
+
+def _resolve(module: types.ModuleType, path: tuple[str, ...]) -> object:
+    """The object at `path` (namespace keys) under `module`, or None."""
+    obj: object = module
+    for key in path:
+        obj = vars(obj).get(key) if isinstance(obj, (type, types.ModuleType)) else None
+    return obj
+
+
+class _Classifier:
+    """Compares two versions of a module; collects fresh reasons and the patch plan."""
+
+    def __init__(
+        self, module: types.ModuleType, shown: str, old_tree: ast.Module, new_tree: ast.Module, new_code: types.CodeType
+    ) -> None:
+        self.module = module
+        self.shown = shown
+        self.old_tree = old_tree
+        self.new_tree = new_tree
+        self.new_code = new_code
+        self.new_codes = _child_codes(new_code)
+        self.future_annotations = any(
+            isinstance(s, ast.ImportFrom) and s.module == "__future__" and any(a.name == "annotations" for a in s.names)
+            for s in new_tree.body
+        )
+        self.reasons: list[str] = []
+        self.plan: list[Change] = []
+
+    def fresh(self, text: str) -> None:
+        self.reasons.append(f"{self.shown}: {text}")
+
+    def run(self) -> None:
+        old, new = _Body(self.old_tree.body, _DEFS), _Body(self.new_tree.body, _DEFS)
+        self.compare_statements(old, new, None)
+        if _dump(old.doc) != _dump(new.doc):
+            doc = _stored_constant(self.new_code, "__doc__") if new.doc else None
+            self.plan.append(Change("patch", "", "docstring", (), self.module, {"__doc__": doc}))
+        added: list[ast.stmt] = []
+        for name, nodes in new.defs.items():
+            before = old.defs.get(name)
+            if before is None:
+                added.append(nodes[0])
+                continue
+            if not self.compare_duplicates(before, nodes, None):
+                continue
+            o, n = before[0], nodes[0]
+            if isinstance(o, ast.ClassDef) != isinstance(n, ast.ClassDef):
+                self.fresh(f"{name} changed between a class and a function")
+            elif isinstance(n, ast.ClassDef):
+                self.compare_class(o, n)
+            else:
+                self.compare_function(o, n, None)
+        for name, nodes in old.defs.items():
+            if name not in new.defs:
+                self.fresh(f"{_kind_word(nodes[0], None)} {name} removed")
+        for node in added:
+            if isinstance(node, ast.ClassDef):
+                self.fresh(f"class {node.name} added")
+            elif any(isinstance(s, ast.ImportFrom) and s.names[0].name == "*" for s in self.new_tree.body):
+                # A star import may bind the same name, before or after the def.
+                self.fresh(f"function {node.name} added to a module with a star import")
+            else:
+                self.add_function(node, None, None)
+        if not self.reasons:
+            self.check_import_time()
+
+    # --- statements other than defs -------------------------------------
+
+    def compare_statements(self, old: _Body, new: _Body, cls: str | None) -> None:
+        """Reasons for changed non-def statements and for defs moved around them."""
+        where = f"class {cls}: " if cls else ""
+        old_dumps = [_dump(s) for s in old.others]
+        new_dumps = [_dump(s) for s in new.others]
+        if old_dumps != new_dumps:
+            before = len(self.reasons)
+            if cls is None and _imports(old.others) != _imports(new.others):
+                self.fresh("import statements changed")
+            old_bound, new_bound = _assignments(old.others), _assignments(new.others)
+            member = self.member_word(cls)
+            for name in new_bound:
+                if name not in old_bound:
+                    self.fresh(f"{where}{member(name, new_bound[name][0])} added")
+                elif old_bound[name][1] != new_bound[name][1]:
+                    self.fresh(f"{where}{member(name, new_bound[name][0])} changed")
+            for name in old_bound:
+                if name not in new_bound:
+                    self.fresh(f"{where}{member(name, old_bound[name][0])} removed")
+            if len(self.reasons) == before:
+                self.fresh(f"{where}{_first_difference(old.others, new.others, cls)}")
+            return
+        # Same statements: a def that moved across one of them changes what
+        # the statement sees when the module is imported.
+        common = {n for n in old.defs.keys() & new.defs.keys()}
+        if [n for n in old.order if n is None or n in common] != [n for n in new.order if n is None or n in common]:
+            self.fresh(f"{where}definitions were reordered")
+
+    def member_word(self, cls: str | None) -> Callable[[str, ast.stmt], str]:
+        """How to name an assigned name in a reason: module constant RATE, class attribute 'x', field 'y'."""
+        live = vars(self.module).get(cls) if cls else None
+        if cls is None:
+            return lambda name, stmt: f"module {'constant' if name.isupper() else 'variable'} {name}"
+        if isinstance(live, enum.EnumMeta):
+            return lambda name, stmt: f"enum member '{name}'"
+        return lambda name, stmt: f"{'field' if isinstance(stmt, ast.AnnAssign) else 'class attribute'} '{name}'"
+
+    def compare_duplicates(self, old: list[ast.stmt], new: list[ast.stmt], cls: str | None) -> bool:
+        """True when the name is defined once in both versions and can be compared by member."""
+        if len(old) == 1 and len(new) == 1:
+            return True
+        if [_dump(s) for s in old] != [_dump(s) for s in new]:
+            qualname = f"{cls}.{new[0].name}" if cls else new[0].name
+            self.fresh(f"{_kind_word(new[0], cls)} {qualname} is defined more than once and changed")
+        return False
+
+    # --- classes --------------------------------------------------------
+
+    def compare_class(self, old: ast.ClassDef, new: ast.ClassDef) -> None:
+        name = new.name
+        before = len(self.reasons)
+        if _dump(old.bases) != _dump(new.bases):
+            self.fresh(f"class {name}: base classes changed")
+        if _dump(old.keywords) != _dump(new.keywords):
+            self.fresh(f"class {name}: metaclass or class keywords changed")
+        if _dump(old.decorator_list) != _dump(new.decorator_list):
+            self.fresh(f"class {name}: class decorators changed")
+        if _dump(getattr(old, "type_params", None)) != _dump(getattr(new, "type_params", None)):
+            self.fresh(f"class {name}: type parameters changed")
+        if len(self.reasons) > before:
+            return
+        if _dump(old) == _dump(new):
+            self.refresh_class_lines(new)
+            return
+        if getattr(new, "type_params", None):
+            self.fresh(f"class {name} has type parameters; its change needs a fresh import")
+            return
+        live = self.live_class(name)
+        if live is None:
+            self.fresh(f"class {name} in the live module is not the class defined in {self.shown}")
+            return
+        old_body, new_body = _Body(old.body, _FUNCTION_DEFS), _Body(new.body, _FUNCTION_DEFS)
+        self.compare_statements(old_body, new_body, name)
+        class_code = self.new_codes.get(name)
+        stored = _stored_constants(class_code) if class_code is not None else {}
+        attrs: dict[str, object] = {}
+        if _dump(old_body.doc) != _dump(new_body.doc):
+            attrs["__doc__"] = stored.get("__doc__")
+        for attr in ("__static_attributes__", "__firstlineno__"):  # set by the compiler since 3.13
+            if attr in stored and vars(live).get(attr, stored[attr]) != stored[attr]:
+                attrs[attr] = stored[attr]
+        for method, nodes in new_body.defs.items():
+            before = old_body.defs.get(method)
+            if before is None:
+                self.add_function(nodes[0], new, live)
+            elif self.compare_duplicates(before, nodes, name):
+                self.compare_function(before[0], nodes[0], name)
+        for method, nodes in old_body.defs.items():
+            if method not in new_body.defs:
+                self.fresh(f"method {name}.{method} removed")
+        if attrs:
+            detail = "docstring" if "__doc__" in attrs else "attributes"
+            self.plan.append(Change("patch", name, detail, (name,), live, attrs))
+
+    def refresh_class_lines(self, node: ast.ClassDef) -> None:
+        """Unchanged class: refresh line numbers of its methods (and __firstlineno__ on 3.13+)."""
+        live = self.live_class(node.name)
+        if live is None:
+            return
+        for member in node.body:
+            if isinstance(member, _FUNCTION_DEFS):
+                self.refresh_lines(member, node.name)
+        class_code = self.new_codes.get(node.name)
+        if "__firstlineno__" in vars(live) and class_code is not None:
+            first = _stored_constant(class_code, "__firstlineno__")
+            if first is not None and first != live.__firstlineno__:
+                self.plan.append(Change("patch", node.name, "lines", (node.name,), live, {"__firstlineno__": first}))
+
+    def live_class(self, name: str) -> type | None:
+        """The live class `name` if it is the one the class statement created."""
+        live = vars(self.module).get(name)
+        if isinstance(live, type) and live.__module__ == self.module.__name__ and live.__qualname__ == name:
+            return live
+        return None
+
+    # --- functions and methods -------------------------------------------
+
+    def compare_function(self, old: ast.FunctionDef, new: ast.FunctionDef, cls: str | None) -> None:
+        qualname = f"{cls}.{new.name}" if cls else new.name
+        what = "method" if cls else "function"
+        if _dump(old) == _dump(new):
+            self.refresh_lines(new, cls)
+            return
+        if type(old) is not type(new):
+            self.fresh(f"{what} {qualname} changed between def and async def")
+            return
+        if _dump(old.decorator_list) != _dump(new.decorator_list):
+            self.fresh(f"decorators of {what} {qualname} changed")
+            return
+        wrapper = _expected_wrapper(new, cls)
+        if wrapper is False:
+            decorator = ast.unparse(new.decorator_list[0])
+            if _is_property(new):
+                self.fresh(f"property {qualname} changed (properties are only reloaded by a fresh import)")
+            else:
+                self.fresh(f"{what} {qualname} is decorated with @{decorator}; its change needs a fresh import")
+            return
+        if getattr(new, "type_params", None):
+            self.fresh(f"{what} {qualname} has type parameters; its change needs a fresh import")
+            return
+        if cls and new.name in _CLASS_CREATION_HOOKS:
+            self.fresh(f"method {qualname} runs while classes are created; its change needs a fresh import")
+            return
+        live = self.live_function(new, cls, wrapper)
+        if live is None:
+            self.fresh(f"{what} {qualname} in the live module is not the function defined in {self.shown} "
+                       "(replaced or wrapped at run time)")
+            return
+        code = self.new_function_code(new, cls)
+        if code is None:
+            self.fresh(f"could not find the compiled code of {what} {qualname}")
+            return
+        if code.co_freevars != live.__code__.co_freevars:
+            self.fresh(f"{what} {qualname}: its closure variables changed "
+                       f"({', '.join(live.__code__.co_freevars) or 'none'} -> {', '.join(code.co_freevars) or 'none'})")
+            return
+        if (code.co_flags ^ live.__code__.co_flags) & _KIND_FLAGS:
+            self.fresh(f"{what} {qualname} changed between a plain function and a generator or coroutine")
+            return
+        attrs: dict[str, object] = {"__code__": code}
+        signature = _dump(old.args) != _dump(new.args) or _dump(old.returns) != _dump(new.returns)
+        if signature:
+            defaults = self.defaults(old, new, live, qualname, cls)
+            annotations = self.annotations(new, old, live, qualname, cls)
+            if defaults is None or annotations is None:
+                return
+            attrs["__defaults__"], attrs["__kwdefaults__"] = defaults
+            attrs["__annotations__"] = annotations
+        if ast.get_docstring(old, clean=False) != ast.get_docstring(new, clean=False):
+            # The docstring as the compiler stores it (3.13 dedents it).
+            attrs["__doc__"] = types.FunctionType(code, {}).__doc__
+        if signature:
+            detail = "signature"
+        elif _dump(_without_docstring(old.body)) != _dump(_without_docstring(new.body)):
+            detail = "body"
+        else:
+            detail = "docstring"
+        self.plan.append(Change("patch", qualname, detail, self.path(new.name, cls), live, attrs))
+
+    def refresh_lines(self, node: ast.FunctionDef, cls: str | None) -> None:
+        """Unchanged function: give the live one the new code if only its line numbers moved.
+
+        Skipped silently when the live object is not the plain function (a
+        decorated function): the code is the same, only tracebacks are off.
+        """
+        raw = self.live_attribute(node.name, cls)
+        if isinstance(raw, (staticmethod, classmethod)):
+            raw = raw.__func__
+        live = raw if self.is_own_function(raw, node, cls) else None
+        code = self.new_function_code(node, cls) if live is not None else None
+        if code is None or code.co_freevars != live.__code__.co_freevars:
+            return
+        if _positions(code) != _positions(live.__code__):
+            qualname = f"{cls}.{node.name}" if cls else node.name
+            self.plan.append(Change("patch", qualname, "lines", self.path(node.name, cls), live, {"__code__": code}))
+
+    def add_function(self, node: ast.stmt, class_node: ast.ClassDef | None, live_cls: type | None) -> None:
+        """Plan to bind a new function, or a new method on the live class of `class_node`."""
+        cls = class_node.name if class_node else None
+        if not isinstance(node, _FUNCTION_DEFS):
+            self.fresh(f"class {cls}: nested class {node.name} added")
+            return
+        qualname = f"{cls}.{node.name}" if cls else node.name
+        what = "method" if cls else "function"
+        holder: object = live_cls if cls else self.module
+        key = _mangle(node.name, cls)
+        wrapper = _expected_wrapper(node, cls)
+        if wrapper is False:
+            self.fresh(f"new {what} {qualname} is decorated with @{ast.unparse(node.decorator_list[0])}")
+            return
+        if cls and (node.name.startswith("__") and node.name.endswith("__")):
+            # type() treats special methods at class creation (slots, __hash__
+            # = None next to __eq__, implicit wrappers) in ways setattr does not.
+            self.fresh(f"special method {qualname} added")
+            return
+        if class_node and (type(live_cls) is not type or class_node.decorator_list):
+            self.fresh(f"method {qualname} added to a class with a metaclass or class decorators")
+            return
+        if getattr(node, "type_params", None):
+            self.fresh(f"new {what} {qualname} has type parameters")
+            return
+        if key in vars(holder):
+            self.fresh(f"new {what} {qualname} replaces an attribute set at run time")
+            return
+        code = self.new_function_code(node, cls)
+        if code is None:
+            self.fresh(f"could not find the compiled code of new {what} {qualname}")
+            return
+        if code.co_freevars == ():
+            closure = None
+        elif code.co_freevars == ("__class__",) and live_cls is not None:
+            # What the class body would give it: a cell holding the class (for super()).
+            closure = (types.CellType(live_cls),)
+        else:
+            self.fresh(f"new {what} {qualname} has closure variables {', '.join(code.co_freevars)}")
+            return
+        defaults = self.defaults(None, node, None, qualname, cls)
+        annotations = self.annotations(node, None, None, qualname, cls)
+        if defaults is None or annotations is None:
+            return
+        function = types.FunctionType(code, vars(self.module), node.name, defaults[0], closure)
+        function.__kwdefaults__ = defaults[1]
+        function.__qualname__ = qualname  # 3.10 takes it from the name, not co_qualname
+        if annotations:
+            function.__annotations__ = annotations
+        value = wrapper(function) if wrapper else function
+        self.plan.append(Change("add", qualname, "new", self.path(node.name, cls), holder, value=value))
+
+    def live_attribute(self, name: str, cls: str | None) -> object:
+        if cls is None:
+            return vars(self.module).get(name)
+        live_cls = self.live_class(cls)
+        return vars(live_cls).get(_mangle(name, cls)) if live_cls is not None else None
+
+    def live_function(self, node: ast.FunctionDef, cls: str | None, wrapper: type | None) -> types.FunctionType | None:
+        """The live function for `node`, if it is exactly what the def statement created."""
+        raw = self.live_attribute(node.name, cls)
+        if wrapper is not None:
+            if type(raw) is not wrapper:
+                return None
+            raw = raw.__func__
+        return raw if self.is_own_function(raw, node, cls) else None
+
+    def is_own_function(self, obj: object, node: ast.FunctionDef, cls: str | None) -> bool:
+        """Whether `obj` is a plain function made by this module's def `node` (not replaced at run time)."""
+        if type(obj) is not types.FunctionType:
+            return False
+        qualname = f"{cls}.{node.name}" if cls else node.name
+        code = obj.__code__
+        return (
+            obj.__globals__ is vars(self.module)
+            and obj.__module__ == self.module.__name__
+            and obj.__qualname__ == qualname
+            and code.co_name == node.name
+            and code.co_filename == self.module.__file__
+            and getattr(code, "co_qualname", qualname) == qualname
+        )
+
+    def new_function_code(self, node: ast.FunctionDef, cls: str | None) -> types.CodeType | None:
+        """The code object of def `node` in the compiled new source."""
+        if cls is None:
+            code = self.new_codes.get(node.name)
+        else:
+            class_code = self.new_codes.get(cls)
+            code = _child_codes(class_code).get(node.name) if class_code is not None else None
+        qualname = f"{cls}.{node.name}" if cls else node.name
+        if code is None or getattr(code, "co_qualname", qualname) != qualname:
+            return None
+        return code
+
+    def path(self, name: str, cls: str | None) -> tuple[str, ...]:
+        return (cls, _mangle(name, cls)) if cls else (name,)
+
+    # --- signatures -------------------------------------------------------
+
+    def defaults(
+        self, old: ast.FunctionDef | None, new: ast.FunctionDef, live: types.FunctionType | None, qualname: str,
+        cls: str | None,
+    ) -> tuple[tuple | None, dict | None] | None:
+        """(__defaults__, __kwdefaults__) a fresh def would give, or None after a fresh reason.
+
+        A default whose expression did not change keeps its live value (as it
+        does in functions the edit did not touch); a new or changed one must be
+        a literal, since evaluating anything else would run module code.
+        """
+        previous: dict[str, tuple[str, object]] = {}
+        if old is not None:
+            live_defaults = live.__defaults__ or ()
+            live_kwdefaults = live.__kwdefaults__ or {}
+            old_positional = [*old.args.posonlyargs, *old.args.args]
+            old_with_default = old_positional[len(old_positional) - len(old.args.defaults):]
+            old_kw = [(a, d) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults) if d is not None]
+            if len(live_defaults) != len(old.args.defaults) or set(live_kwdefaults) != {
+                _mangle(a.arg, cls) for a, _ in old_kw
+            }:
+                self.fresh(f"the defaults of live function {qualname} do not match its previous source")
+                return None
+            for arg, expr, value in zip(old_with_default, old.args.defaults, live_defaults):
+                previous[arg.arg] = (_dump(expr), value)
+            for arg, expr in old_kw:
+                previous[arg.arg] = (_dump(expr), live_kwdefaults[_mangle(arg.arg, cls)])
+
+        def value_of(arg: ast.arg, expr: ast.expr) -> tuple[bool, object]:
+            known = previous.get(arg.arg)
+            if known is not None and known[0] == _dump(expr):
+                return True, known[1]
+            if not any(isinstance(n, ast.Call) for n in ast.walk(expr)):  # literal_eval accepts set()
+                try:
+                    return True, ast.literal_eval(expr)
+                except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                    pass
+            self.fresh(f"default of {arg.arg} in {qualname} is not a literal ({ast.unparse(expr)})")
+            return False, None
+
+        positional = [*new.args.posonlyargs, *new.args.args]
+        values = []
+        for arg, expr in zip(positional[len(positional) - len(new.args.defaults):], new.args.defaults):
+            ok, value = value_of(arg, expr)
+            if not ok:
+                return None
+            values.append(value)
+        kwvalues = {}
+        for arg, expr in zip(new.args.kwonlyargs, new.args.kw_defaults):
+            if expr is not None:
+                ok, value = value_of(arg, expr)
+                if not ok:
+                    return None
+                kwvalues[_mangle(arg.arg, cls)] = value
+        return (tuple(values) or None, kwvalues or None)
+
+    def annotations(
+        self, new: ast.FunctionDef, old: ast.FunctionDef | None, live: types.FunctionType | None, qualname: str,
+        cls: str | None,
+    ) -> dict | None:
+        """The __annotations__ a fresh def would give, or None after a fresh reason.
+
+        The compiler builds the dict (key order, name mangling, the strings of
+        `from __future__ import annotations`): a stub def with the same
+        signature and an empty body is compiled and executed, with defaults
+        and decorators removed, and the annotations that did not change
+        replaced by None and then by their live values. Without the future
+        import the changed annotations are evaluated in the module namespace,
+        so they must be plain type expressions (names, attributes,
+        subscripts, `|`, literals).
+        """
+        previous = _annotation_dumps(old) if old is not None else {}
+        live_annotations = live.__annotations__ if live is not None else {}
+        reused: dict[str, object] = {}
+
+        def stub_annotation(key: str, expr: ast.expr | None) -> ast.expr | None:
+            if expr is None:
+                return None
+            mangled = key if key == "return" else _mangle(key, cls)
+            if previous.get(key) == _dump(expr) and mangled in live_annotations:
+                reused[mangled] = live_annotations[mangled]
+                return ast.copy_location(ast.Constant(None), expr)
+            if not self.future_annotations and not all(
+                isinstance(n, _TYPE_EXPRESSION_NODES) and (not isinstance(n, ast.BinOp) or isinstance(n.op, ast.BitOr))
+                for n in ast.walk(expr)
+            ):
+                raise _NotSafe(f"annotation {ast.unparse(expr)} in {qualname} is not a plain type expression")
+            return expr
+
+        stub = copy.copy(new)
+        stub.decorator_list = []
+        stub.body = [ast.Pass()]
+        stub.args = copy.copy(new.args)
+        stub.args.defaults = []
+        stub.args.kw_defaults = [None] * len(new.args.kwonlyargs)
+        try:
+            for group in ("posonlyargs", "args", "kwonlyargs"):
+                setattr(stub.args, group, [_with_annotation(a, stub_annotation(a.arg, a.annotation))
+                                           for a in getattr(new.args, group)])
+            for single in ("vararg", "kwarg"):
+                arg = getattr(new.args, single)
+                if arg is not None:
+                    setattr(stub.args, single, _with_annotation(arg, stub_annotation(arg.arg, arg.annotation)))
+            stub.returns = stub_annotation("return", new.returns)
+        except _NotSafe as exc:
+            self.fresh(str(exc))
+            return None
+        if stub.returns is None and not any(a.annotation for a in _all_args(stub.args)):
+            return {}
+        body: ast.stmt = stub
+        if cls:
+            body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[])
+            if "type_params" in ast.ClassDef._fields:
+                body.type_params = []
+        tree = ast.fix_missing_locations(ast.Module(body=[body], type_ignores=[]))
+        flags = __future__.annotations.compiler_flag if self.future_annotations else 0
+        namespace: dict[str, object] = {}
+        try:
+            exec(compile(tree, self.module.__file__, "exec", flags=flags, dont_inherit=True), vars(self.module), namespace)
+        except Exception as exc:
+            self.fresh(f"the new annotations of {qualname} could not be evaluated ({type(exc).__name__}: {exc})")
+            return None
+        function = vars(namespace[cls])[_mangle(new.name, cls)] if cls else namespace[new.name]
+        if isinstance(function, (staticmethod, classmethod)):
+            function = function.__func__
+        return {**function.__annotations__, **reused}
+
+    # --- what runs at import --------------------------------------------
+
+    def check_import_time(self) -> None:
+        """Fresh when a planned change touches something the module's import already ran or read.
+
+        A function called by a top-level statement (`RATE = compute()`), a
+        method of a class instantiated at import, or a function a metaclass
+        calls, produced state that a patch cannot redo.
+        """
+        changes = [c for c in self.plan if c.detail not in ("lines", "attributes")]
+        if not changes:
+            return
+        uses = _ImportTime(self.new_tree, self.future_annotations)
+        for change in changes:
+            cls, _, name = change.qualname.rpartition(".")
+            if change.action == "add":
+                if name in uses.mentioned:
+                    self.fresh(f"new {'method' if cls else 'function'} {change.qualname}: "
+                               f"the name {name} is used by code that runs at import time")
+            elif change.qualname == "":
+                if "__doc__" in uses.mentioned:
+                    self.fresh("the module docstring is used by code that runs at import time")
+            elif change.qualname in uses.reached:
+                what = "class" if isinstance(change.target, type) else "method" if cls else "function"
+                self.fresh(f"{what} {change.qualname} may run while the module is imported "
+                           f"(used at line {uses.reached[change.qualname]}); its change needs a fresh import")
+            elif cls:
+                self.check_metaclass(change, cls, name)
+
+    def check_metaclass(self, change: Change, cls: str, name: str) -> None:
+        """Fresh when the class's metaclass may have called the changed method while creating the class."""
+        meta = type(vars(self.module)[cls])
+        if meta is type or meta.__module__ in ("abc", "typing"):
+            return
+        if issubclass(meta, enum.EnumMeta):
+            # Enum creation calls __new__/__init__/_generate_next_value_ and
+            # similar hooks, all named with a leading underscore.
+            if name.startswith("_"):
+                self.fresh(f"enum {cls}: method {name} runs while the members are created")
+            return
+        self.fresh(f"class {cls} has metaclass {meta.__name__}, which may have called {change.qualname} "
+                   "when the class was created")
+
+
+class _NotSafe(Exception):
+    """A new annotation that cannot be evaluated without running arbitrary code."""
+
+
+class _Body:
+    """The statements of a module or class body, split into docstring, defs by name, and the rest."""
+
+    def __init__(self, body: list[ast.stmt], def_types: tuple[type, ...]) -> None:
+        self.doc: ast.Expr | None = None
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            self.doc, body = body[0], body[1:]
+        self.defs: dict[str, list[ast.stmt]] = {}
+        self.others: list[ast.stmt] = []
+        self.order: list[str | None] = []  # def names, None for each other statement
+        for stmt in body:
+            if isinstance(stmt, def_types):
+                self.defs.setdefault(stmt.name, []).append(stmt)
+                self.order.append(stmt.name)
+            else:
+                self.others.append(stmt)
+                self.order.append(None)
+
+
+class _ImportTime:
+    """Which of the module's own functions and classes may run while the module is imported.
+
+    An over-approximation from the AST: code that runs at import is every
+    top-level statement except defs (and except the body of `if __name__ ==
+    '__main__':`), class bodies, decorators, default values and, without the
+    future import, annotations. A name used there may be called, unless it is
+    only stored (`HANDLERS = {'a': handle_a}`, `REGISTRY['b'] = handle_b`,
+    `def f(cb=handler)`): then it counts as called once the name it was stored
+    into is used. A function that may be called adds every name its body uses;
+    a class adds all its methods. Names a bare base class or an annotation
+    uses are only recorded as mentioned. Dynamic look-ups (`globals()[...]`,
+    `getattr(module, ...)`) are not followed.
+    """
+
+    def __init__(self, tree: ast.Module, future_annotations: bool) -> None:
+        self.future_annotations = future_annotations
+        self.functions: dict[str, ast.stmt] = {}
+        self.classes: dict[str, dict[str, ast.stmt]] = {}
+        for stmt in tree.body:
+            if isinstance(stmt, _FUNCTION_DEFS):
+                self.functions[stmt.name] = stmt
+            elif isinstance(stmt, ast.ClassDef):
+                self.classes[stmt.name] = {m.name: m for m in stmt.body if isinstance(m, _FUNCTION_DEFS)}
+        self.stored: defaultdict[str, set[tuple[str, str | None]]] = defaultdict(set)
+        self.reached: dict[str, int] = {}  # qualname -> line of the import-time code that may run it
+        self.mentioned: set[str] = set()
+        self._todo: list[tuple[str, int, str | None]] = []
+        for stmt in tree.body:
+            self._statement(stmt, None)
+        while self._todo:
+            self._reach(*self._todo.pop())
+
+    def _statement(self, stmt: ast.stmt, cls: str | None) -> None:
+        if isinstance(stmt, _FUNCTION_DEFS):
+            self._run(stmt.decorator_list, cls)
+            owner = f"{cls}.{stmt.name}" if cls else stmt.name
+            self._store([*stmt.args.defaults, *filter(None, stmt.args.kw_defaults)], [owner], cls)
+            self._annotations([a.annotation for a in _all_args(stmt.args)] + [stmt.returns], cls)
+        elif isinstance(stmt, ast.ClassDef):
+            self._run(stmt.decorator_list, cls)
+            if any(_root_name(d, True) in {**self.functions, **self.classes} for d in stmt.decorator_list):
+                # A decorator of this module gets the class and may call its methods.
+                self._todo.append((stmt.name, stmt.lineno, None))
+            for base in stmt.bases:
+                if isinstance(base, ast.Name):
+                    self.mentioned.add(base.id)  # only __init_subclass__ runs: always fresh
+                else:
+                    self._run([base], cls)
+            self._run([k.value for k in stmt.keywords], cls)
+            for member in stmt.body:
+                self._statement(member, stmt.name)
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            if isinstance(stmt, ast.AnnAssign):
+                self._annotations([stmt.annotation], cls)
+            owners = []
+            for target in targets:
+                for element in (target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]):
+                    root = _root_name(element)
+                    if root is None:
+                        self._run([element], cls)
+                        continue
+                    owners.append(cls or root)
+                    # REGISTRY[key] = f: the key runs, REGISTRY only stores.
+                    self._run([n for n in ast.iter_child_nodes(element) if n is not getattr(element, "value", None)
+                               and not isinstance(n, ast.expr_context)], cls)
+            if stmt.value is not None:
+                self._store([stmt.value], owners, cls)
+        elif isinstance(stmt, ast.If) and _is_main_guard(stmt.test):
+            self._run([stmt.test], cls)
+            for inner in stmt.orelse:
+                self._statement(inner, cls)
+        else:
+            self._run([stmt], cls)
+
+    def _run(self, nodes: list[ast.AST], cls: str | None) -> None:
+        """Code that runs at import: every name it loads may be called."""
+        for node in nodes:
+            for name in ast.walk(node):
+                if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Load):
+                    self.mentioned.add(name.id)
+                    self._todo.append((name.id, getattr(node, "lineno", 0), cls))
+
+    def _store(self, values: list[ast.expr], owners: list[str], cls: str | None) -> None:
+        """Values stored into `owners`: bare names (also in displays) only run when an owner is used."""
+        for value in values:
+            stack = [value]
+            while stack:
+                expr = stack.pop()
+                if isinstance(expr, ast.Name):
+                    self.mentioned.add(expr.id)
+                    for owner in owners:
+                        self.stored[owner].add((expr.id, cls))
+                elif isinstance(expr, (ast.Tuple, ast.List, ast.Set)):
+                    stack.extend(expr.elts)
+                elif isinstance(expr, ast.Dict):
+                    stack.extend(filter(None, [*expr.keys, *expr.values]))
+                else:
+                    self._run([expr], cls)
+
+    def _annotations(self, nodes: list[ast.expr | None], cls: str | None) -> None:
+        for node in filter(None, nodes):
+            if self.future_annotations:
+                continue  # kept as strings, never evaluated at import
+            if any(isinstance(n, ast.Call) for n in ast.walk(node)):
+                self._run([node], cls)
+            else:
+                self.mentioned.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+
+    def _reach(self, name: str, line: int, cls: str | None) -> None:
+        if cls is not None and name in self.classes.get(cls, {}):
+            self._reach_function(f"{cls}.{name}", self.classes[cls][name], line)
+        if name in self.functions:
+            self._reach_function(name, self.functions[name], line)
+        elif name in self.classes and name not in self.reached:
+            self.reached[name] = line
+            for method, node in self.classes[name].items():
+                self._reach_function(f"{name}.{method}", node, line)
+        for key in (name, f"{cls}.{name}" if cls else None):
+            for stored, scope in self.stored.pop(key, ()):
+                self._todo.append((stored, line, scope))
+
+    def _reach_function(self, qualname: str, node: ast.stmt, line: int) -> None:
+        if qualname in self.reached:
+            return
+        self.reached[qualname] = line
+        for name in ast.walk(node):
+            if isinstance(name, ast.Name) and isinstance(name.ctx, ast.Load):
+                self.mentioned.add(name.id)
+                self._todo.append((name.id, line, None))
+        for stored, scope in self.stored.pop(qualname, ()):
+            self._todo.append((stored, line, scope))
+
+
+def _dump(node: ast.AST | list | None) -> str:
+    """Position-free text of a node (or list of nodes), so formatting and comments compare equal."""
+    if isinstance(node, list):
+        return "[" + ", ".join(ast.dump(n) for n in node) + "]"
+    return ast.dump(node) if node is not None else ""
+
+
+def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        return body[1:]
+    return body
+
+
+def _child_codes(code: types.CodeType) -> dict[str, types.CodeType]:
+    """Code objects of the defs (functions, class bodies) directly inside `code`, by name."""
+    return {c.co_name: c for c in code.co_consts if isinstance(c, types.CodeType)}
+
+
+def _stored_constants(code: types.CodeType) -> dict[str, object]:
+    """Names the code binds to constants (`__doc__`, `__firstlineno__`...), as the compiler made them."""
+    found: dict[str, object] = {}
+    previous = None
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "STORE_NAME" and previous is not None and previous.opname == "LOAD_CONST":
+            found[instruction.argval] = previous.argval
+        previous = instruction
+    return found
+
+
+def _stored_constant(code: types.CodeType, name: str) -> object:
+    return _stored_constants(code).get(name)
+
+
+def _positions(code: types.CodeType) -> tuple:
+    """Everything about `code` and its nested code that depends on where it sits in the file."""
+    table = code.co_positions() if hasattr(code, "co_positions") else code.co_lines()
+    nested = tuple(_positions(c) for c in code.co_consts if isinstance(c, types.CodeType))
+    return code.co_firstlineno, tuple(table), nested
+
+
+def _mangle(name: str, cls: str | None) -> str:
+    """The key `name` gets in the namespace of class `cls` (private name mangling)."""
+    if cls is None or not name.startswith("__") or name.endswith("__"):
+        return name
+    stripped = cls.lstrip("_")
+    return f"_{stripped}{name}" if stripped else name
+
+
+def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | bool:
+    """The wrapper the live class attribute should be (staticmethod/classmethod), None for a plain
+    function, or False when the def has other decorators."""
+    decorators = node.decorator_list
+    if not decorators:
+        return _IMPLICIT_WRAPPERS.get(node.name) if cls else None
+    if cls and len(decorators) == 1 and isinstance(decorators[0], ast.Name) and decorators[0].id in _WRAPPERS:
+        return _WRAPPERS[decorators[0].id]
+    return False
+
+
+def _is_property(node: ast.FunctionDef) -> bool:
+    return any(
+        (isinstance(d, ast.Name) and d.id in ("property", "cached_property"))
+        or (isinstance(d, ast.Attribute) and d.attr in ("setter", "getter", "deleter", "cached_property"))
+        for d in node.decorator_list
+    )
+
+
+def _kind_word(node: ast.stmt, cls: str | None) -> str:
+    if isinstance(node, ast.ClassDef):
+        return "class"
+    return "method" if cls else "function"
+
+
+def _all_args(args: ast.arguments) -> list[ast.arg]:
+    return [*args.posonlyargs, *args.args, *filter(None, [args.vararg]), *args.kwonlyargs, *filter(None, [args.kwarg])]
+
+
+def _annotation_dumps(node: ast.FunctionDef) -> dict[str, str]:
+    dumps = {a.arg: _dump(a.annotation) for a in _all_args(node.args) if a.annotation is not None}
+    if node.returns is not None:
+        dumps["return"] = _dump(node.returns)
+    return dumps
+
+
+def _with_annotation(arg: ast.arg, annotation: ast.expr | None) -> ast.arg:
+    stub = copy.copy(arg)
+    stub.annotation = annotation
+    return stub
+
+
+def _imports(statements: list[ast.stmt]) -> list[str]:
+    return [_dump(s) for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))]
+
+
+def _assignments(statements: list[ast.stmt]) -> dict[str, tuple[ast.stmt, list[str]]]:
+    """Simple names bound by assignments -> (first such statement, dumps of all of them)."""
+    bound: dict[str, tuple[ast.stmt, list[str]]] = {}
+    for stmt in statements:
+        if isinstance(stmt, ast.Assign):
+            targets = stmt.targets
+        elif isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+            targets = [stmt.target]
+        else:
+            continue
+        for target in targets:
+            for element in (target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]):
+                if isinstance(element, ast.Name):
+                    bound.setdefault(element.id, (stmt, []))[1].append(_dump(stmt))
+    return bound
+
+
+_STATEMENT_WORDS = {
+    ast.If: "if", ast.Try: "try", ast.Expr: "expression", ast.For: "for", ast.While: "while", ast.With: "with",
+    ast.Assert: "assert", ast.Delete: "del", ast.Import: "import", ast.ImportFrom: "import", ast.ClassDef: "class",
+}
+
+
+def _first_difference(old: list[ast.stmt], new: list[ast.stmt], cls: str | None) -> str:
+    """A readable description of the first statement that differs between two lists."""
+    scope = "class-level" if cls else "top-level"
+    for index, stmt in enumerate(new):
+        if index >= len(old) or _dump(old[index]) != _dump(stmt):
+            word = _STATEMENT_WORDS.get(type(stmt), type(stmt).__name__.lower())
+            change = "added" if len(new) > len(old) else "changed"
+            return f"{scope} {word} statement {change} (line {stmt.lineno})"
+    return f"{scope} statement removed (line {old[len(new)].lineno} before the edit)"
+
+
+def _root_name(node: ast.expr, through_calls: bool = False) -> str | None:
+    """`a` for `a`, `a.b`, `a[1]` (and `a.b(...)` when `through_calls`); None when no name is at the root."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)) or (through_calls and isinstance(node, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+_MAIN_GUARD_SIDES = {_dump(ast.parse("__name__", mode="eval").body), _dump(ast.parse("'__main__'", mode="eval").body)}
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    """`__name__ == '__main__'` (either way round): never true when the module is imported."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    return {_dump(test.left), _dump(test.comparators[0])} == _MAIN_GUARD_SIDES
+
+
+def _shown_name(filename: str) -> str:
+    """The file as reasons name it: 'shapes.py', or 'pkg/__init__.py' for a package."""
+    base = os.path.basename(filename)
+    if base == "__init__.py":
+        return f"{os.path.basename(os.path.dirname(filename))}/{base}"
+    return base
