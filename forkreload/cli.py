@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kernel", help="run the Jupyter kernel (the controller) for a connection file")
     k.add_argument("-f", "--connection-file", required=True, help="the Jupyter connection file")
     _add_settings(k)
+    c = sub.add_parser("console", help="a terminal session (IPython look and feel) that survives edits")
+    _add_settings(c)
     args = parser.parse_args(argv)
     if args.command == "kernel":
         return _kernel(args)
+    if args.command == "console":
+        from .console import run_console
+        from .launcher import LaunchSettings
+
+        return run_console(LaunchSettings(cwd=args.cwd, preload=args.preload, mode=args.mode, quiet=args.quiet, watch=args.watch))
     return 2

@@ -299,10 +299,13 @@ class _Classifier:
                 self.fresh(f"{where}{_first_difference(old.others, new.others, cls)}")
             return
         # Same statements: a def that moved across one of them changes what
-        # the statement sees when the module is imported.
-        common = {n for n in old.defs.keys() & new.defs.keys()}
-        if [n for n in old.order if n is None or n in common] != [n for n in new.order if n is None or n in common]:
-            self.fresh(f"{where}definitions were reordered")
+        # the statement sees when the module is imported (defs swapped
+        # between two statements do not).
+        old_gaps, new_gaps = old.gaps(), new.gaps()
+        for name in new_gaps.keys() & old_gaps.keys():
+            if old_gaps[name] != new_gaps[name]:
+                scope = "class-level" if cls else "top-level"
+                self.fresh(f"{where}{_kind_word(new.defs[name][0], cls)} {name} moved across other {scope} statements")
 
     def member_word(self, cls: str | None) -> Callable[[str, ast.stmt], str]:
         """How to name an assigned name in a reason: module constant RATE, class attribute 'x', field 'y'."""
@@ -755,14 +758,17 @@ class _Body:
             self.doc, body = body[0], body[1:]
         self.defs: dict[str, list[ast.stmt]] = {}
         self.others: list[ast.stmt] = []
-        self.order: list[str | None] = []  # def names, None for each other statement
+        self._gaps: dict[str, list[int]] = {}
         for stmt in body:
             if isinstance(stmt, def_types):
                 self.defs.setdefault(stmt.name, []).append(stmt)
-                self.order.append(stmt.name)
+                self._gaps.setdefault(stmt.name, []).append(len(self.others))
             else:
                 self.others.append(stmt)
-                self.order.append(None)
+
+    def gaps(self) -> dict[str, list[int]]:
+        """For each def name, how many other statements precede each of its defs."""
+        return self._gaps
 
 
 class _ImportTime:

@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
-from jupyter_client.connect import write_connection_file
 
-from .channel import make_private_dir
+from .launcher import LaunchSettings, launch_controller
 
 __all__ = ["Session", "Result", "Reload", "SessionError", "ForkUnavailable"]
 
@@ -102,22 +96,10 @@ class Session:
         if not hasattr(os, "fork"):
             raise ForkUnavailable("forkreload needs os.fork(), which this platform does not provide")
         self.cwd = os.path.realpath(os.fspath(cwd))
-        self._dir = make_private_dir("forkreload-client-")
-        self.connection_file = os.path.join(self._dir, "kernel.json")
-        write_connection_file(
-            self.connection_file,
-            transport="ipc",
-            ip=os.path.join(self._dir, "k"),
-            key=uuid.uuid4().hex.encode(),
-        )
-        cmd = [sys.executable, "-m", "forkreload", "kernel", "-f", self.connection_file, "--cwd", self.cwd, "--mode", mode]
-        if preload:
-            cmd += ["--preload", ",".join(preload)]
-        for w in watch:
-            cmd += ["--watch", os.fspath(w)]
-        if quiet:
-            cmd.append("--quiet")
-        self.proc = subprocess.Popen(cmd, env=env)
+        settings = LaunchSettings(cwd=self.cwd, preload=list(preload), mode=mode, quiet=quiet, watch=[os.fspath(w) for w in watch])
+        self._launched = launch_controller(settings, env=env)
+        self.proc = self._launched.proc
+        self.connection_file = self._launched.connection_file
         self.client = BlockingKernelClient()
         self.client.load_connection_file(self.connection_file)
         self.client.start_channels()
@@ -170,15 +152,8 @@ class Session:
                 self.proc.wait(timeout=10)
             except Exception:
                 pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self._launched.stop()
         self.client.stop_channels()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> Session:
         return self

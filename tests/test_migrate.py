@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from forkreload.migrate import ForgedPayload, load_namespace, remove_dump
+from forkreload.migrate import ForgedPayload, dump_namespace, load_namespace, remove_dump
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -198,7 +198,7 @@ def test_unpicklable_values_are_lost_with_a_reason(tmp_path):
     lost = report["lost"]
     assert set(lost) == {"f", "reader", "writer", "binary", "gen", "lock", "sock", "conn"}
     assert lost["gen"] == "generator: cannot pickle 'generator' object"
-    assert lost["reader"].startswith("_io.TextIOWrapper: cannot pickle open file")
+    assert lost["reader"] == "_io.TextIOWrapper: cannot pickle file 'data.txt'"
     assert lost["binary"].startswith("_io.BufferedReader: ")
     assert lost["lock"].startswith("_thread.")
     assert lost["sock"].startswith("socket.socket: ")
@@ -296,6 +296,19 @@ def test_cell_functions_and_classes_use_the_target_namespace(tmp_path):
             "Doc."
             return a, b, c
         with_defaults.tag = "t"
+        class Base:
+            def hello(self):
+                return "base"
+        class Child(Base):
+            def hello(self):
+                return super().hello() + "+child"
+        child = Child()
+        import dataclasses
+        @dataclasses.dataclass
+        class Pt:
+            x: int
+            y: int = 0
+        pt = Pt(1)
         """,
     )["result"]
     assert report["lost"] == {}
@@ -329,6 +342,8 @@ def test_cell_functions_and_classes_use_the_target_namespace(tmp_path):
             "defaults": wd(0) == (0, [1], 2) and wd.__kwdefaults__ == {"c": 2},
             "attributes": wd.tag == "t" and wd.__doc__ == "Doc." and wd.__module__ == "__main__",
             "annotations": wd.__annotations__ == {"return": tuple},
+            "super()": v["child"].hello() == "base+child" and type(v["child"]) is v["Child"],
+            "dataclass": v["pt"] == v["Pt"](1, 0) and repr(v["pt"]) == "Pt(x=1, y=0)",
         }
         """,
     )
@@ -481,8 +496,6 @@ def test_a_group_that_fails_to_load_costs_only_itself(tmp_path):
 
 
 def test_missing_names_and_empty_dumps(tmp_path):
-    from forkreload.migrate import dump_namespace
-
     path = str(tmp_path / "dump")
     report = dump_namespace({"x": 1}, ["x", "x", "nope"], KEY, path)
     assert report.saved == ["x"]

@@ -1,0 +1,71 @@
+"""Start a controller process for a client that runs in this process.
+
+Used by `Session` and `forkreload console`: both write a private connection
+file (ipc sockets in a 0700 directory, a fresh key) and start
+`python -m forkreload kernel` on it, exactly as Jupyter would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+from jupyter_client.connect import write_connection_file
+
+from .channel import make_private_dir
+
+__all__ = ["LaunchSettings", "Launched", "launch_controller"]
+
+
+@dataclass
+class LaunchSettings:
+    """The user's choices, passed to the controller as `forkreload kernel` flags."""
+
+    cwd: str = "."
+    preload: list[str] = field(default_factory=list)
+    mode: str = "auto"
+    quiet: bool = False
+    watch: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        args = ["--cwd", os.path.realpath(self.cwd), "--mode", self.mode]
+        if self.preload:
+            args += ["--preload", ",".join(self.preload)]
+        for w in self.watch:
+            args += ["--watch", os.fspath(w)]
+        if self.quiet:
+            args.append("--quiet")
+        return args
+
+
+@dataclass
+class Launched:
+    proc: subprocess.Popen[bytes]
+    connection_file: str
+    directory: str
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Make sure the controller is gone (it takes its processes along)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def launch_controller(settings: LaunchSettings, env: dict[str, str] | None = None, new_session: bool = False) -> Launched:
+    """Write a private connection file and start a controller on it."""
+    directory = make_private_dir("forkreload-client-")
+    cf = os.path.join(directory, "kernel.json")
+    write_connection_file(cf, transport="ipc", ip=os.path.join(directory, "k"), key=uuid.uuid4().hex.encode())
+    cmd = [sys.executable, "-m", "forkreload", "kernel", "-f", cf, *settings.argv()]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=new_session)
+    return Launched(proc, cf, directory)
