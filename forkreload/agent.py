@@ -88,19 +88,20 @@ def _user_traceback(exc: BaseException) -> str:
 class Agent:
     """State and entry points of forkreload inside one worker."""
 
-    def __init__(self, kernel: Any, baseline: set[str], cwd: str, watch: list[str]) -> None:
+    def __init__(self, kernel: Any, cwd: str, watch: list[str]) -> None:
         self.kernel = kernel
         self.shell = kernel.shell
         self.key: bytes = kernel.session.key
         self.cwd = os.path.realpath(cwd)
         self.watch = tuple(os.path.realpath(w).rstrip(os.sep) + os.sep for w in watch)
         self.libs = _library_prefixes()
+        # Everything imported so far (snapshot, kernel start) is not the user's.
         self.seen: set[str] = set(sys.modules)
-        self.baseline = baseline
         self._nmods = len(sys.modules)
         # name -> {"file", "sha", "source"}: the source as it was executed
         self.user_modules: dict[str, dict[str, Any]] = {}
         self.third_party: list[str] = []
+        self._new_third_party: list[str] = []
 
     # -- module tracking -------------------------------------------------
 
@@ -130,8 +131,9 @@ class Agent:
                 continue
             path = self.is_user_module(mod)
             if path is None:
-                if "." not in name and getattr(mod, "__file__", None):
+                if self._is_third_party(name, mod):
                     self.third_party.append(name)
+                    self._new_third_party.append(name)
                 continue
             try:
                 with open(path, "rb") as f:
@@ -144,13 +146,21 @@ class Agent:
         self._nmods = len(sys.modules)
         return found
 
+    @staticmethod
+    def _is_third_party(name: str, mod: types.ModuleType) -> bool:
+        """A top-level, non-stdlib library: worth preloading next time."""
+        if "." in name or name.startswith("_") or not getattr(mod, "__file__", None):
+            return False
+        return name not in getattr(sys, "stdlib_module_names", ()) and name != "forkreload"
+
     def _post_run_cell(self, result: Any = None) -> None:
         found = self.scan()
-        if found:
+        third, self._new_third_party = self._new_third_party, []
+        if found or third:
             self.kernel.session.send(
                 self.kernel.iopub_socket,
                 "forkreload_modules",
-                {"modules": found},
+                {"modules": found, "third_party": third},
                 parent=self.kernel.get_parent("shell"),
                 ident=b"forkreload",
             )
@@ -256,9 +266,9 @@ class Agent:
             return json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}", "internal": True})
 
 
-def install(kernel: Any, baseline: set[str], cwd: str, watch: list[str]) -> Agent:
+def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     """Create the agent and hook it into the kernel's shell."""
-    agent = Agent(kernel, baseline, cwd, watch)
+    agent = Agent(kernel, cwd, watch)
     shell = kernel.shell
     shell.user_ns["__forkreload__"] = agent
     shell.user_ns_hidden["__forkreload__"] = agent

@@ -25,13 +25,13 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 from jupyter_client.session import Session as JupyterSession
 
 from .channel import Channel, ForgedMessage, make_private_dir
+from .config import LearnedModules, Settings
 from .watch import SourceWatch
 from .worker import worker_connection
 
@@ -50,17 +50,6 @@ class ControllerError(RuntimeError):
 
 class WorkerDied(RuntimeError):
     """A worker exited while the controller was waiting on it."""
-
-
-@dataclass
-class Settings:
-    """What the user chose for this session."""
-
-    cwd: str = "."
-    preload: list[str] = field(default_factory=list)
-    mode: str = "auto"
-    quiet: bool = False
-    watch: list[str] = field(default_factory=list)
 
 
 class WorkerHandle:
@@ -148,6 +137,10 @@ class Controller:
         self.running = False
         self.want_spare = False
         self._ppid = os.getppid()
+        self.learned = LearnedModules(settings.project_root) if settings.learn else None
+        # Started by forkreload's kernel provisioner: a front end's "Restart
+        # kernel" is then a clean worker from the running snapshot.
+        self.provisioned = os.environ.get("FORKRELOAD_PROVISIONED") == "1"
 
     # -- start-up ----------------------------------------------------------
 
@@ -211,7 +204,7 @@ class Controller:
             "controller_pid": os.getpid(),
             "privdir": self.privdir,
             "cwd": self.settings.cwd,
-            "preload": self.settings.preload,
+            "preload": self.preload_list(),
             "watch": self.settings.watch,
         }
         assert self.snapshot_proc.stdin is not None
@@ -245,7 +238,10 @@ class Controller:
         if hello.get("kernel_failed"):
             raise ControllerError(f"the snapshot could not import the kernel: {hello['kernel_failed']}")
         for name, why in hello.get("preload_failed", {}).items():
-            log.warning("preload %s failed: %s", name, why)
+            if name in self.settings.preload:
+                log.warning("preload %s failed: %s", name, why)
+        if self.learned is not None:
+            self.learned.forget(list(hello.get("preload_failed", {})))
         risky = hello.get("threads", {}).get("risky")
         if risky:
             log.warning("preload modules started threads %s: forking with them is a fork-safety risk", risky)
@@ -582,8 +578,11 @@ class Controller:
             return
         if msg_type == "forkreload_modules":
             if w is self.worker:
-                for m in _json(parts[4]).get("modules", []):
+                content = _json(parts[4])
+                for m in content.get("modules", []):
                     self.watch.add(m["name"], m["file"], m["sha"])
+                if self.learned is not None and content.get("third_party"):
+                    self.learned.add(content["third_party"])
             return
         if w is not self.worker:
             return
@@ -670,10 +669,14 @@ class Controller:
             self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=header, ident=idents)
         elif msg_type == "shutdown_request":
             content = self.session.unpack(msg["content"])
-            reply = {"status": "ok", "restart": bool(content.get("restart"))}
+            restart = bool(content.get("restart"))
+            if restart and self.provisioned:
+                self.clean_restart()
+            else:
+                self.running = False
+            reply = {"status": "ok", "restart": restart}
             self.session.send(self.fe_control, "shutdown_reply", reply, parent=header, ident=idents)
             self.session.send(self.fe_iopub, "shutdown_reply", reply, parent=header, ident=b"shutdown_reply")
-            self.running = False
         elif msg_type == "forkreload_request":
             content = self.session.unpack(msg["content"])
             reply = self._forkreload_request(content)
@@ -692,12 +695,38 @@ class Controller:
             return {"status": "ok" if report["ok"] else "error", "report": report}
         return {"status": "error", "evalue": f"unknown command {cmd!r}"}
 
+    def clean_restart(self) -> None:
+        """A front end's "Restart kernel": a clean worker, nothing migrated."""
+        old = self.worker
+        self.worker = None
+        self.held = []
+        if old is not None:
+            self._retire(old)
+        self.watch.clear()
+        self.failed_signature = None
+        self.pending_report = None
+        self.force_fresh = False
+        try:
+            self.worker = self._take_spare()
+        except (WorkerDied, ControllerError) as exc:
+            log.error("could not start a fresh worker: %s", exc)
+        self.want_spare = True
+
+    def preload_list(self) -> list[str]:
+        """The explicit preloads, then what this project's sessions imported before."""
+        names = list(self.settings.preload)
+        if self.learned is not None:
+            names += [m for m in self.learned.modules if m not in names]
+        return names
+
     def status(self) -> dict[str, Any]:
         """What a user asks `%forkreload status` or `Session.status()` for."""
         snap = self.snapshot_info
         return {
             "mode": self.settings.mode,
             "cwd": self.settings.cwd,
+            "settings": self.settings.as_dict(),
+            "learned": list(self.learned.modules) if self.learned is not None else None,
             "snapshot": {
                 "pid": snap.get("pid"),
                 "preload": snap.get("preload", {}),

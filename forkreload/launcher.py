@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jupyter_client.connect import write_connection_file
 
@@ -24,22 +24,31 @@ __all__ = ["LaunchSettings", "Launched", "launch_controller"]
 
 @dataclass
 class LaunchSettings:
-    """The user's choices, passed to the controller as `forkreload kernel` flags."""
+    """The user's explicit choices, passed on as `forkreload kernel` flags.
+
+    None leaves a setting to the project's pyproject.toml, the environment,
+    or the default.
+    """
 
     cwd: str = "."
-    preload: list[str] = field(default_factory=list)
-    mode: str = "auto"
-    quiet: bool = False
-    watch: list[str] = field(default_factory=list)
+    preload: list[str] | None = None
+    mode: str | None = None
+    quiet: bool | None = None
+    watch: list[str] | None = None
+    learn: bool | None = None
 
     def argv(self) -> list[str]:
-        args = ["--cwd", os.path.realpath(self.cwd), "--mode", self.mode]
-        if self.preload:
+        args = ["--cwd", os.path.realpath(self.cwd)]
+        if self.mode is not None:
+            args += ["--mode", self.mode]
+        if self.preload is not None:
             args += ["--preload", ",".join(self.preload)]
-        for w in self.watch:
+        for w in self.watch or []:
             args += ["--watch", os.fspath(w)]
         if self.quiet:
             args.append("--quiet")
+        if self.learn is False:
+            args.append("--no-learn")
         return args
 
 

@@ -24,7 +24,6 @@ in DESIGN.md); when in doubt the answer is 'fresh'.
 from __future__ import annotations
 
 import __future__
-import abc
 import ast
 import copy
 import dis
@@ -33,7 +32,7 @@ import functools
 import inspect
 import linecache
 import os
-import sys
+import re
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -43,6 +42,8 @@ __all__ = ["Change", "Decision", "PatchError", "apply_plan", "classify"]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+# The line breaks the tokenizer accepts (str.splitlines() also splits on \f and others).
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 # Decorators a patched or added method may carry: the live class attribute is
 # then this wrapper around the plain function.
@@ -124,16 +125,23 @@ class Decision:
         return f"{self.module}: in place: " + "; ".join(parts)
 
 
+# The tree of the last new source classified, per file: the old source of the
+# next edit is usually that one, and parsing is a third of the time.
+_last_parsed: dict[str, tuple[str, ast.Module]] = {}
+
+
 def classify(module: types.ModuleType, old_source: str, new_source: str) -> Decision:
     """Compare the source `module` was built from with its new source and decide how to reload it.
 
     Nothing is changed; the live objects are only inspected (and new
-    annotations of patched signatures evaluated, see `_Classifier._annotations`).
+    annotations of patched signatures evaluated, see `_Classifier.annotations`).
     """
     name = module.__name__
     filename = getattr(module, "__file__", None)
     if not filename or not filename.endswith(".py"):
         return Decision("fresh", name, [f"{name}: not loaded from a Python source file"])
+    if old_source == new_source:
+        return Decision("noop", name)
     shown = _shown_name(filename)
     try:
         new_tree = ast.parse(new_source, filename)
@@ -144,13 +152,16 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
         where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
         detail = exc.msg if isinstance(exc, SyntaxError) else str(exc) or type(exc).__name__
         return Decision("error", name, [f"{shown}: does not parse: {where}{detail}"])
-    if old_source == new_source:
-        return Decision("noop", name)
-    try:
-        old_tree = ast.parse(old_source, filename)
-    except (SyntaxError, ValueError, RecursionError):
-        return Decision("fresh", name, [f"{shown}: the source it was loaded from is unknown"])
-    classifier = _Classifier(module, shown, old_tree, new_tree, new_code)
+    cached = _last_parsed.get(filename)
+    _last_parsed[filename] = (new_source, new_tree)
+    if cached is not None and cached[0] == old_source:
+        old_tree = cached[1]
+    else:
+        try:
+            old_tree = ast.parse(old_source, filename)
+        except (SyntaxError, ValueError, RecursionError):
+            return Decision("fresh", name, [f"{shown}: the source it was loaded from is unknown"])
+    classifier = _Classifier(module, shown, (old_source, old_tree), (new_source, new_tree), new_code)
     classifier.run()
     if classifier.reasons:
         return Decision("fresh", name, classifier.reasons)
@@ -221,17 +232,18 @@ class _Classifier:
     """Compares two versions of a module; collects fresh reasons and the patch plan."""
 
     def __init__(
-        self, module: types.ModuleType, shown: str, old_tree: ast.Module, new_tree: ast.Module, new_code: types.CodeType
+        self, module: types.ModuleType, shown: str, old: tuple[str, ast.Module], new: tuple[str, ast.Module],
+        new_code: types.CodeType,
     ) -> None:
         self.module = module
         self.shown = shown
-        self.old_tree = old_tree
-        self.new_tree = new_tree
+        self.old_lines, self.old_tree = _NEWLINE.split(old[0]), old[1]
+        self.new_lines, self.new_tree = _NEWLINE.split(new[0]), new[1]
         self.new_code = new_code
         self.new_codes = _child_codes(new_code)
         self.future_annotations = any(
             isinstance(s, ast.ImportFrom) and s.module == "__future__" and any(a.name == "annotations" for a in s.names)
-            for s in new_tree.body
+            for s in self.new_tree.body
         )
         self.reasons: list[str] = []
         self.plan: list[Change] = []
@@ -239,17 +251,27 @@ class _Classifier:
     def fresh(self, text: str) -> None:
         self.reasons.append(f"{self.shown}: {text}")
 
+    def same(self, old: list[ast.stmt], new: list[ast.stmt]) -> bool:
+        """Whether two statement lists are equal, comments and formatting aside.
+
+        A statement whose source text did not change is equal without
+        walking its tree, which is most of them.
+        """
+        return len(old) == len(new) and all(
+            _span(self.old_lines, o) == _span(self.new_lines, n) or _same(o, n) for o, n in zip(old, new)
+        )
+
     def run(self) -> None:
         old, new = _Body(self.old_tree.body, _DEFS), _Body(self.new_tree.body, _DEFS)
         self.compare_statements(old, new, None)
-        if _dump(old.doc) != _dump(new.doc):
+        if not _same(old.doc, new.doc):
             doc = _stored_constant(self.new_code, "__doc__") if new.doc else None
             self.plan.append(Change("patch", "", "docstring", (), self.module, {"__doc__": doc}))
         added: list[ast.stmt] = []
         for name, nodes in new.defs.items():
             before = old.defs.get(name)
             if before is None:
-                added.append(nodes[0])
+                added.extend(nodes)
                 continue
             if not self.compare_duplicates(before, nodes, None):
                 continue
@@ -264,7 +286,9 @@ class _Classifier:
             if name not in new.defs:
                 self.fresh(f"{_kind_word(nodes[0], None)} {name} removed")
         for node in added:
-            if isinstance(node, ast.ClassDef):
+            if len(new.defs[node.name]) > 1:
+                self.fresh(f"new {_kind_word(node, None)} {node.name} is defined more than once")
+            elif isinstance(node, ast.ClassDef):
                 self.fresh(f"class {node.name} added")
             elif any(isinstance(s, ast.ImportFrom) and s.names[0].name == "*" for s in self.new_tree.body):
                 # A star import may bind the same name, before or after the def.
@@ -279,9 +303,7 @@ class _Classifier:
     def compare_statements(self, old: _Body, new: _Body, cls: str | None) -> None:
         """Reasons for changed non-def statements and for defs moved around them."""
         where = f"class {cls}: " if cls else ""
-        old_dumps = [_dump(s) for s in old.others]
-        new_dumps = [_dump(s) for s in new.others]
-        if old_dumps != new_dumps:
+        if not self.same(old.others, new.others):
             before = len(self.reasons)
             if cls is None and _imports(old.others) != _imports(new.others):
                 self.fresh("import statements changed")
@@ -320,7 +342,7 @@ class _Classifier:
         """True when the name is defined once in both versions and can be compared by member."""
         if len(old) == 1 and len(new) == 1:
             return True
-        if [_dump(s) for s in old] != [_dump(s) for s in new]:
+        if not self.same(old, new):
             qualname = f"{cls}.{new[0].name}" if cls else new[0].name
             self.fresh(f"{_kind_word(new[0], cls)} {qualname} is defined more than once and changed")
         return False
@@ -330,18 +352,18 @@ class _Classifier:
     def compare_class(self, old: ast.ClassDef, new: ast.ClassDef) -> None:
         name = new.name
         before = len(self.reasons)
-        if _dump(old.bases) != _dump(new.bases):
+        if self.same([old], [new]):
+            self.refresh_class_lines(old, new)
+            return
+        if not _same(old.bases, new.bases):
             self.fresh(f"class {name}: base classes changed")
-        if _dump(old.keywords) != _dump(new.keywords):
+        if not _same(old.keywords, new.keywords):
             self.fresh(f"class {name}: metaclass or class keywords changed")
-        if _dump(old.decorator_list) != _dump(new.decorator_list):
+        if not _same(old.decorator_list, new.decorator_list):
             self.fresh(f"class {name}: class decorators changed")
-        if _dump(getattr(old, "type_params", None)) != _dump(getattr(new, "type_params", None)):
+        if not _same(getattr(old, "type_params", None), getattr(new, "type_params", None)):
             self.fresh(f"class {name}: type parameters changed")
         if len(self.reasons) > before:
-            return
-        if _dump(old) == _dump(new):
-            self.refresh_class_lines(new)
             return
         if getattr(new, "type_params", None):
             self.fresh(f"class {name} has type parameters; its change needs a fresh import")
@@ -355,17 +377,19 @@ class _Classifier:
         class_code = self.new_codes.get(name)
         stored = _stored_constants(class_code) if class_code is not None else {}
         attrs: dict[str, object] = {}
-        if _dump(old_body.doc) != _dump(new_body.doc):
+        if not _same(old_body.doc, new_body.doc):
             attrs["__doc__"] = stored.get("__doc__")
         for attr in ("__static_attributes__", "__firstlineno__"):  # set by the compiler since 3.13
             if attr in stored and vars(live).get(attr, stored[attr]) != stored[attr]:
                 attrs[attr] = stored[attr]
         for method, nodes in new_body.defs.items():
-            before = old_body.defs.get(method)
-            if before is None:
+            previous = old_body.defs.get(method)
+            if previous is None and len(nodes) > 1:
+                self.fresh(f"new {_kind_word(nodes[0], name)} {name}.{method} is defined more than once")
+            elif previous is None:
                 self.add_function(nodes[0], new, live)
-            elif self.compare_duplicates(before, nodes, name):
-                self.compare_function(before[0], nodes[0], name)
+            elif self.compare_duplicates(previous, nodes, name):
+                self.compare_function(previous[0], nodes[0], name)
         for method, nodes in old_body.defs.items():
             if method not in new_body.defs:
                 self.fresh(f"method {name}.{method} removed")
@@ -373,14 +397,14 @@ class _Classifier:
             detail = "docstring" if "__doc__" in attrs else "attributes"
             self.plan.append(Change("patch", name, detail, (name,), live, attrs))
 
-    def refresh_class_lines(self, node: ast.ClassDef) -> None:
+    def refresh_class_lines(self, old: ast.ClassDef, node: ast.ClassDef) -> None:
         """Unchanged class: refresh line numbers of its methods (and __firstlineno__ on 3.13+)."""
         live = self.live_class(node.name)
         if live is None:
             return
-        for member in node.body:
+        for old_member, member in zip(old.body, node.body):
             if isinstance(member, _FUNCTION_DEFS):
-                self.refresh_lines(member, node.name)
+                self.refresh_lines(old_member, member, node.name)
         class_code = self.new_codes.get(node.name)
         if "__firstlineno__" in vars(live) and class_code is not None:
             first = _stored_constant(class_code, "__firstlineno__")
@@ -399,13 +423,13 @@ class _Classifier:
     def compare_function(self, old: ast.FunctionDef, new: ast.FunctionDef, cls: str | None) -> None:
         qualname = f"{cls}.{new.name}" if cls else new.name
         what = "method" if cls else "function"
-        if _dump(old) == _dump(new):
-            self.refresh_lines(new, cls)
+        if self.same([old], [new]):
+            self.refresh_lines(old, new, cls)
             return
         if type(old) is not type(new):
             self.fresh(f"{what} {qualname} changed between def and async def")
             return
-        if _dump(old.decorator_list) != _dump(new.decorator_list):
+        if not _same(old.decorator_list, new.decorator_list):
             self.fresh(f"decorators of {what} {qualname} changed")
             return
         wrapper = _expected_wrapper(new, cls)
@@ -439,7 +463,7 @@ class _Classifier:
             self.fresh(f"{what} {qualname} changed between a plain function and a generator or coroutine")
             return
         attrs: dict[str, object] = {"__code__": code}
-        signature = _dump(old.args) != _dump(new.args) or _dump(old.returns) != _dump(new.returns)
+        signature = not (_same(old.args, new.args) and _same(old.returns, new.returns))
         if signature:
             defaults = self.defaults(old, new, live, qualname, cls)
             annotations = self.annotations(new, old, live, qualname, cls)
@@ -452,18 +476,20 @@ class _Classifier:
             attrs["__doc__"] = types.FunctionType(code, {}).__doc__
         if signature:
             detail = "signature"
-        elif _dump(_without_docstring(old.body)) != _dump(_without_docstring(new.body)):
+        elif not self.same(_without_docstring(old.body), _without_docstring(new.body)):
             detail = "body"
         else:
             detail = "docstring"
         self.plan.append(Change("patch", qualname, detail, self.path(new.name, cls), live, attrs))
 
-    def refresh_lines(self, node: ast.FunctionDef, cls: str | None) -> None:
+    def refresh_lines(self, old: ast.FunctionDef | None, node: ast.FunctionDef, cls: str | None) -> None:
         """Unchanged function: give the live one the new code if only its line numbers moved.
 
         Skipped silently when the live object is not the plain function (a
         decorated function): the code is the same, only tracebacks are off.
         """
+        if old is not None and old.lineno == node.lineno and _span(self.old_lines, old) == _span(self.new_lines, node):
+            return  # same text on the same lines: same positions
         raw = self.live_attribute(node.name, cls)
         if isinstance(raw, (staticmethod, classmethod)):
             raw = raw.__func__
@@ -501,7 +527,8 @@ class _Classifier:
             self.fresh(f"new {what} {qualname} has type parameters")
             return
         if key in vars(holder):
-            self.fresh(f"new {what} {qualname} replaces an attribute set at run time")
+            where = "class" if cls else "module"
+            self.fresh(f"new {what} {qualname}: the name {key} is already bound in the live {where}")
             return
         code = self.new_function_code(node, cls)
         if code is None:
@@ -584,7 +611,7 @@ class _Classifier:
         does in functions the edit did not touch); a new or changed one must be
         a literal, since evaluating anything else would run module code.
         """
-        previous: dict[str, tuple[str, object]] = {}
+        previous: dict[str, tuple[ast.expr, object]] = {}
         if old is not None:
             live_defaults = live.__defaults__ or ()
             live_kwdefaults = live.__kwdefaults__ or {}
@@ -597,13 +624,13 @@ class _Classifier:
                 self.fresh(f"the defaults of live function {qualname} do not match its previous source")
                 return None
             for arg, expr, value in zip(old_with_default, old.args.defaults, live_defaults):
-                previous[arg.arg] = (_dump(expr), value)
+                previous[arg.arg] = (expr, value)
             for arg, expr in old_kw:
-                previous[arg.arg] = (_dump(expr), live_kwdefaults[_mangle(arg.arg, cls)])
+                previous[arg.arg] = (expr, live_kwdefaults[_mangle(arg.arg, cls)])
 
         def value_of(arg: ast.arg, expr: ast.expr) -> tuple[bool, object]:
             known = previous.get(arg.arg)
-            if known is not None and known[0] == _dump(expr):
+            if known is not None and _same(known[0], expr):
                 return True, known[1]
             if not any(isinstance(n, ast.Call) for n in ast.walk(expr)):  # literal_eval accepts set()
                 try:
@@ -644,7 +671,7 @@ class _Classifier:
         so they must be plain type expressions (names, attributes,
         subscripts, `|`, literals).
         """
-        previous = _annotation_dumps(old) if old is not None else {}
+        previous = _annotation_nodes(old) if old is not None else {}
         live_annotations = live.__annotations__ if live is not None else {}
         reused: dict[str, object] = {}
 
@@ -652,7 +679,7 @@ class _Classifier:
             if expr is None:
                 return None
             mangled = key if key == "return" else _mangle(key, cls)
-            if previous.get(key) == _dump(expr) and mangled in live_annotations:
+            if key in previous and _same(previous[key], expr) and mangled in live_annotations:
                 reused[mangled] = live_annotations[mangled]
                 return ast.copy_location(ast.Constant(None), expr)
             if not self.future_annotations and not all(
@@ -906,11 +933,21 @@ class _ImportTime:
             self._todo.append((stored, line, scope))
 
 
-def _dump(node: ast.AST | list | None) -> str:
-    """Position-free text of a node (or list of nodes), so formatting and comments compare equal."""
-    if isinstance(node, list):
-        return "[" + ", ".join(ast.dump(n) for n in node) + "]"
-    return ast.dump(node) if node is not None else ""
+def _same(a: object, b: object) -> bool:
+    """Whether two ASTs (or lists of them) are equal, positions, comments and formatting aside."""
+    if type(a) is not type(b):  # also keeps Constant(1) apart from Constant(True) and Constant(1.0)
+        return False
+    if isinstance(a, ast.AST):
+        return all(_same(getattr(a, f, None), getattr(b, f, None)) for f in a._fields)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def _span(lines: list[str], node: ast.stmt) -> tuple:
+    """The exact source text of a statement (decorators included), as lines and columns."""
+    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
+    return node.col_offset, node.end_col_offset, lines[first - 1:node.end_lineno]
 
 
 def _without_docstring(body: list[ast.stmt]) -> list[ast.stmt]:
@@ -984,11 +1021,11 @@ def _all_args(args: ast.arguments) -> list[ast.arg]:
     return [*args.posonlyargs, *args.args, *filter(None, [args.vararg]), *args.kwonlyargs, *filter(None, [args.kwarg])]
 
 
-def _annotation_dumps(node: ast.FunctionDef) -> dict[str, str]:
-    dumps = {a.arg: _dump(a.annotation) for a in _all_args(node.args) if a.annotation is not None}
+def _annotation_nodes(node: ast.FunctionDef) -> dict[str, ast.expr]:
+    nodes = {a.arg: a.annotation for a in _all_args(node.args) if a.annotation is not None}
     if node.returns is not None:
-        dumps["return"] = _dump(node.returns)
-    return dumps
+        nodes["return"] = node.returns
+    return nodes
 
 
 def _with_annotation(arg: ast.arg, annotation: ast.expr | None) -> ast.arg:
@@ -998,7 +1035,7 @@ def _with_annotation(arg: ast.arg, annotation: ast.expr | None) -> ast.arg:
 
 
 def _imports(statements: list[ast.stmt]) -> list[str]:
-    return [_dump(s) for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))]
+    return [ast.dump(s) for s in statements if isinstance(s, (ast.Import, ast.ImportFrom))]
 
 
 def _assignments(statements: list[ast.stmt]) -> dict[str, tuple[ast.stmt, list[str]]]:
@@ -1014,7 +1051,7 @@ def _assignments(statements: list[ast.stmt]) -> dict[str, tuple[ast.stmt, list[s
         for target in targets:
             for element in (target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]):
                 if isinstance(element, ast.Name):
-                    bound.setdefault(element.id, (stmt, []))[1].append(_dump(stmt))
+                    bound.setdefault(element.id, (stmt, []))[1].append(ast.dump(stmt))
     return bound
 
 
@@ -1028,7 +1065,7 @@ def _first_difference(old: list[ast.stmt], new: list[ast.stmt], cls: str | None)
     """A readable description of the first statement that differs between two lists."""
     scope = "class-level" if cls else "top-level"
     for index, stmt in enumerate(new):
-        if index >= len(old) or _dump(old[index]) != _dump(stmt):
+        if index >= len(old) or not _same(old[index], stmt):
             word = _STATEMENT_WORDS.get(type(stmt), type(stmt).__name__.lower())
             change = "added" if len(new) > len(old) else "changed"
             return f"{scope} {word} statement {change} (line {stmt.lineno})"
@@ -1042,14 +1079,13 @@ def _root_name(node: ast.expr, through_calls: bool = False) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
-_MAIN_GUARD_SIDES = {_dump(ast.parse("__name__", mode="eval").body), _dump(ast.parse("'__main__'", mode="eval").body)}
-
-
 def _is_main_guard(test: ast.expr) -> bool:
     """`__name__ == '__main__'` (either way round): never true when the module is imported."""
     if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
         return False
-    return {_dump(test.left), _dump(test.comparators[0])} == _MAIN_GUARD_SIDES
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(a, ast.Name) and a.id == "__name__" and isinstance(b, ast.Constant) and b.value == "__main__"
+               for a, b in (sides, sides[::-1]))
 
 
 def _shown_name(filename: str) -> str:

@@ -86,17 +86,25 @@ class Session:
     def __init__(
         self,
         cwd: str | os.PathLike[str] = ".",
-        preload: list[str] | tuple[str, ...] = (),
-        mode: str = "auto",
-        quiet: bool = False,
-        watch: list[str] | tuple[str, ...] = (),
+        preload: list[str] | tuple[str, ...] | None = None,
+        mode: str | None = None,
+        quiet: bool | None = None,
+        watch: list[str] | tuple[str, ...] | None = None,
+        learn: bool = False,
         startup_timeout: float = 120.0,
         env: dict[str, str] | None = None,
     ) -> None:
         if not hasattr(os, "fork"):
             raise ForkUnavailable("forkreload needs os.fork(), which this platform does not provide")
         self.cwd = os.path.realpath(os.fspath(cwd))
-        settings = LaunchSettings(cwd=self.cwd, preload=list(preload), mode=mode, quiet=quiet, watch=[os.fspath(w) for w in watch])
+        settings = LaunchSettings(
+            cwd=self.cwd,
+            preload=None if preload is None else list(preload),
+            mode=mode,
+            quiet=quiet,
+            watch=None if watch is None else [os.fspath(w) for w in watch],
+            learn=learn,
+        )
         self._launched = launch_controller(settings, env=env)
         self.proc = self._launched.proc
         self.connection_file = self._launched.connection_file

@@ -58,7 +58,6 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     atexit._clear()
     _reseed()
-    baseline = set(sys.modules)
 
     import json
 
@@ -82,6 +81,6 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.insert(1 if sys.path and sys.path[0] == "" else 0, cwd)
-    agent.install(app.kernel, baseline=baseline, cwd=cwd, watch=cfg.get("watch", []))
+    agent.install(app.kernel, cwd=cwd, watch=cfg.get("watch", []))
     app.start()
     os._exit(0)

@@ -305,6 +305,7 @@ def test_identical_source_is_noop(load) -> None:
     decision = classify(m, BASE, BASE)
     assert (decision.kind, decision.plan) == ("noop", [])
     assert apply_plan(m, decision) == []
+    assert decision.describe() == f"{m.__name__}: no code change"
 
 
 # --- fresh -------------------------------------------------------------------
@@ -372,6 +373,16 @@ FRESH = [
      "class B:\n    def __init_subclass__(cls):\n        cls.x = 2\n", "runs while classes are created"),
     ("definitions reordered around a statement", "def f():\n    return 1\nX = 1\n", "X = 1\ndef f():\n    return 1\n",
      "function f moved across other top-level statements"),
+    ("new function defined twice", BASE, BASE + "def extra():\n    return 1\ndef extra():\n    return 2\n",
+     "new function extra is defined more than once"),
+    ("new method defined twice", BASE, BASE.replace("    @staticmethod\n", "    def w(self):\n        return 1\n\n"
+                                                    "    def w(self):\n        return 2\n\n    @staticmethod\n", 1),
+     "new method Greeter.w is defined more than once"),
+    ("import added", BASE, BASE + "import functools\n", "import statements changed"),
+    ("new decorated function", BASE, BASE + "@staticmethod\ndef extra():\n    return 1\n",
+     "new function extra is decorated with @staticmethod"),
+    ("new function with a non-literal default", BASE, BASE + "def extra(x=RATE):\n    return x\n",
+     "default of x in extra is not a literal (RATE)"),
     ("module docstring read at import", '"""A."""\nDESC = __doc__\n', '"""B."""\nDESC = __doc__\n',
      "the module docstring is used by code that runs at import time"),
     ("metaclass of this module", "class M(type):\n    def __new__(mcs, n, b, ns):\n        return super().__new__(mcs, n, b, ns)\n"
