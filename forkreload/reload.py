@@ -323,9 +323,8 @@ class _Classifier:
         # Same statements: a def that moved across one of them changes what
         # the statement sees when the module is imported (defs swapped
         # between two statements do not).
-        old_gaps, new_gaps = old.gaps(), new.gaps()
-        for name in new_gaps.keys() & old_gaps.keys():
-            if old_gaps[name] != new_gaps[name]:
+        for name in new.gaps.keys() & old.gaps.keys():
+            if old.gaps[name] != new.gaps[name]:
                 scope = "class-level" if cls else "top-level"
                 self.fresh(f"{where}{_kind_word(new.defs[name][0], cls)} {name} moved across other {scope} statements")
 
@@ -718,7 +717,8 @@ class _Classifier:
         flags = __future__.annotations.compiler_flag if self.future_annotations else 0
         namespace: dict[str, object] = {}
         try:
-            exec(compile(tree, self.module.__file__, "exec", flags=flags, dont_inherit=True), vars(self.module), namespace)
+            code = compile(tree, self.module.__file__, "exec", flags=flags, dont_inherit=True)
+            exec(code, vars(self.module), namespace)
         except Exception as exc:
             self.fresh(f"the new annotations of {qualname} could not be evaluated ({type(exc).__name__}: {exc})")
             return None
@@ -750,9 +750,13 @@ class _Classifier:
                 if "__doc__" in uses.mentioned:
                     self.fresh("the module docstring is used by code that runs at import time")
             elif change.qualname in uses.reached:
-                what = "class" if isinstance(change.target, type) else "method" if cls else "function"
-                self.fresh(f"{what} {change.qualname} may run while the module is imported "
-                           f"(used at line {uses.reached[change.qualname]}); its change needs a fresh import")
+                line = uses.reached[change.qualname]
+                if isinstance(change.target, type):
+                    self.fresh(f"class {change.qualname} is used while the module is imported (line {line}); "
+                               "its docstring change needs a fresh import")
+                else:
+                    self.fresh(f"{'method' if cls else 'function'} {change.qualname} may run while the module is "
+                               f"imported (used at line {line}); its change needs a fresh import")
             elif cls:
                 self.check_metaclass(change, cls, name)
 
@@ -785,17 +789,13 @@ class _Body:
             self.doc, body = body[0], body[1:]
         self.defs: dict[str, list[ast.stmt]] = {}
         self.others: list[ast.stmt] = []
-        self._gaps: dict[str, list[int]] = {}
+        self.gaps: dict[str, list[int]] = {}  # def name -> how many other statements precede each of its defs
         for stmt in body:
             if isinstance(stmt, def_types):
                 self.defs.setdefault(stmt.name, []).append(stmt)
-                self._gaps.setdefault(stmt.name, []).append(len(self.others))
+                self.gaps.setdefault(stmt.name, []).append(len(self.others))
             else:
                 self.others.append(stmt)
-
-    def gaps(self) -> dict[str, list[int]]:
-        """For each def name, how many other statements precede each of its defs."""
-        return self._gaps
 
 
 class _ImportTime:

@@ -4,6 +4,7 @@ a check after every test that no forkreload process was left behind."""
 from __future__ import annotations
 
 import os
+import tempfile
 import textwrap
 import time
 import uuid
@@ -17,6 +18,10 @@ import pytest
 # when a leaked process was re-parented away from the test runner.
 TAG = f"forkreload-test-{uuid.uuid4().hex[:8]}"
 os.environ["FORKRELOAD_TEST_TAG"] = TAG
+# Learned preloads and IPython's history go to throw-away places, not ~.
+_SCRATCH = tempfile.mkdtemp(prefix="forkreload-tests-")
+os.environ["FORKRELOAD_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
+os.environ["IPYTHONDIR"] = os.path.join(_SCRATCH, "ipython")
 
 
 def tagged_processes() -> list[psutil.Process]:
@@ -43,7 +48,11 @@ def wait_no_processes(timeout: float = 10.0) -> list[psutil.Process]:
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_processes() -> Iterator[None]:
+def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    if request.node.get_closest_marker("shared_kernel"):
+        # The kernel lives across the class's tests; its module checks after.
+        yield
+        return
     yield
     left = wait_no_processes()
     for p in left:
@@ -96,3 +105,20 @@ def make_session(project: Project, ipython_dir: Path) -> Iterator[Callable[..., 
     yield make
     for s in sessions:
         s.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shared_kernel: one kernel serves a whole test class (leaks checked per module)")
+
+
+@pytest.fixture(scope="session")
+def kernelspec_prefix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """forkreload's kernelspec installed by its own CLI into a private prefix."""
+    import subprocess
+    import sys
+
+    prefix = tmp_path_factory.mktemp("jupyter-prefix")
+    subprocess.run([sys.executable, "-m", "forkreload", "kernel", "install", "--prefix", str(prefix)], check=True, capture_output=True)
+    data = prefix / "share" / "jupyter"
+    os.environ["JUPYTER_PATH"] = str(data) + os.pathsep + os.environ.get("JUPYTER_PATH", "")
+    return prefix
