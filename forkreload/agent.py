@@ -25,7 +25,7 @@ import traceback
 import types
 from typing import Any
 
-from . import migrate
+from . import migrate, reload
 
 __all__ = ["Agent", "install", "user_variable_names"]
 
@@ -258,6 +258,105 @@ class Agent:
         hm.input_hist_parsed[:] = meta["history_parsed"]
         return json.dumps({"ok": True, "loaded": res.loaded, "seconds": round(time.perf_counter() - t0, 4)})
 
+    # -- in place ------------------------------------------------------------
+
+    def reload(self, files: list[str], mode: str) -> str:
+        """Decide, for the edited files, in place or fresh; patch when in place.
+
+        Returns JSON: kind 'inplace' (patched, added, files: path -> new sha),
+        'fresh' or 'error' (reasons), 'partial' in mode 'inplace' when some
+        modules could not be patched (they are left as they are).
+        """
+        t0 = time.perf_counter()
+        by_file: dict[str, list[str]] = {}
+        for name, entry in self.user_modules.items():
+            by_file.setdefault(entry["file"], []).append(name)
+        edits: list[tuple[types.ModuleType, reload.Decision]] = []
+        refused: list[str] = []
+        new_sources: dict[str, bytes] = {}
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                refused.append(f"{os.path.basename(path)}: file removed")
+                continue
+            new_sources[path] = data
+            for name in by_file.get(path, []):
+                mod = sys.modules.get(name)
+                if mod is None:
+                    refused.append(f"{name}: no longer imported")
+                    continue
+                old = importlib.util.decode_source(self.user_modules[name]["source"])
+                decision = reload.classify(mod, old, importlib.util.decode_source(data))
+                if decision.kind == "error":
+                    return json.dumps({"kind": "error", "reasons": decision.reasons})
+                if decision.kind == "fresh":
+                    refused.append(decision.reasons[0])
+                    continue
+                why = self._used_elsewhere(name, decision)
+                if why:
+                    refused.append(why)
+                    continue
+                edits.append((mod, decision))
+        if refused and mode != "inplace":
+            return json.dumps({"kind": "fresh", "reasons": refused})
+        try:
+            reload.apply_plans(edits)
+        except reload.PatchError as exc:
+            return json.dumps({"kind": "fresh", "reasons": [f"{exc} (rolled back)"]})
+        applied_files = {}
+        for mod, _d in edits:
+            entry = self.user_modules[mod.__name__]
+            data = new_sources[entry["file"]]
+            entry["source"] = data
+            entry["sha"] = hashlib.sha256(data).hexdigest()
+            applied_files[entry["file"]] = entry["sha"]
+        patched = [
+            f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan
+            if c.action == "patch" and c.detail in ("body", "signature")
+        ]
+        added = [f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan if c.action == "add"]
+        return json.dumps(
+            {
+                "kind": "partial" if refused else "inplace",
+                "reasons": refused,
+                "patched": patched,
+                "added": added,
+                "files": applied_files,
+                "seconds": round(time.perf_counter() - t0, 5),
+            }
+        )
+
+    def _used_elsewhere(self, name: str, decision: reload.Decision) -> str | None:
+        names = reload.changed_names(decision)
+        if not names:
+            return None
+        for other, entry in self.user_modules.items():
+            if other == name:
+                continue
+            why = reload.used_at_import(importlib.util.decode_source(entry["source"]), entry["file"], name, names)
+            if why:
+                return why
+        return None
+
+    # -- %forkreload -----------------------------------------------------------
+
+    def command(self, line: str) -> None:
+        """`%forkreload status|fresh|mode M|quiet [on|off]`: asks the controller."""
+        words = line.split()
+        cmd, args = (words[0], words[1:]) if words else ("status", [])
+        if cmd not in ("status", "fresh", "mode", "quiet"):
+            print("usage: %forkreload status | fresh | mode auto|fresh|inplace|off | quiet [on|off]")
+            return
+        self.kernel.session.send(
+            self.kernel.iopub_socket,
+            "forkreload_command",
+            {"cmd": cmd, "args": args},
+            parent=self.kernel.get_parent("shell"),
+            ident=b"forkreload",
+        )
+
     def call(self, method: str, *args: Any) -> str:
         """Entry point for the controller: never raises, always JSON."""
         try:
@@ -273,4 +372,26 @@ def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     shell.user_ns["__forkreload__"] = agent
     shell.user_ns_hidden["__forkreload__"] = agent
     shell.events.register("post_run_cell", agent._post_run_cell)
+    shell.register_magic_function(agent.command, magic_kind="line", magic_name="forkreload")
+    # A user coming from IPython types `%load_ext autoreload`: a second
+    # reloader would fight this one, so the extension becomes a note.
+    sys.modules["IPython.extensions.autoreload"] = _autoreload_note_module()
     return agent
+
+
+_AUTORELOAD_NOTE = "forkreload: edits to your modules are already picked up before each cell; %autoreload is not needed (see %forkreload status)"
+
+
+def _autoreload_note_module() -> types.ModuleType:
+    mod = types.ModuleType("IPython.extensions.autoreload", "forkreload's stand-in for IPython's autoreload")
+
+    def note(line: str = "") -> None:
+        print(_AUTORELOAD_NOTE)
+
+    def load_ipython_extension(ip: Any) -> None:
+        ip.register_magic_function(note, magic_kind="line", magic_name="autoreload")
+        ip.register_magic_function(note, magic_kind="line", magic_name="aimport")
+        note()
+
+    mod.load_ipython_extension = load_ipython_extension  # type: ignore[attr-defined]
+    return mod

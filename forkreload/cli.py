@@ -20,18 +20,38 @@ def _list(value: str) -> list[str]:
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that pyproject.toml and FORKRELOAD_* still apply
-    # where a flag was not given.
-    p.add_argument("--cwd", default=".", help="the project directory (the worker's cwd, on sys.path)")
-    p.add_argument("--preload", type=_list, default=None, help="modules the snapshot imports ahead, comma-separated")
-    p.add_argument("--mode", choices=MODES, default=None, help="how edits are applied (default: auto)")
+    # where a flag was not given. Help texts fit one line of 80 columns.
+    p.add_argument("--cwd", default=".", metavar="DIR", help="the project directory (default: the current one)")
+    p.add_argument("--preload", type=_list, default=None, metavar="A,B", help="modules the snapshot imports ahead of time")
+    p.add_argument("--mode", choices=MODES, default=None, metavar="MODE", help="after an edit: auto (default), fresh, inplace, off")
     p.add_argument("--quiet", action="store_true", default=None, help="no notice after a successful reload")
-    p.add_argument("--watch", action="append", default=None, help="extra path whose modules count as the user's")
-    p.add_argument("--no-learn", dest="learn", action="store_false", default=None, help="do not remember and preload the libraries this project imports")
+    p.add_argument("--no-learn", dest="learn", action="store_false", default=None, help="don't preload the libraries past sessions imported")
+    p.add_argument("--watch", action="append", default=None, metavar="PATH", help="modules under PATH count as yours (repeatable)")
+
+
+_SETTINGS_EPILOG = (
+    "Flags not given come from FORKRELOAD_* environment variables, then from "
+    "[tool.forkreload] in the project's pyproject.toml; `forkreload doctor` "
+    "shows the settings in force."
+)
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, max_help_position=24, width=min(100, max(80, _columns())))
+
+
+def _columns() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _cli_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("preload", "mode", "quiet", "watch", "learn")}
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    cli = {k: getattr(args, k) for k in ("preload", "mode", "quiet", "watch", "learn")}
-    return load_settings(args.cwd, cli)
+    return load_settings(args.cwd, _cli_settings(args))
 
 
 def _kernel(args: argparse.Namespace) -> int:
@@ -56,7 +76,14 @@ def _console(args: argparse.Namespace) -> int:
     from .launcher import LaunchSettings
 
     s = _settings(args)
-    return run_console(LaunchSettings(cwd=s.cwd, preload=s.preload, mode=s.mode, quiet=s.quiet, watch=s.watch, learn=s.learn))
+    launch = LaunchSettings(cwd=s.cwd, preload=s.preload, mode=s.mode, quiet=s.quiet, watch=s.watch, learn=s.learn)
+    return run_console(launch, project_root=s.project_root)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(args.cwd, _cli_settings(args))
 
 
 def _kernelspec(args: argparse.Namespace) -> int:
@@ -94,8 +121,27 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--display-name", default="Python 3 (forkreload)", help="the name front ends show")
     _add_settings(k)
 
-    c = sub.add_parser("console", help="a terminal session (IPython look and feel) that survives edits")
+    c = sub.add_parser(
+        "console",
+        help="a terminal IPython session that survives edits",
+        description="A terminal IPython session that survives edits of your modules: after an edit "
+        "the next cell runs the new code with your variables kept. Ctrl-C interrupts a cell; "
+        "exit or Ctrl-D ends the session and every process it started.",
+        epilog=_SETTINGS_EPILOG,
+        formatter_class=_formatter,
+    )
     _add_settings(c)
+
+    d = sub.add_parser(
+        "doctor",
+        help="check versions, fork support, settings and preloads",
+        description="Check this machine and a project: Python and package versions, fork support, "
+        "the settings in force and where each came from, and the snapshot's preloads "
+        "(import times, threads they started). Exit status 1 when something is wrong.",
+        epilog=_SETTINGS_EPILOG,
+        formatter_class=_formatter,
+    )
+    _add_settings(d)
 
     args = parser.parse_args(argv)
     try:
@@ -107,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             return _kernelspec(args)
         if args.command == "console":
             return _console(args)
+        if args.command == "doctor":
+            return _doctor(args)
     except ConfigError as exc:
         print(f"forkreload: {exc}", file=sys.stderr)
         return 2

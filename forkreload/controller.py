@@ -31,7 +31,7 @@ import zmq
 from jupyter_client.session import Session as JupyterSession
 
 from .channel import Channel, ForgedMessage, make_private_dir
-from .config import LearnedModules, Settings
+from .config import MODES, LearnedModules, Settings
 from .watch import SourceWatch
 from .worker import worker_connection
 
@@ -131,6 +131,7 @@ class Controller:
         self.pending_report: dict[str, Any] | None = None  # told with the next cell
         self.failed_signature: frozenset[tuple[str, str | None]] | None = None
         self.force_fresh = False
+        self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
         self.last_report: dict[str, Any] | None = None
         self.snapshot_info: dict[str, Any] = {}
         self.exit_statuses: dict[int, str] = {}
@@ -482,7 +483,7 @@ class Controller:
 
     @staticmethod
     def _success_text(r: dict[str, Any]) -> str:
-        parts = [f"forkreload: fresh worker ({r['reason']})", f"migrated {len(r['migrated'])}"]
+        parts = [f"forkreload: fresh worker: {r['reason']}", f"migrated {len(r['migrated'])}"]
         if r["lost"]:
             lost = ", ".join(f"{k} ({v.split(':')[0]})" for k, v in sorted(r["lost"].items()))
             parts.append(f"lost: {lost}")
@@ -499,13 +500,118 @@ class Controller:
             head = "forkreload: kept the old worker: the fresh worker failed"
         return f"{head}\n{r['error']}"
 
+    def apply_edit(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str, forced: bool = False) -> dict[str, Any]:
+        """Handle an edit before the next cell: in place when safe, else a fresh worker."""
+        mode = self.settings.mode
+        if forced or mode == "fresh":
+            return self.swap(parent, changed, reason)
+        assert self.worker is not None
+        t0 = time.perf_counter()
+        base: dict[str, Any] = {
+            "modules": self.watch.modules_of([f for f in changed if f in self.watch.files]),
+            "files": sorted(changed),
+            "migrated": [], "lost": {}, "patched": [], "added": [], "error": None,
+        }
+        try:
+            res = self.call_agent(self.worker, "reload", sorted(changed), mode)
+        except WorkerDied as exc:
+            return dict(base, mode="none", ok=False, reason=str(exc), error=str(exc), seconds=0.0)
+        kind = res.get("kind")
+        reasons = list(res.get("reasons") or [])
+        if kind in ("inplace", "partial"):
+            for path, sha in res.get("files", {}).items():
+                self.watch.accept(path, sha)
+            report = dict(
+                base, mode="inplace", ok=True, reason=reason, reasons=reasons,
+                patched=res.get("patched", []), added=res.get("added", []),
+                seconds=round(time.perf_counter() - t0, 5),
+            )
+            if report["patched"] or report["added"]:
+                self._notice(parent, self._inplace_text(report))
+            if kind == "partial":
+                self.failed_signature = frozenset(self.watch.changed().items())
+                self._notice(parent, f"forkreload: not reloaded (mode inplace): {'; '.join(reasons)} · run %forkreload fresh to apply", error=True)
+            self.last_report = report
+            return report
+        if kind == "fresh" and mode != "inplace":
+            report = self.swap(parent, changed, reasons[0] if reasons else reason)
+            report["reasons"] = reasons
+            return report
+        # A parse error, a fresh-only edit in mode 'inplace', or the agent failed.
+        why = reasons[0] if reasons else str(res.get("error", "the in-place check failed"))
+        self.failed_signature = frozenset(changed.items())
+        report = dict(base, mode="none", ok=False, reason=why, reasons=reasons, error=why, seconds=round(time.perf_counter() - t0, 5))
+        if kind == "fresh":
+            self._notice(parent, f"forkreload: not reloaded (mode inplace): {why} · run %forkreload fresh to apply", error=True)
+        else:
+            self._notice(parent, f"forkreload: kept the old code: {why}", error=True)
+        self.last_report = report
+        return report
+
+    @staticmethod
+    def _inplace_text(r: dict[str, Any]) -> str:
+        parts = []
+        if r["patched"]:
+            parts.append("patched " + ", ".join(r["patched"]))
+        if r["added"]:
+            parts.append("added " + ", ".join(r["added"]))
+        ms = r["seconds"] * 1000
+        return f"forkreload: {'; '.join(parts)} in place ({ms:.1f} ms)"
+
+    def _on_command(self, parent: dict[str, Any], content: dict[str, Any]) -> None:
+        """`%forkreload ...` typed in a cell: answered into that cell's output."""
+        cmd, args = content.get("cmd"), list(content.get("args", []))
+        if cmd == "fresh":
+            if parent.get("msg_id") in self.fresh_done:
+                self.fresh_done.discard(parent.get("msg_id"))
+                return
+            self.force_fresh = True
+            text = "forkreload: a fresh worker (variables migrated) takes over before the next cell"
+        elif cmd == "mode":
+            if len(args) != 1 or args[0] not in MODES:
+                text = f"forkreload: mode is {self.settings.mode}; choose one of {', '.join(MODES)}"
+            else:
+                self.settings.mode = args[0]
+                self.failed_signature = None
+                text = f"forkreload: mode is now {args[0]}"
+        elif cmd == "quiet":
+            self.settings.quiet = not args or args[0] in ("on", "yes", "true", "1")
+            text = f"forkreload: quiet is {'on' if self.settings.quiet else 'off'}"
+        else:
+            text = self.status_text()
+        self.session.send(self.fe_iopub, "stream", {"name": "stdout", "text": text + "\n"}, parent=parent, ident=b"stream", metadata={"forkreload": "command"})
+
+    def status_text(self) -> str:
+        st = self.status()
+        snap = st["snapshot"]
+        pre = ", ".join(f"{k} ({v:.2f} s)" for k, v in snap["preload"].items()) or "nothing"
+        lines = [
+            "forkreload status",
+            f"  mode        {st['mode']}{' (quiet)' if self.settings.quiet else ''}",
+            f"  project     {self.settings.project_root}",
+            f"  snapshot    pid {snap['pid']}, preloaded {pre}",
+        ]
+        if snap["preload_failed"]:
+            lines.append("  failed      " + ", ".join(f"{k}: {v}" for k, v in snap["preload_failed"].items()))
+        if snap["threads"].get("risky"):
+            lines.append(f"  warning     preloads started threads (fork-safety risk): {snap['threads']['risky']}")
+        lines.append(f"  worker      pid {st['worker_pid']}, spare {st['spare_pid'] or 'starting'}")
+        watched = ", ".join(st["watched"]) or "none yet"
+        lines.append(f"  watching    {watched}")
+        last = self.last_report
+        if last:
+            what = self._inplace_text(last) if last["mode"] == "inplace" else (
+                self._success_text(last) if last["ok"] else f"failed: {last.get('error')}")
+            lines.append(f"  last reload {what.removeprefix('forkreload: ')}")
+        return "\n".join(lines)
+
     def _pending_change(self) -> tuple[dict[str, str | None], str] | None:
         """The edit that must be handled before the next cell, if any."""
+        if self.force_fresh:
+            return self.watch.changed(), "restart requested"
         if self.settings.mode == "off":
             return None
         changed = self.watch.changed()
-        if self.force_fresh:
-            return changed, "restart requested"
         if not changed:
             return None
         if self.failed_signature == frozenset(changed.items()):
@@ -576,6 +682,10 @@ class Controller:
         if msg_type == "iopub_welcome":
             w.ready = True
             return
+        if msg_type == "forkreload_command":
+            if w is self.worker:
+                self._on_command(_json(parts[2]), _json(parts[4]))
+            return
         if msg_type == "forkreload_modules":
             if w is self.worker:
                 content = _json(parts[4])
@@ -640,14 +750,19 @@ class Controller:
                 return
         w = self.worker
         if header.get("msg_type") == "execute_request":
+            if self._is_fresh_magic(parts[4]):
+                # A cell that is just `%forkreload fresh`: swap now, so the
+                # notice lands in this cell (the magic itself then does nothing).
+                self.force_fresh = True
+                self.fresh_done.add(header.get("msg_id", ""))
             pending = self._pending_change()
             if pending is not None:
                 if w.inflight:
                     self.held.append(frames)  # swap only when the worker is idle
                     return
                 self._status(header, "busy")
-                self.force_fresh = False
-                report = self.swap(header, *pending)
+                forced, self.force_fresh = self.force_fresh, False
+                report = self.apply_edit(header, *pending, forced=forced)
                 self.reports[header["msg_id"]] = report
                 w = self.worker
             elif self.pending_report is not None:
@@ -656,6 +771,13 @@ class Controller:
                 self._notice(header, f"forkreload: fresh worker: {report['reason']}", error=True)
         w.inflight[header.get("msg_id", "")] = (idents, header)
         w.shell.send_multipart(frames)
+
+    @staticmethod
+    def _is_fresh_magic(content: bytes) -> bool:
+        if b"forkreload" not in content:
+            return False
+        code = _json(content).get("code", "").strip()
+        return code.split() == ["%forkreload", "fresh"]
 
     def _on_front_control(self, frames: list[bytes]) -> None:
         verified = self._verify(frames)

@@ -38,7 +38,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Change", "Decision", "PatchError", "apply_plan", "classify"]
+__all__ = ["Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "used_at_import"]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -177,25 +177,82 @@ def apply_plan(module: types.ModuleType, decision: Decision) -> list[str]:
     (line-number refreshes included). On any failure, every attribute already
     set and every function already added is restored, and PatchError raised.
     """
-    if decision.kind not in ("noop", "inplace") or decision.module != module.__name__:
-        raise ValueError(f"cannot apply a {decision.kind!r} decision for {decision.module} to {module.__name__}")
+    return apply_plans([(module, decision)])
+
+
+def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
+    """Apply the plans of several modules' decisions, all or nothing across all of them."""
     undo: list[Callable[[], None]] = []
     done: list[str] = []
-    for change in decision.plan:
-        dotted = ".".join(filter(None, (module.__name__, change.qualname)))
-        try:
-            _apply_change(module, change, undo)
-        except Exception as exc:
-            for restore in reversed(undo):
-                restore()
-            raise PatchError(f"could not {change.action} {dotted}: {exc}") from exc
-        done.append(dotted)
-    # Tracebacks read lines through linecache; drop the stale copy so they
-    # show the file as it is now (checkcache alone misses an edit that kept
-    # the size and the mtime).
-    linecache.checkcache(module.__file__)
-    linecache.cache.pop(module.__file__, None)
+    for module, decision in edits:
+        if decision.kind not in ("noop", "inplace") or decision.module != module.__name__:
+            raise ValueError(f"cannot apply a {decision.kind!r} decision for {decision.module} to {module.__name__}")
+    for module, decision in edits:
+        for change in decision.plan:
+            dotted = ".".join(filter(None, (module.__name__, change.qualname)))
+            try:
+                _apply_change(module, change, undo)
+            except Exception as exc:
+                for restore in reversed(undo):
+                    restore()
+                raise PatchError(f"could not {change.action} {dotted}: {exc}") from exc
+            done.append(dotted)
+    for module, _decision in edits:
+        # Tracebacks read lines through linecache; drop the stale copy so they
+        # show the file as it is now (checkcache alone misses an edit that
+        # kept the size and the mtime).
+        linecache.checkcache(module.__file__)
+        linecache.cache.pop(module.__file__, None)
     return done
+
+
+def changed_names(decision: Decision) -> set[str]:
+    """Top-level names of the module whose behaviour an in-place plan changes."""
+    return {c.qualname.split(".")[0] for c in decision.plan if c.detail in _BEHAVIOUR_DETAILS and c.qualname}
+
+
+def used_at_import(source: str, filename: str, module_name: str, names: set[str]) -> str | None:
+    """Whether another module's import-time code may use `names` of `module_name`.
+
+    A fresh process would import that other module again and so run the new
+    code at its import (`X = a.helper()`); patching `a` in place would leave
+    the value computed by the old code. Returns a reason, or None.
+    """
+    try:
+        tree = ast.parse(source, filename)
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    aliases: set[str] = set()  # names bound to the module itself (or its package root)
+    imported: dict[str, str] = {}  # local name -> name in the module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == module_name or a.name.startswith(module_name + "."):
+                    aliases.add(a.asname or a.name.split(".")[0])
+                elif module_name.startswith(a.name + ".") and a.asname is None:
+                    aliases.add(a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                if node.module == module_name:
+                    imported[a.asname or a.name] = a.name
+                elif f"{node.module}.{a.name}" == module_name:
+                    aliases.add(a.asname or a.name)
+    if not aliases and not imported:
+        return None
+    future = any(
+        isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+        for n in tree.body
+    )
+    mentioned = _ImportTime(tree, future).mentioned
+    shown = _shown_name(filename)
+    for local, original in imported.items():
+        if original in names and local in mentioned:
+            return f"{shown} uses {module_name}.{original} when it is imported"
+    for alias in aliases & mentioned:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in names and _root_name(node.value) == alias:
+                return f"{shown} uses {module_name}.{node.attr} when it is imported"
+    return None
 
 
 def _apply_change(module: types.ModuleType, change: Change, undo: list[Callable[[], None]]) -> None:

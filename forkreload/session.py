@@ -33,14 +33,17 @@ class ForkUnavailable(SessionError):
 class Reload:
     """What forkreload did before a cell ran, because of an edit or a restart."""
 
-    mode: str  # 'fresh' (a new worker), later also 'inplace'
-    ok: bool  # False: the swap failed and the old worker (old code) ran the cell
+    mode: str  # 'inplace' (patched), 'fresh' (a new worker), 'none' (nothing applied)
+    ok: bool  # False: nothing changed, the old code ran the cell (see error)
     modules: list[str]  # the user modules whose files changed
-    migrated: list[str]  # variables carried into the new worker
-    lost: dict[str, str]  # name -> why it could not be kept ('*' = everything)
+    migrated: list[str]  # fresh: variables carried into the new worker
+    lost: dict[str, str]  # fresh: name -> why it could not be kept ('*' = everything)
     seconds: float
-    reason: str = ""
+    reason: str = ""  # fresh: the first thing that ruled out in place
     error: str | None = None
+    patched: list[str] = field(default_factory=list)  # inplace: functions whose code changed
+    added: list[str] = field(default_factory=list)  # inplace: functions and methods added
+    reasons: list[str] = field(default_factory=list)  # every reason in-place was ruled out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Reload | None:
@@ -55,6 +58,9 @@ class Reload:
             seconds=float(d.get("seconds", 0.0)),
             reason=d.get("reason", ""),
             error=d.get("error"),
+            patched=list(d.get("patched", [])),
+            added=list(d.get("added", [])),
+            reasons=list(d.get("reasons", [])),
         )
 
 
@@ -213,7 +219,7 @@ class Session:
         if t == "status":
             return c.get("execution_state") == "idle"
         if t == "stream":
-            if msg.get("metadata", {}).get("forkreload"):
+            if msg.get("metadata", {}).get("forkreload") == "notice":
                 notices.append(c["text"])
             elif c.get("name") == "stderr":
                 res.stderr += c["text"]

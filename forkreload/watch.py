@@ -51,6 +51,12 @@ class SourceWatch:
             entry = self.files[path] = _File(sha=sha, current=sha)
         entry.modules.add(name)
 
+    def accept(self, path: str, sha: str) -> None:
+        """The worker now runs this content of `path` (patched in place)."""
+        entry = self.files.get(path)
+        if entry is not None:
+            entry.sha = sha
+
     def clear(self) -> None:
         self.files.clear()
         self.modules.clear()

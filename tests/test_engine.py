@@ -17,7 +17,7 @@ from conftest import tagged_processes, wait_no_processes
 
 def test_function_change_is_seen(project, make_session):
     project.write("ops.py", "def double(x):\n    return 2 * x\n")
-    s = make_session()
+    s = make_session(mode="fresh")
     assert s.execute("import ops; y = 21; print(ops.double(y))").stdout == "42\n"
     project.write("ops.py", "def double(x):\n    return 'two times %d' % x\n")
     r = s.execute("print(ops.double(y))")
@@ -98,7 +98,7 @@ _private = 7
 """
     )
     assert r.status == "ok", r
-    project.write("m.py", "class Box:\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return self.v * 100\n")
+    project.write("m.py", "class Box:\n    scale = 100\n    def __init__(self, v):\n        self.v = v\n    def get(self):\n        return self.v * self.scale\n")
     r = s.execute(
         "print(alias is shared, holder['box'] is box, box.get(), cube(3), loc.twice(), _private)"
     )
@@ -130,15 +130,19 @@ def test_execution_count_history_and_random_state_continue(project, make_session
     assert r.stdout == "2 True 5\n"
 
 
-def test_syntax_error_keeps_old_worker_then_fix_swaps(project, make_session):
+@pytest.mark.parametrize(
+    "mode, says",
+    [("auto", "ops.py: does not parse: line 1"), ("fresh", "ops.py, line 1")],
+)
+def test_syntax_error_keeps_old_code_then_fix_reloads(project, make_session, mode, says):
     project.write("ops.py", "def f():\n    return 'v1'\n")
-    s = make_session()
+    s = make_session(mode=mode)
     s.execute("import ops; keep = [1, 2, 3]")
     project.write("ops.py", "def f(:\n    return 'v2'\n")
     r = s.execute("print(ops.f(), keep)")
     assert r.stdout == "v1 [1, 2, 3]\n"  # old code keeps running
     assert r.reload.ok is False
-    assert "ops.py, line 1" in r.notice and "failed to import" in r.notice
+    assert says in r.notice and "kept the old" in r.notice
     assert len(r.notice.strip().splitlines()) <= 2
     # Same broken file: no second attempt, no second notice.
     r = s.execute("print(ops.f())")
@@ -146,7 +150,7 @@ def test_syntax_error_keeps_old_worker_then_fix_swaps(project, make_session):
     project.write("ops.py", "def f():\n    return 'v2'\n")
     r = s.execute("print(ops.f(), keep)")
     assert r.stdout == "v2 [1, 2, 3]\n"
-    assert r.reload.ok
+    assert r.reload.ok and r.reload.mode == ("inplace" if mode == "auto" else "fresh")
 
 
 def test_import_time_exception_shows_users_traceback(project, make_session):
