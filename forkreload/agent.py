@@ -332,8 +332,10 @@ class Agent:
         names = reload.changed_names(decision)
         if not names:
             return None
+        root = name.split(".")[0].encode()
         for other, entry in self.user_modules.items():
-            if other == name:
+            # Only a module whose text names the edited one can use it.
+            if other == name or root not in entry["source"]:
                 continue
             why = reload.used_at_import(importlib.util.decode_source(entry["source"]), entry["file"], name, names)
             if why:

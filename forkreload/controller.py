@@ -12,6 +12,8 @@ runs user code.
 from __future__ import annotations
 
 import ast
+import collections
+import hmac
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -79,7 +82,8 @@ class WorkerHandle:
         self.stdin.connect(base + str(conn["stdin_port"]))
         self.control.connect(base + str(conn["control_port"]))
         self.iopub.connect(base + str(conn["iopub_port"]))
-        self.sockets = (self.shell, self.stdin, self.control, self.iopub)
+        # iopub first: a cell's output must be forwarded before its reply.
+        self.sockets = (self.iopub, self.shell, self.stdin, self.control)
 
     def kill(self) -> None:
         if not self.dead:
@@ -131,13 +135,19 @@ class Controller:
         self.pending_report: dict[str, Any] | None = None  # told with the next cell
         self.failed_signature: frozenset[tuple[str, str | None]] | None = None
         self.force_fresh = False
-        self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
+        self.fresh_done: set[str] = set()
+        self.comms: set[str] = set()  # comm ids open in the current worker
+        # How long the check before each cell takes (reported by status()).
+        self.check_times: collections.deque[float] = collections.deque(maxlen=500)  # cells whose %forkreload fresh was done up front
         self.last_report: dict[str, Any] | None = None
         self.snapshot_info: dict[str, Any] = {}
         self.exit_statuses: dict[int, str] = {}
         self.running = False
         self.want_spare = False
+        self._poll_key: tuple[tuple[int, int], ...] | None = None
+        self._poll: tuple[zmq.Poller, list[WorkerHandle]] = (zmq.Poller(), [])
         self._ppid = os.getppid()
+        self._seen_signatures: set[bytes] = set()
         self.learned = LearnedModules(settings.project_root) if settings.learn else None
         # Started by forkreload's kernel provisioner: a front end's "Restart
         # kernel" is then a clean worker from the running snapshot.
@@ -460,6 +470,7 @@ class Controller:
         self._remove_dump(path)
         self.worker = new
         self._retire(old)
+        self._close_comms(parent)
         self.watch.clear()
         for m in self.call_agent(new, "modules"):
             self.watch.add(m["name"], m["file"], m["sha"])
@@ -638,6 +649,7 @@ class Controller:
             self._reply_dead(idents, header, why)
         w.inflight.clear()
         self._retire(w)
+        self._close_comms(None)
         self.worker = None
         self.watch.clear()
         self.failed_signature = None
@@ -696,6 +708,8 @@ class Controller:
             return
         if w is not self.worker:
             return
+        if msg_type in ("comm_open", "comm_close"):
+            self._track_comm(msg_type, parts[4])
         parent = _json(parts[2])
         if parent.get("msg_id") in self.internal_ids:
             return
@@ -721,14 +735,27 @@ class Controller:
                 self._route_shell(f)
 
     def _verify(self, frames: list[bytes]) -> tuple[list[bytes], dict[str, Any]] | None:
-        """Check a front end's message signature; None (logged) if forged."""
+        """Check a front end's message signature and freshness; None (logged) if forged.
+
+        Returns the identities and the parsed header; the rest stays bytes
+        and is forwarded as it came.
+        """
         try:
-            idents, parts = self.session.feed_identities(frames, copy=True)
-            msg = self.session.deserialize(parts, content=False)
+            idents, parts = _split(frames)
+            signature = parts[0]
+            if self.session.auth is not None:
+                if not hmac.compare_digest(signature, self.session.sign(parts[1:5])):
+                    raise ValueError("invalid signature")
+                if signature in self._seen_signatures:
+                    raise ValueError("replayed signature")
+                self._seen_signatures.add(signature)
+                if len(self._seen_signatures) > 65536:
+                    self._seen_signatures.clear()
+            header = _json(parts[1])
         except Exception as exc:
             log.warning("dropped a message that failed authentication: %s", exc)
             return None
-        return idents, msg
+        return idents, header
 
     def _on_front_shell(self, frames: list[bytes]) -> None:
         if self._verify(frames) is None:
@@ -738,9 +765,28 @@ class Controller:
             return
         self._route_shell(frames)
 
+    def _track_comm(self, msg_type: str, content: bytes) -> None:
+        comm_id = _json(content).get("comm_id")
+        if msg_type == "comm_open":
+            self.comms.add(comm_id)
+        else:
+            self.comms.discard(comm_id)
+
+    def _close_comms(self, parent: dict[str, Any] | None) -> None:
+        """The old worker's comms (widgets) cannot follow it: close them visibly."""
+        if not self.comms:
+            return
+        for comm_id in sorted(self.comms):
+            self.session.send(self.fe_iopub, "comm_close", {"comm_id": comm_id, "data": {}}, parent=parent, ident=b"comm_close")
+        n = len(self.comms)
+        self.comms.clear()
+        self._notice(parent, f"forkreload: closed {n} comm{'s' if n > 1 else ''} (widgets) of the old worker; display them again", error=True)
+
     def _route_shell(self, frames: list[bytes]) -> None:
         idents, parts = _split(frames)
         header = _json(parts[1])
+        if header.get("msg_type") in ("comm_open", "comm_close"):
+            self._track_comm(header["msg_type"], parts[4])
         if self.worker is None:
             try:
                 self.worker = self._take_spare()
@@ -755,7 +801,9 @@ class Controller:
                 # notice lands in this cell (the magic itself then does nothing).
                 self.force_fresh = True
                 self.fresh_done.add(header.get("msg_id", ""))
+            t0 = time.perf_counter()
             pending = self._pending_change()
+            self.check_times.append(time.perf_counter() - t0)
             if pending is not None:
                 if w.inflight:
                     self.held.append(frames)  # swap only when the worker is idle
@@ -783,15 +831,14 @@ class Controller:
         verified = self._verify(frames)
         if verified is None:
             return
-        idents, msg = verified
-        header = msg["header"]
+        idents, header = verified
+        content_frame = _split(frames)[1][4]
         msg_type = header.get("msg_type")
         if msg_type == "interrupt_request":
             self.interrupt()
             self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=header, ident=idents)
         elif msg_type == "shutdown_request":
-            content = self.session.unpack(msg["content"])
-            restart = bool(content.get("restart"))
+            restart = bool(_json(content_frame).get("restart"))
             if restart and self.provisioned:
                 self.clean_restart()
             else:
@@ -800,8 +847,7 @@ class Controller:
             self.session.send(self.fe_control, "shutdown_reply", reply, parent=header, ident=idents)
             self.session.send(self.fe_iopub, "shutdown_reply", reply, parent=header, ident=b"shutdown_reply")
         elif msg_type == "forkreload_request":
-            content = self.session.unpack(msg["content"])
-            reply = self._forkreload_request(content)
+            reply = self._forkreload_request(_json(content_frame))
             self.session.send(self.fe_control, "forkreload_reply", reply, parent=header, ident=idents)
         elif self.worker is not None:
             self.worker.control.send_multipart(frames)
@@ -824,6 +870,7 @@ class Controller:
         self.held = []
         if old is not None:
             self._retire(old)
+        self._close_comms(None)
         self.watch.clear()
         self.failed_signature = None
         self.pending_report = None
@@ -860,6 +907,7 @@ class Controller:
             "spare_pid": self.spare.pid if self.spare else None,
             "watched": dict(self.watch.modules),
             "last_reload": self.last_report,
+            "check_us": statistics.median(self.check_times) * 1e6 if self.check_times else None,
         }
 
     def interrupt(self) -> None:
@@ -889,17 +937,25 @@ class Controller:
             os.close(wfd)
             self.close()
 
-    def _step(self, sigfd: int) -> None:
-        poller = zmq.Poller()
-        for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
-            poller.register(s, zmq.POLLIN)
-        poller.register(sigfd, zmq.POLLIN)
-        poller.register(self.snap.fileno(), zmq.POLLIN)
+    def _poller(self, sigfd: int) -> tuple[zmq.Poller, list[WorkerHandle]]:
+        """The poller for the current set of workers, rebuilt only when it changes."""
         workers = [w for w in (self.worker, self.spare, *self.retired) if w is not None and w.pidfd >= 0]
-        for w in workers:
-            poller.register(w.pidfd, zmq.POLLIN)
-            for s in (w.shell, w.stdin, w.control, w.iopub):
+        key = tuple((id(w), w.pidfd) for w in workers)
+        if key != self._poll_key:
+            poller = zmq.Poller()
+            for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
                 poller.register(s, zmq.POLLIN)
+            poller.register(sigfd, zmq.POLLIN)
+            poller.register(self.snap.fileno(), zmq.POLLIN)
+            for w in workers:
+                poller.register(w.pidfd, zmq.POLLIN)
+                for sock in w.sockets:
+                    poller.register(sock, zmq.POLLIN)
+            self._poll_key, self._poll = key, (poller, workers)
+        return self._poll
+
+    def _step(self, sigfd: int) -> None:
+        poller, workers = self._poller(sigfd)
         events = dict(poller.poll(1000))
         if os.getppid() != self._ppid:
             self.running = False  # our parent died: do not outlive it
@@ -925,9 +981,12 @@ class Controller:
         for w in workers:
             if w.pidfd < 0:
                 continue
-            for s in (w.iopub, w.shell, w.stdin, w.control):
-                while s in events and s.poll(0, zmq.POLLIN):
-                    frames = s.recv_multipart()
+            for s in w.sockets:
+                while s in events:
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
                     if s is w.iopub:
                         self._on_worker_iopub(w, frames)
                     elif w is not self.worker:

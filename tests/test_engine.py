@@ -272,3 +272,15 @@ def test_no_fork_gives_a_clear_error(monkeypatch):
     monkeypatch.delattr(os, "fork")
     with pytest.raises(forkreload.ForkUnavailable, match="os.fork"):
         forkreload.Session()
+
+
+def test_comms_of_the_old_worker_are_closed_with_a_notice(project, make_session):
+    project.write("m.py", "K = 1\n")
+    s = make_session()
+    r = s.execute("import m\nfrom ipykernel.comm import Comm\nc = Comm(target_name='t', data={})")
+    assert r.status == "ok", r
+    project.write("m.py", "K = 2\n")
+    r = s.execute("print(m.K)")
+    assert r.stdout == "2\n" and r.reload.mode == "fresh"
+    assert "closed 1 comm (widgets) of the old worker" in r.notice
+    assert "c" in r.reload.lost  # a Comm is tied to its kernel
