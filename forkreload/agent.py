@@ -27,7 +27,7 @@ from typing import Any
 
 from . import migrate, reload
 
-__all__ = ["Agent", "install", "user_variable_names"]
+__all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
 
 _OUTPUT_NAME = re.compile(r"^_(i{1,3}|_{1,2}|\d+|i\d+|)$")
 _FORKRELOAD_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -51,6 +51,30 @@ def _library_prefixes() -> tuple[str, ...]:
 
 def _under(path: str, prefixes: tuple[str, ...]) -> bool:
     return any(path.startswith(p) for p in prefixes)
+
+
+def watch_prefixes(watch: list[str]) -> tuple[str, ...]:
+    return tuple(os.path.realpath(w).rstrip(os.sep) + os.sep for w in watch)
+
+
+def user_module_file(mod: types.ModuleType, watch: tuple[str, ...], libs: tuple[str, ...] | None = None) -> str | None:
+    """The module's source file when it is the user's code, else None.
+
+    The user's code is everything outside the standard library and
+    site-packages (editable installs and the project itself), plus whatever
+    lies under the `watch` paths.
+    """
+    file = getattr(mod, "__file__", None)
+    if not isinstance(file, str) or not os.path.isfile(file):
+        return None
+    path = os.path.realpath(file)
+    if path.startswith(_FORKRELOAD_DIR + os.sep):
+        return None
+    if _under(path, watch):
+        return path
+    if _under(path, _library_prefixes() if libs is None else libs):
+        return None
+    return path
 
 
 def user_variable_names(shell: Any) -> list[str]:
@@ -93,7 +117,7 @@ class Agent:
         self.shell = kernel.shell
         self.key: bytes = kernel.session.key
         self.cwd = os.path.realpath(cwd)
-        self.watch = tuple(os.path.realpath(w).rstrip(os.sep) + os.sep for w in watch)
+        self.watch = watch_prefixes(watch)
         self.libs = _library_prefixes()
         # Everything imported so far (snapshot, kernel start) is not the user's.
         self.seen: set[str] = set(sys.modules)
@@ -107,17 +131,7 @@ class Agent:
 
     def is_user_module(self, mod: types.ModuleType) -> str | None:
         """The module's file when it is one of the user's modules, else None."""
-        file = getattr(mod, "__file__", None)
-        if not isinstance(file, str) or not os.path.isfile(file):
-            return None
-        path = os.path.realpath(file)
-        if path.startswith(_FORKRELOAD_DIR + os.sep):
-            return None
-        if _under(path, self.watch):
-            return path
-        if _under(path, self.libs):
-            return None
-        return path
+        return user_module_file(mod, self.watch, self.libs)
 
     def scan(self) -> list[dict[str, Any]]:
         """Record modules imported since the last scan; return new user modules."""

@@ -144,7 +144,7 @@ class Controller:
         self.exit_statuses: dict[int, str] = {}
         self.running = False
         self.want_spare = False
-        self._poll_key: tuple[tuple[int, int], ...] | None = None
+        self._poll_key: tuple[Any, ...] | None = None
         self._poll: tuple[zmq.Poller, list[WorkerHandle]] = (zmq.Poller(), [])
         self._ppid = os.getppid()
         self._seen_signatures: set[bytes] = set()
@@ -246,6 +246,9 @@ class Controller:
         if not hello or hello.get("op") != "hello":
             raise ControllerError("the snapshot did not say hello")
         self.snapshot_info = hello
+        self.snapshot_watch = SourceWatch()
+        for m in hello.get("preload_files", []):
+            self.snapshot_watch.add(m["name"], m["file"], m["sha"])
         if hello.get("kernel_failed"):
             raise ControllerError(f"the snapshot could not import the kernel: {hello['kernel_failed']}")
         for name, why in hello.get("preload_failed", {}).items():
@@ -514,6 +517,10 @@ class Controller:
     def apply_edit(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str, forced: bool = False) -> dict[str, Any]:
         """Handle an edit before the next cell: in place when safe, else a fresh worker."""
         mode = self.settings.mode
+        preloaded = sorted(p for p in changed if p in self.snapshot_watch.files)
+        if preloaded:
+            names = ", ".join(self.snapshot_watch.modules_of(preloaded))
+            return self.rebuild_snapshot(parent, changed, f"preloaded {names} changed: new snapshot")
         if forced or mode == "fresh":
             return self.swap(parent, changed, reason)
         assert self.worker is not None
@@ -557,6 +564,45 @@ class Controller:
         else:
             self._notice(parent, f"forkreload: kept the old code: {why}", error=True)
         self.last_report = report
+        return report
+
+    def rebuild_snapshot(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
+        """A preloaded module of the user's changed: a new snapshot, then a swap from it.
+
+        The old snapshot is the parent of the current worker (which dies
+        with it), so it is ended only once the swap succeeded.
+        """
+        old_proc, old_chan, old_info, old_watch = self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch
+        if self.spare is not None:
+            self._retire(self.spare)
+            self.spare = None
+        try:
+            self._spawn_snapshot()
+        except ControllerError as exc:
+            self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch = old_proc, old_chan, old_info, old_watch
+            self.want_spare = True
+            report = {"mode": "fresh", "ok": False, "modules": [], "files": sorted(changed), "reason": reason,
+                      "migrated": [], "lost": {}, "seconds": 0.0, "error": str(exc)}
+            self.failed_signature = frozenset(changed.items())
+            self._notice(parent, f"forkreload: kept the old worker: the new snapshot failed: {exc}", error=True)
+            return report
+        report = self.swap(parent, changed, reason)
+        if report["ok"]:
+            old_chan.close()  # the old snapshot exits on EOF
+            try:
+                old_proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                old_proc.kill()
+                old_proc.wait()
+        else:
+            if self.spare is not None:
+                self._retire(self.spare)
+                self.spare = None
+            self.snap.close()
+            self.snapshot_proc.kill()
+            self.snapshot_proc.wait()
+            self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch = old_proc, old_chan, old_info, old_watch
+            self.want_spare = True
         return report
 
     @staticmethod
@@ -623,6 +669,7 @@ class Controller:
         if self.settings.mode == "off":
             return None
         changed = self.watch.changed()
+        changed.update(self.snapshot_watch.changed())
         if not changed:
             return None
         if self.failed_signature == frozenset(changed.items()):
@@ -940,7 +987,7 @@ class Controller:
     def _poller(self, sigfd: int) -> tuple[zmq.Poller, list[WorkerHandle]]:
         """The poller for the current set of workers, rebuilt only when it changes."""
         workers = [w for w in (self.worker, self.spare, *self.retired) if w is not None and w.pidfd >= 0]
-        key = tuple((id(w), w.pidfd) for w in workers)
+        key = (self.snap.fileno(), *((id(w), w.pidfd) for w in workers))
         if key != self._poll_key:
             poller = zmq.Poller()
             for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):

@@ -11,6 +11,7 @@ before each fork that it is still single-threaded.
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib
 import json
 import os
@@ -134,6 +135,28 @@ def _fork_worker(chan: Channel, cfg: dict[str, Any], request: dict[str, Any]) ->
         os.close(pidfd)
 
 
+def _user_files(preloads: set[str], watch: list[str]) -> list[dict[str, str]]:
+    """Source files of preloaded modules that are the user's code (editable
+    installs, watched paths): an edit to one means rebuilding the snapshot."""
+    from .agent import user_module_file, watch_prefixes
+
+    prefixes = watch_prefixes(watch)
+    found = []
+    for name, mod in list(sys.modules.items()):
+        if name.split(".")[0] not in preloads or mod is None:
+            continue
+        path = user_module_file(mod, prefixes)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as f:
+                sha = hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            continue
+        found.append({"name": name, "file": path, "sha": sha})
+    return found
+
+
 def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -178,6 +201,7 @@ def main() -> None:
     timings, failures = _preload(cfg["preload"], _started)
     _kt, kfail = _preload(KERNEL_MODULES, _started)
     sys.path[:] = saved_path
+    preload_files = _user_files(set(cfg["preload"]), cfg.get("watch", []))
     gc.collect()
     gc.freeze()
     hello = {
@@ -190,6 +214,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 4),
         "threads": _thread_report(_started),
         "modules": len(sys.modules),
+        "preload_files": preload_files,
     }
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -284,3 +284,42 @@ def test_comms_of_the_old_worker_are_closed_with_a_notice(project, make_session)
     assert r.stdout == "2\n" and r.reload.mode == "fresh"
     assert "closed 1 comm (widgets) of the old worker" in r.notice
     assert "c" in r.reload.lost  # a Comm is tied to its kernel
+
+
+def test_variable_that_cannot_be_rebuilt_keeps_the_old_worker(project, make_session):
+    project.write("m.py", "class Box:\n    def __init__(self):\n        self.v = 1\n")
+    s = make_session()
+    s.execute("import m, os; b = m.Box(); other = 'kept'; pid = os.getpid()")
+    project.write(
+        "m.py",
+        "class Box:\n    size = 2\n    def __init__(self):\n        self.v = 1\n"
+        "    def __setstate__(self, state):\n        raise TypeError('Box v2 cannot load v1 state')\n",
+    )
+    r = s.execute("print(os.getpid() == pid, other, hasattr(b, 'size'))")
+    assert r.stdout == "True kept False\n"  # the old worker, untouched, ran the cell
+    assert r.reload.ok is False
+    assert "b" in r.notice and "Box v2 cannot load v1 state" in r.notice
+    assert len(r.notice.strip().splitlines()) == 2
+    r = s.execute("del b")
+    r = s.execute("%forkreload fresh")
+    assert r.reload.ok and r.reload.mode == "fresh"
+    assert s.execute("print(os.getpid() == pid, other, m.Box.size)").stdout == "False kept 2\n"
+
+
+def test_edit_of_a_preloaded_module_rebuilds_the_snapshot(project, make_session, tmp_path):
+    lib = tmp_path / "lib"  # an editable install's source tree, outside the project
+    lib.mkdir()
+    (lib / "mylib.py").write_text("def f():\n    return 'v1'\n")
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    s = make_session(preload=["mylib"], env=env)
+    st = s.status()
+    assert "mylib" in st["snapshot"]["preload"]
+    snap_pid = st["snapshot"]["pid"]
+    s.execute("import mylib; kept = mylib.f()")
+    (lib / "mylib.py").write_text("def f():\n    return 'v2'\n")
+    r = s.execute("print(kept, mylib.f())")
+    assert r.stdout == "v1 v2\n"
+    assert r.reload.mode == "fresh" and "new snapshot" in r.reload.reason
+    st = s.status()
+    assert st["snapshot"]["pid"] != snap_pid
+    assert not psutil.pid_exists(snap_pid) or psutil.Process(snap_pid).status() == psutil.STATUS_ZOMBIE
