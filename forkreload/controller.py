@@ -864,7 +864,10 @@ class Controller:
                 report, self.pending_report = self.pending_report, None
                 self.reports[header["msg_id"]] = report
                 self._notice(header, f"forkreload: fresh worker: {report['reason']}", error=True)
-        w.inflight[header.get("msg_id", "")] = (idents, header)
+        if header.get("msg_type", "").endswith("_request"):
+            # Only requests get replies (comm messages do not): the worker is
+            # idle again, and may be swapped, once these are answered.
+            w.inflight[header.get("msg_id", "")] = (idents, header)
         w.shell.send_multipart(frames)
 
     @staticmethod

@@ -1,0 +1,222 @@
+"""Benchmark: the cost a notebook user pays after a messy edit, on one notebook.
+
+The same notebook (built here with nbformat: heavy imports, a user module,
+about a second of real compute) is run in two kernels, driven by
+jupyter_client as a notebook front end drives them:
+
+- forkreload: one running `forkreload` kernel (its kernelspec installed by
+  `forkreload kernel install --prefix` into a temporary prefix); after each
+  messy edit of the user module (a module-level constant changed) the next
+  cell, which uses the new constant and the values computed before, is
+  timed: it runs in a fresh worker with the variables migrated;
+- ipykernel: the stock `python3` kernel, where the user has to
+  "Restart kernel and run all": restart_kernel(), then every cell again,
+  timed until the last reply (kernel start, heavy imports, recomputing).
+
+Also shown: the same "Restart kernel and run all" on forkreload's kernel
+(its provisioner makes the restart a clean worker from the running
+snapshot, so the imports are already done; the cells still recompute).
+
+    python bench/kernel.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import HEAVY, available, make_project, median_ms, row  # noqa: E402
+
+# Keep forkreload's learned preloads of this benchmark out of the user's cache.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="forkreload-bench-kernel-"))
+os.environ["FORKRELOAD_CACHE_DIR"] = str(_SCRATCH / "cache")
+os.environ.setdefault("IPYTHONDIR", str(_SCRATCH / "ipython"))
+PREFIX = _SCRATCH / "prefix"
+os.environ["JUPYTER_PATH"] = str(PREFIX / "share" / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", "")
+
+import nbformat  # noqa: E402
+from jupyter_client import KernelManager  # noqa: E402
+from nbformat.v4 import new_code_cell, new_notebook  # noqa: E402
+
+FEATURES = """
+SCALE = {v}
+
+def weighted(stats):
+    return float((stats["mx"] * stats["n"]).sum() * SCALE)
+"""
+
+THINK = 1.0  # seconds between a cell's output and the user's next save
+ROWS = 3_000_000
+
+
+def build_notebook(libs: list[str]) -> Any:
+    extra = []
+    if "scipy" in libs:
+        extra.append("import scipy.stats")
+    if "sklearn" in libs:
+        extra.append("from sklearn.linear_model import LinearRegression")
+    cells = [
+        "\n".join(["import numpy as np", "import pandas as pd", *extra]),
+        "import features",
+        f"""rng = np.random.default_rng(0)
+n = {ROWS}
+df = pd.DataFrame({{"key": rng.integers(0, 5000, n), "x": rng.normal(size=n), "y": rng.normal(size=n)}})
+stats = df.groupby("key").agg(mx=("x", "mean"), sx=("x", "std"), my=("y", "mean"), n=("x", "size"))""",
+    ]
+    if "scipy" in libs:
+        cells.append('skew = float(scipy.stats.skew(df["x"].to_numpy()))')
+    if "sklearn" in libs:
+        cells.append('fit = LinearRegression().fit(stats[["mx", "sx"]], stats["my"])\ncoef = fit.coef_.round(3).tolist()')
+    # The cell the user runs after the edit: the new constant, the old values.
+    cells.append("print(features.SCALE, len(stats), round(features.weighted(stats) / features.SCALE, 3))")
+    return new_notebook(cells=[new_code_cell(c) for c in cells])
+
+
+@contextmanager
+def kernel(name: str, cwd: Path, quiet: bool = False) -> Iterator[tuple[KernelManager, Any]]:
+    km = KernelManager(kernel_name=name)
+    # quiet: ipykernel's "running over TCP without encryption" on every start
+    km.start_kernel(cwd=str(cwd), **({"stderr": subprocess.DEVNULL} if quiet else {}))
+    kc = km.client()
+    try:
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+LAST_REPLY: dict[str, Any] = {}
+
+
+def execute(kc: Any, code: str) -> str:
+    """Run one cell; return its stdout (forkreload's notices left out)."""
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream" and msg["metadata"].get("forkreload") != "notice":
+            out.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, timeout=300, output_hook=hook)
+    LAST_REPLY.clear()
+    LAST_REPLY.update(reply)
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"cell failed: {reply['content'].get('ename')}: {reply['content'].get('evalue')}\n{code}")
+    return "".join(out)
+
+
+def run_all(kc: Any, nb: Any) -> str:
+    out = ""
+    for cell in nb.cells:
+        out = execute(kc, cell.source)
+    return out  # the last cell's
+
+
+def edit(root: Path, v: int) -> None:
+    (root / "features.py").write_text(FEATURES.format(v=v))
+
+
+def expect(out: str, v: int) -> None:
+    if not out.startswith(f"{v} 5000 "):
+        raise RuntimeError(f"the cell after the edit shows {out!r}, not SCALE={v}")
+
+
+def bench(runs: int) -> None:
+    libs = available(HEAVY)
+    nb = build_notebook(libs)
+    nbformat.validate(nb)
+    subprocess.run(
+        [sys.executable, "-m", "forkreload", "kernel", "install", "--prefix", str(PREFIX), "--preload", ",".join(libs)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    spec = json.loads((PREFIX / "share" / "jupyter" / "kernels" / "forkreload" / "kernel.json").read_text())
+    assert spec["argv"][0] == sys.executable
+    last = nb.cells[-1].source
+
+    # (a) forkreload: one kernel, run all once, then edit -> next cell.
+    root = make_project({"features.py": FEATURES.format(v=1)})
+    swaps, internal, plain, fr_restart_all = [], [], [], []
+    first_run_all = 0.0
+    try:
+        with kernel("forkreload", root) as (km, kc):
+            t0 = time.perf_counter()
+            expect(run_all(kc, nb), 1)
+            first_run_all = time.perf_counter() - t0
+            for i in range(1, runs + 1):
+                t0 = time.perf_counter()
+                execute(kc, last)
+                plain.append(time.perf_counter() - t0)
+                time.sleep(THINK)
+                edit(root, i + 1)  # a messy edit: a module constant, no in-place patch
+                t0 = time.perf_counter()
+                out = execute(kc, last)
+                swaps.append(time.perf_counter() - t0)
+                expect(out, i + 1)
+                report = LAST_REPLY["metadata"].get("forkreload") or {}
+                if not (report.get("ok") and report.get("mode") == "fresh"):
+                    raise RuntimeError(f"expected a fresh-worker swap, got {report}")
+                internal.append(report["seconds"])
+            # The front end's "Restart kernel and run all" on forkreload.
+            for i in range(max(3, runs // 2)):
+                time.sleep(THINK)
+                edit(root, 100 + i)
+                t0 = time.perf_counter()
+                km.restart_kernel()
+                kc.wait_for_ready(timeout=120)
+                out = run_all(kc, nb)
+                fr_restart_all.append(time.perf_counter() - t0)
+                expect(out, 100 + i)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    # (b) ipykernel: "Restart kernel and run all" after each edit.
+    root = make_project({"features.py": FEATURES.format(v=1)})
+    restart_all, restart_only = [], []
+    try:
+        with kernel("python3", root, quiet=True) as (km, kc):
+            expect(run_all(kc, nb), 1)
+            for i in range(1, runs + 1):
+                time.sleep(THINK)
+                edit(root, i + 1)
+                t0 = time.perf_counter()
+                km.restart_kernel()
+                kc.wait_for_ready(timeout=120)
+                restart_only.append(time.perf_counter() - t0)
+                out = run_all(kc, nb)
+                restart_all.append(time.perf_counter() - t0)
+                expect(out, i + 1)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"forkreload kernel benchmark (Python {sys.version.split()[0]}, notebook: {len(nb.cells)} cells, "
+          f"{', '.join(libs)}, groupby on {ROWS:,} rows)")
+    print(f"  run all, first time, forkreload kernel            {first_run_all * 1000:8.1f} ms")
+    print(row("forkreload: the cell, no edit", plain))
+    print(row("forkreload: the cell after a messy edit", swaps))
+    print(row("  of which the swap (df, stats migrated)", internal))
+    print(row("ipykernel: restart kernel and run all", restart_all))
+    print(row("  of which the restart (till kernel ready)", restart_only))
+    print(row("forkreload: restart kernel and run all", fr_restart_all))
+    ratio = median_ms(restart_all) / median_ms(swaps)
+    print(f"  ratio ipykernel restart-and-run-all / forkreload next cell: {ratio:.1f}x")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    try:
+        bench(ap.parse_args().runs)
+    finally:
+        shutil.rmtree(_SCRATCH, ignore_errors=True)
