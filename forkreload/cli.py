@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -76,6 +77,9 @@ def _console(args: argparse.Namespace) -> int:
     from .launcher import LaunchSettings
 
     s = _settings(args)
+    if not os.path.isdir(s.cwd):
+        print(f"forkreload: not a directory: {args.cwd}", file=sys.stderr)
+        return 2
     launch = LaunchSettings(cwd=s.cwd, preload=s.preload, mode=s.mode, quiet=s.quiet, watch=s.watch, learn=s.learn)
     return run_console(launch, project_root=s.project_root)
 
@@ -91,15 +95,15 @@ def _kernelspec(args: argparse.Namespace) -> int:
 
     if args.action == "install":
         path = kernelspec.install(
-            name=args.name,
+            name=args.spec_name or args.name,
             display_name=args.display_name,
             user=args.user,
             prefix=sys.prefix if args.sys_prefix else args.prefix,
             preload=args.preload or [],
         )
-        print(f"Installed kernelspec {args.name} in {path}")
+        print(f"Installed kernelspec {args.spec_name or args.name} in {path}")
     elif args.action == "uninstall":
-        print(f"Removed {kernelspec.uninstall(args.name)}")
+        print(f"Removed {kernelspec.uninstall(args.spec_name or args.name)}")
     else:
         for name, path in kernelspec.list_specs().items():
             print(f"  {name:<24} {path}")
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     k = sub.add_parser("kernel", help="the Jupyter kernel; `kernel install|uninstall|list` manage its kernelspec")
     k.add_argument("action", nargs="?", choices=["run", "install", "uninstall", "list"], default="run")
+    k.add_argument("spec_name", nargs="?", metavar="NAME", help="the kernelspec to install or uninstall (as --name)")
     k.add_argument("-f", "--connection-file", help="the Jupyter connection file (to run the kernel)")
     k.add_argument("--user", action="store_true", help="install for this user only")
     k.add_argument("--sys-prefix", action="store_true", help="install into this Python's prefix (virtualenv/conda)")

@@ -21,6 +21,7 @@ import os
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -137,6 +138,10 @@ class ProjectHistory:
         """ZMQHistoryManager's API; nothing to do."""
 
 
+class ControllerGone(RuntimeError):
+    """The controller ended (or never answered) before the first prompt."""
+
+
 class StatusLine:
     """A one-line status the controller sends while a cell waits (a fresh
     worker being prepared): iopub `stream` messages with metadata
@@ -188,6 +193,27 @@ class ForkreloadShell(ZMQTerminalInteractiveShell):
 
     history_file: Path | None = None
     project_root = ""
+    controller: Any = None  # the controller's Popen, to notice it die at start
+
+    def init_kernel_info(self) -> None:
+        """Wait for the worker's kernel_info_reply, or the controller's death."""
+        from queue import Empty
+
+        deadline = time.monotonic() + max(self.kernel_timeout, 120)
+        self.client.hb_channel.unpause()
+        msg_id = self.client.kernel_info()
+        while True:
+            try:
+                reply = self.client.get_shell_msg(timeout=0.2)
+            except Empty:
+                if self.controller is not None and self.controller.poll() is not None:
+                    raise ControllerGone(f"the controller exited (status {self.controller.returncode}) before the session started") from None
+                if time.monotonic() > deadline:
+                    raise ControllerGone("the controller did not answer in time") from None
+                continue
+            if reply["parent_header"].get("msg_id") == msg_id:
+                self.kernel_info = reply["content"]
+                return
 
     def init_history(self) -> None:
         # Called by ZMQTerminalInteractiveShell.__init__ before the prompt
@@ -210,8 +236,19 @@ class ForkreloadShell(ZMQTerminalInteractiveShell):
     def run_cell(self, cell: str, store_history: bool = True) -> None:
         if store_history and cell and not cell.isspace():
             self.history_manager.store(cell)
+        if self._controller_gone():
+            return
         super().run_cell(cell, store_history)
         self.status_line.erase()
+        self._controller_gone()
+
+    def _controller_gone(self) -> bool:
+        """End the console, saying why, once its controller has exited."""
+        if self.controller is None or self.controller.poll() is None:
+            return False
+        print(f"forkreload: the controller exited (status {self.controller.returncode}); the session is over", file=sys.stderr, flush=True)
+        self.keep_running = False
+        return True
 
     def show_banner(self) -> None:
         info = self.kernel_info.get("language_info", {})
@@ -241,6 +278,7 @@ class ForkreloadConsoleApp(ZMQTerminalIPythonApp):
 
     name = "forkreload-console"
     controller_pid = 0
+    controller: Any = None
     project_root = ""
 
     def init_shell(self) -> None:
@@ -250,6 +288,7 @@ class ForkreloadConsoleApp(ZMQTerminalIPythonApp):
         JupyterConsoleApp.initialize(self)
         signal.signal(signal.SIGINT, self.handle_sigint)
         ForkreloadShell.project_root = self.project_root
+        ForkreloadShell.controller = self.controller
         self.shell = ForkreloadShell.instance(
             parent=self,
             manager=self.kernel_manager,
@@ -304,12 +343,19 @@ def run_console(settings: LaunchSettings, extra_argv: list[str] | None = None, p
 
     signal.signal(signal.SIGHUP, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    status = 0
     try:
         app = ForkreloadConsoleApp.instance()
         app.controller_pid = launched.proc.pid
+        app.controller = launched.proc
         app.project_root = project_root
-        app.initialize(["--existing", launched.connection_file, "--no-confirm-exit", *(extra_argv or [])])
-        app.start()
+        try:
+            app.initialize(["--existing", launched.connection_file, "--no-confirm-exit", *(extra_argv or [])])
+        except ControllerGone as exc:
+            print(f"forkreload: {exc}", file=sys.stderr)
+            status = 1
+        else:
+            app.start()
     finally:
         try:
             client = ForkreloadConsoleApp.instance().kernel_client
@@ -320,7 +366,7 @@ def run_console(settings: LaunchSettings, extra_argv: list[str] | None = None, p
             pass
         launched.stop()
     sys.stdout.flush()
-    return 0
+    return status
 
 
 def _save_tty() -> Any:

@@ -137,6 +137,7 @@ class Controller:
         self.force_fresh = False
         self.fresh_done: set[str] = set()
         self.comms: set[str] = set()  # comm ids open in the current worker
+        self._cleared = True  # no progress line waiting to be cleared
         # How long the check before each cell takes (reported by status()).
         self.check_times: collections.deque[float] = collections.deque(maxlen=500)  # cells whose %forkreload fresh was done up front
         self.last_report: dict[str, Any] | None = None
@@ -398,6 +399,8 @@ class Controller:
     def _notice(self, parent: dict[str, Any] | None, text: str, error: bool = False) -> None:
         if parent is None or (self.settings.quiet and not error):
             return
+        if not self._cleared:
+            self._clear_progress(parent)
         self.session.send(
             self.fe_iopub,
             "stream",
@@ -520,9 +523,9 @@ class Controller:
         preloaded = sorted(p for p in changed if p in self.snapshot_watch.files)
         if preloaded:
             names = ", ".join(self.snapshot_watch.modules_of(preloaded))
-            return self.rebuild_snapshot(parent, changed, f"preloaded {names} changed: new snapshot")
+            return self._with_progress(parent, self.rebuild_snapshot, changed, f"preloaded {names} changed: new snapshot")
         if forced or mode == "fresh":
-            return self.swap(parent, changed, reason)
+            return self._with_progress(parent, self.swap, changed, reason)
         assert self.worker is not None
         t0 = time.perf_counter()
         base: dict[str, Any] = {
@@ -552,7 +555,7 @@ class Controller:
             self.last_report = report
             return report
         if kind == "fresh" and mode != "inplace":
-            report = self.swap(parent, changed, reasons[0] if reasons else reason)
+            report = self._with_progress(parent, self.swap, changed, reasons[0] if reasons else reason)
             report["reasons"] = reasons
             return report
         # A parse error, a fresh-only edit in mode 'inplace', or the agent failed.
@@ -604,6 +607,28 @@ class Controller:
             self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch = old_proc, old_chan, old_info, old_watch
             self.want_spare = True
         return report
+
+    def _with_progress(self, parent: dict[str, Any] | None, step: Any, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
+        """Run a swap with a status line in the cell while it waits.
+
+        The line is cleared (clear_output: the cell has no other output yet)
+        before the final notice, so a notebook keeps only the notice.
+        """
+        shown = parent is not None and not self.settings.quiet
+        if shown:
+            self.session.send(
+                self.fe_iopub, "stream", {"name": "stdout", "text": f"forkreload: preparing a fresh worker: {reason}…\n"},
+                parent=parent, ident=b"stream", metadata={"forkreload": "progress"},
+            )
+            self._cleared = False
+        report = step(parent, changed, reason)
+        if shown and not self._cleared:
+            self._clear_progress(parent)
+        return report
+
+    def _clear_progress(self, parent: dict[str, Any] | None) -> None:
+        self.session.send(self.fe_iopub, "clear_output", {"wait": False}, parent=parent, ident=b"clear_output", metadata={"forkreload": "progress"})
+        self._cleared = True
 
     @staticmethod
     def _inplace_text(r: dict[str, Any]) -> str:

@@ -219,8 +219,11 @@ class Session:
         if t == "status":
             return c.get("execution_state") == "idle"
         if t == "stream":
-            if msg.get("metadata", {}).get("forkreload") == "notice":
+            kind = msg.get("metadata", {}).get("forkreload")
+            if kind == "notice":
                 notices.append(c["text"])
+            elif kind == "progress":
+                pass  # the "preparing a fresh worker" line, cleared again
             elif c.get("name") == "stderr":
                 res.stderr += c["text"]
             else:
