@@ -8,7 +8,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-HEAVY = ["numpy", "pandas", "scipy", "sklearn"]
+HEAVY = ["numpy", "pandas", "scipy", "sklearn", "torch"]
 
 
 def available(names: list[str]) -> list[str]:

@@ -73,12 +73,27 @@ def native_threads() -> list[str]:
     return names
 
 
+def _blas_pool_threads() -> int:
+    """Worker threads one OpenBLAS copy starts at import (its pool, less the caller)."""
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return max(int(value) - 1, 0)
+    return max((os.cpu_count() or 1) - 1, 0)
+
+
 def _preload(names: list[str], started: dict[str, int]) -> tuple[dict[str, float], dict[str, str]]:
-    """Import each module; note its time, its failure, and the threads it started."""
+    """Import each module; note its time, its failure, and the threads it started.
+
+    Threads are counted around each import. numpy and scipy each bring an
+    OpenBLAS whose pool starts at import; when another preload imports them
+    (torch imports numpy), those threads are put down to numpy or scipy.
+    """
     timings: dict[str, float] = {}
     failures: dict[str, str] = {}
     for name in names:
         before = len(native_threads())
+        known = set(sys.modules)
         t0 = time.perf_counter()
         try:
             importlib.import_module(name)
@@ -87,8 +102,16 @@ def _preload(names: list[str], started: dict[str, int]) -> tuple[dict[str, float
         else:
             timings[name] = round(time.perf_counter() - t0, 4)
         extra = len(native_threads()) - before
+        if extra <= 0:
+            continue
+        for lib in ("numpy", "scipy"):
+            if lib in sys.modules and lib not in known and lib != name.split(".")[0]:
+                share = min(extra, _blas_pool_threads())
+                if share:
+                    started[lib] = started.get(lib, 0) + share
+                    extra -= share
         if extra > 0:
-            started[name] = extra
+            started[name] = started.get(name, 0) + extra
     return timings, failures
 
 

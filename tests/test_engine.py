@@ -323,3 +323,16 @@ def test_edit_of_a_preloaded_module_rebuilds_the_snapshot(project, make_session,
     st = s.status()
     assert st["snapshot"]["pid"] != snap_pid
     assert not psutil.pid_exists(snap_pid) or psutil.Process(snap_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_torch_in_the_snapshot_works_in_forked_workers(project, make_session):
+    pytest.importorskip("torch")
+    project.write("net.py", "import torch\n\nSCALE = 1\n\ndef model():\n    return torch.nn.Linear(4, 2)\n")
+    s = make_session(preload=["torch"])
+    st = s.status()["snapshot"]
+    assert "torch" in st["preload"] and st["threads"]["risky"] == {}
+    r = s.execute("import net, torch; m = net.model(); x = torch.randn(256, 256); y = (x @ x).sum().item()")
+    assert r.status == "ok", r
+    project.write("net.py", "import torch\n\nSCALE = 2\n\ndef model():\n    return torch.nn.Linear(4, 2)\n")
+    r = s.execute("print(net.SCALE, tuple(m(torch.ones(4)).shape), (x @ x).sum().item() == y, torch.cuda.is_initialized())")
+    assert r.stdout == "2 (2,) True False\n" and r.reload.mode == "fresh"
