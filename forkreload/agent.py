@@ -29,6 +29,8 @@ from . import migrate, reload
 
 __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
 
+# What the controller may ask of the agent.
+_CALLS = frozenset({"modules", "export", "prepare", "load", "reload"})
 _OUTPUT_NAME = re.compile(r"^_(i{1,3}|_{1,2}|\d+|i\d+|)$")
 _FORKRELOAD_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -373,8 +375,16 @@ class Agent:
             ident=b"forkreload",
         )
 
+    def handle_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
+        """ipykernel shell handler for the controller's `forkreload_request`."""
+        content = msg["content"]
+        result = self.call(content.get("method", ""), *content.get("args", []))
+        self.kernel.session.send(stream, "forkreload_reply", {"result": result}, parent=msg, ident=idents)
+
     def call(self, method: str, *args: Any) -> str:
         """Entry point for the controller: never raises, always JSON."""
+        if method not in _CALLS:
+            return json.dumps({"ok": False, "error": f"unknown agent call {method!r}", "internal": True})
         try:
             return getattr(self, method)(*args)
         except BaseException as exc:
@@ -389,6 +399,7 @@ def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     shell.user_ns_hidden["__forkreload__"] = agent
     shell.events.register("post_run_cell", agent._post_run_cell)
     shell.register_magic_function(agent.command, magic_kind="line", magic_name="forkreload")
+    kernel.shell_handlers["forkreload_request"] = agent.handle_request
     # A user coming from IPython types `%load_ext autoreload`: a second
     # reloader would fight this one, so the extension becomes a note.
     sys.modules["IPython.extensions.autoreload"] = _autoreload_note_module()

@@ -11,7 +11,6 @@ runs user code.
 
 from __future__ import annotations
 
-import ast
 import collections
 import hmac
 import json
@@ -350,49 +349,39 @@ class Controller:
     # -- talking to a worker's agent ---------------------------------------
 
     def call_agent(self, w: WorkerHandle, method: str, *args: Any) -> dict[str, Any]:
-        """Run an agent method in `w` as a silent execute of our own."""
-        expr = f"__forkreload__.call({method!r}, *{args!r})"
-        msg = self.session.msg(
-            "execute_request",
-            {
-                "code": "",
-                "silent": True,
-                "store_history": False,
-                "user_expressions": {"r": expr},
-                "allow_stdin": False,
-                "stop_on_error": False,
-            },
-        )
+        """Run an agent method in `w`'s main thread; its JSON answer, parsed.
+
+        A `forkreload_request` on the worker's shell socket, handled by the
+        agent: it runs between cells like an execute would, but without
+        IPython's cell machinery, history or execution count.
+        """
+        msg = self.session.msg("forkreload_request", {"method": method, "args": list(args)})
         msg_id = msg["header"]["msg_id"]
+        # Kept after the call: the worker's busy/idle for it may come later.
         self.internal_ids.add(msg_id)
+        if len(self.internal_ids) > 1000:
+            self.internal_ids.clear()
+            self.internal_ids.add(msg_id)
         self.session.send(w.shell, msg, ident=[INTERNAL])
         poller = zmq.Poller()
         poller.register(w.shell, zmq.POLLIN)
         poller.register(w.iopub, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
-        try:
-            while True:
-                events = dict(poller.poll(1000))
-                if w.iopub in events:
-                    self._on_worker_iopub(w, w.iopub.recv_multipart())
-                if w.shell in events:
-                    frames = w.shell.recv_multipart()
-                    idents, parts = _split(frames)
-                    if idents[:1] == [INTERNAL]:
-                        parent = _json(parts[2])
-                        if parent.get("msg_id") != msg_id:
-                            continue
-                        content = _json(parts[4])
-                        r = content.get("user_expressions", {}).get("r", {})
-                        if r.get("status") != "ok":
-                            raise WorkerDied(f"agent call {method} failed: {r.get('ename')}: {r.get('evalue')}")
-                        return json.loads(ast.literal_eval(r["data"]["text/plain"]))
-                    self._on_worker_shell(w, frames)
-                if w.pidfd in events:
-                    w.dead = True
-                    raise WorkerDied("the worker exited")
-        finally:
-            self.internal_ids.discard(msg_id)
+        while True:
+            events = dict(poller.poll(1000))
+            if w.iopub in events:
+                self._on_worker_iopub(w, w.iopub.recv_multipart())
+            if w.shell in events:
+                frames = w.shell.recv_multipart()
+                idents, parts = _split(frames)
+                if idents[:1] == [INTERNAL]:
+                    if _json(parts[2]).get("msg_id") == msg_id:
+                        return json.loads(_json(parts[4])["result"])
+                    continue
+                self._on_worker_shell(w, frames)
+            if w.pidfd in events:
+                w.dead = True
+                raise WorkerDied("the worker exited")
 
     # -- the swap ------------------------------------------------------------
 
@@ -545,7 +534,7 @@ class Controller:
             report = dict(
                 base, mode="inplace", ok=True, reason=reason, reasons=reasons,
                 patched=res.get("patched", []), added=res.get("added", []),
-                seconds=round(time.perf_counter() - t0, 5),
+                seconds=round(time.perf_counter() - t0, 5), patch_seconds=res.get("seconds"),
             )
             if report["patched"] or report["added"]:
                 self._notice(parent, self._inplace_text(report))
@@ -857,6 +846,9 @@ class Controller:
     def _route_shell(self, frames: list[bytes]) -> None:
         idents, parts = _split(frames)
         header = _json(parts[1])
+        if header.get("msg_type") == "forkreload_request":
+            log.warning("dropped a forkreload_request from a front end: the agent takes them from the controller only")
+            return
         if header.get("msg_type") in ("comm_open", "comm_close"):
             self._track_comm(header["msg_type"], parts[4])
         if self.worker is None:
