@@ -173,13 +173,13 @@ class Agent:
         found = self.scan()
         third, self._new_third_party = self._new_third_party, []
         if found or third:
-            self.kernel.session.send(
-                self.kernel.iopub_socket,
-                "forkreload_modules",
-                {"modules": found, "third_party": third},
-                parent=self.kernel.get_parent("shell"),
-                ident=b"forkreload",
-            )
+            self._tell_controller("forkreload_modules", {"modules": found, "third_party": third})
+
+    def _tell_controller(self, msg_type: str, content: dict[str, Any]) -> None:
+        """An iopub message the controller takes for itself (never forwarded)."""
+        self.kernel.session.send(
+            self.kernel.iopub_socket, msg_type, content, parent=self.kernel.get_parent("shell"), ident=b"forkreload"
+        )
 
     def modules(self) -> str:
         """JSON list of the user modules known so far (scans first)."""
@@ -367,13 +367,7 @@ class Agent:
         if cmd not in ("status", "fresh", "mode", "quiet"):
             print("usage: %forkreload status | fresh | mode auto|fresh|inplace|off | quiet [on|off]")
             return
-        self.kernel.session.send(
-            self.kernel.iopub_socket,
-            "forkreload_command",
-            {"cmd": cmd, "args": args},
-            parent=self.kernel.get_parent("shell"),
-            ident=b"forkreload",
-        )
+        self._tell_controller("forkreload_command", {"cmd": cmd, "args": args})
 
     def handle_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
         """ipykernel shell handler for the controller's `forkreload_request`."""

@@ -38,12 +38,13 @@ def tagged_processes() -> list[psutil.Process]:
     return found
 
 
-def wait_no_processes(timeout: float = 10.0) -> list[psutil.Process]:
+def wait_no_processes(timeout: float = 10.0, which: Callable[[], list[psutil.Process]] = tagged_processes) -> list[psutil.Process]:
+    """Wait until `which()` finds no process; return those still there."""
     deadline = time.monotonic() + timeout
-    left = tagged_processes()
+    left = which()
     while left and time.monotonic() < deadline:
         time.sleep(0.05)
-        left = tagged_processes()
+        left = which()
     return left
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
-from conftest import tagged_processes
+from conftest import tagged_processes, wait_no_processes
 from transcript import ConsoleTimeout, TmuxConsole
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
@@ -60,12 +60,7 @@ def console_processes() -> list[psutil.Process]:
 
 
 def wait_gone(timeout: float = 15.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    left = console_processes()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = console_processes()
-    return left
+    return wait_no_processes(timeout, console_processes)
 
 
 def describe(procs: list[psutil.Process]) -> list[tuple[int, str]]:
