@@ -2,28 +2,24 @@
 
 It owns the ports of the Jupyter connection file and proxies the Jupyter
 protocol to the current worker (messages pass through unchanged: both sides
-share the HMAC key). It spawns the snapshot, asks it for workers, watches
-the source files of the user's modules, and before forwarding an
-`execute_request` after an edit it swaps in a fresh worker with the user's
-variables migrated. A worker that dies is replaced; the controller never
-runs user code.
+share the HMAC key). Before forwarding an `execute_request` after an edit of
+the user's files it decides, with the worker's agent, between patching in
+place and swapping in a fresh worker (from its `WorkerPool`) with the
+user's variables migrated. A worker that dies is replaced; the controller
+never runs user code.
 """
 
 from __future__ import annotations
 
 import collections
 import hmac
+import itertools
 import json
 import logging
 import os
-import select
 import shutil
 import signal
-import socket
 import statistics
-import struct
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,10 +28,11 @@ from typing import Any
 import zmq
 from jupyter_client.session import Session as JupyterSession
 
-from .channel import Channel, ForgedMessage, make_private_dir
+from . import notices
+from .channel import ForgedMessage, make_private_dir
 from .config import MODES, LearnedModules, Settings
+from .pool import ControllerError, WorkerDied, WorkerHandle, WorkerPool
 from .watch import SourceWatch
-from .worker import worker_connection
 
 __all__ = ["Controller", "Settings", "ControllerError"]
 
@@ -43,60 +40,6 @@ log = logging.getLogger("forkreload.controller")
 
 DELIM = b"<IDS|MSG>"
 INTERNAL = b"forkreload-internal"
-_READY_TIMEOUT = 60.0
-
-
-class ControllerError(RuntimeError):
-    """The controller could not start or lost its snapshot."""
-
-
-class WorkerDied(RuntimeError):
-    """A worker exited while the controller was waiting on it."""
-
-
-class WorkerHandle:
-    """The controller's side of one worker: its sockets and its process."""
-
-    def __init__(self, ctx: zmq.Context, wid: int, pid: int, pidfd: int, conn: dict[str, Any]) -> None:
-        self.wid = wid
-        self.pid = pid
-        self.pidfd = pidfd
-        self.ready = False
-        self.dead = False
-        self.exit_status: str | None = None
-        self.inflight: dict[str, tuple[list[bytes], dict[str, Any]]] = {}
-        base = f"ipc://{conn['ip']}-"
-        identity = f"forkreload-{uuid.uuid4().hex[:8]}".encode()
-        self.shell = ctx.socket(zmq.DEALER)
-        self.stdin = ctx.socket(zmq.DEALER)
-        # input_request is routed to the shell request's identity: the stdin
-        # socket must carry the same one or it never comes back.
-        for s in (self.shell, self.stdin):
-            s.setsockopt(zmq.IDENTITY, identity)
-        self.control = ctx.socket(zmq.DEALER)
-        self.iopub = ctx.socket(zmq.SUB)
-        self.iopub.setsockopt(zmq.RCVHWM, 0)
-        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.shell.connect(base + str(conn["shell_port"]))
-        self.stdin.connect(base + str(conn["stdin_port"]))
-        self.control.connect(base + str(conn["control_port"]))
-        self.iopub.connect(base + str(conn["iopub_port"]))
-        # iopub first: a cell's output must be forwarded before its reply.
-        self.sockets = (self.iopub, self.shell, self.stdin, self.control)
-
-    def kill(self) -> None:
-        if not self.dead:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def close(self) -> None:
-        for s in self.sockets:
-            s.close(linger=0)
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
 
 
 def _json(frame: bytes) -> dict[str, Any]:
@@ -106,10 +49,6 @@ def _json(frame: bytes) -> dict[str, Any]:
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     i = frames.index(DELIM)
     return frames[:i], frames[i + 1 :]
-
-
-def _human_seconds(s: float) -> str:
-    return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
 class Controller:
@@ -124,24 +63,21 @@ class Controller:
         self.ctx = zmq.Context()
         self.privdir = make_private_dir()
         self.watch = SourceWatch()
+        self.pool: WorkerPool | None = None
+        self._wids = itertools.count(1)
         self.worker: WorkerHandle | None = None
-        self.spare: WorkerHandle | None = None
-        self.retired: list[WorkerHandle] = []
-        self.next_wid = 1
         self.held: list[list[bytes]] = []
         self.internal_ids: set[str] = set()
         self.reports: dict[str, dict[str, Any]] = {}
         self.pending_report: dict[str, Any] | None = None  # told with the next cell
         self.failed_signature: frozenset[tuple[str, str | None]] | None = None
         self.force_fresh = False
-        self.fresh_done: set[str] = set()
+        self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
         self.comms: set[str] = set()  # comm ids open in the current worker
         self._cleared = True  # no progress line waiting to be cleared
         # How long the check before each cell takes (reported by status()).
-        self.check_times: collections.deque[float] = collections.deque(maxlen=500)  # cells whose %forkreload fresh was done up front
+        self.check_times: collections.deque[float] = collections.deque(maxlen=500)
         self.last_report: dict[str, Any] | None = None
-        self.snapshot_info: dict[str, Any] = {}
-        self.exit_statuses: dict[int, str] = {}
         self.running = False
         self.want_spare = False
         self._poll_key: tuple[Any, ...] | None = None
@@ -191,66 +127,24 @@ class Controller:
         threading.Thread(target=heartbeat, name="forkreload-heartbeat", daemon=True).start()
         ready.wait(10)
 
-    def _spawn_snapshot(self) -> None:
-        sock_path = os.path.join(self.privdir, "snapshot.sock")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        listener.bind(sock_path)
-        listener.listen(1)
-        env = dict(os.environ)
-        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-        # debugpy (pre-imported for fast worker start) warns about frozen modules.
-        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-        self.snapshot_proc = subprocess.Popen(
-            [sys.executable, "-m", "forkreload.snapshot"],
-            stdin=subprocess.PIPE,
-            cwd=self.settings.cwd,
-            env=env,
-            # Ctrl-C in a terminal must reach the controller only; it decides
-            # whether the worker gets an interrupt.
-            start_new_session=True,
-        )
-        cfg = {
-            "key": self.key.decode(),
-            "sock": sock_path,
-            "controller_pid": os.getpid(),
-            "privdir": self.privdir,
-            "cwd": self.settings.cwd,
-            "preload": self.preload_list(),
-            "watch": self.settings.watch,
-        }
-        assert self.snapshot_proc.stdin is not None
-        self.snapshot_proc.stdin.write(json.dumps(cfg).encode() + b"\n")
-        self.snapshot_proc.stdin.close()
-        listener.settimeout(1.0)
-        deadline = time.monotonic() + 300
+    def start(self) -> None:
+        """Bind the front end's ports, start the snapshot and a first worker."""
+        if not hasattr(os, "fork"):
+            raise ControllerError("forkreload needs os.fork, which this platform does not have")
+        self._bind_front()
+        self.pool = self._new_pool()
+        self.worker = self.pool.take_spare()
+        self.pool.refill_spare()
+        self.running = True
+
+    def _new_pool(self) -> WorkerPool:
+        """Start a snapshot (with this session's preloads) and report on it."""
+        pool = WorkerPool(self.ctx, self.key, self.privdir, self.settings, self.preload_list(), self._wids)
         try:
-            while True:
-                try:
-                    conn, _ = listener.accept()
-                    break
-                except socket.timeout:
-                    if self.snapshot_proc.poll() is not None:
-                        raise ControllerError(f"the snapshot process exited at start (status {self.snapshot_proc.returncode})")
-                    if time.monotonic() > deadline:
-                        raise ControllerError("the snapshot did not start within 300 s")
-        finally:
-            listener.close()
-            os.unlink(sock_path)
-        pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if pid != self.snapshot_proc.pid:
-            conn.close()
-            raise ControllerError("an unexpected process connected to the snapshot socket")
-        conn.settimeout(None)
-        self.snap = Channel(conn, self.key)
-        hello, _ = self.snap.recv()
-        if not hello or hello.get("op") != "hello":
-            raise ControllerError("the snapshot did not say hello")
-        self.snapshot_info = hello
-        self.snapshot_watch = SourceWatch()
-        for m in hello.get("preload_files", []):
-            self.snapshot_watch.add(m["name"], m["file"], m["sha"])
-        if hello.get("kernel_failed"):
-            raise ControllerError(f"the snapshot could not import the kernel: {hello['kernel_failed']}")
+            hello = pool.start()
+        except BaseException:
+            pool.close()
+            raise
         for name, why in hello.get("preload_failed", {}).items():
             if name in self.settings.preload:
                 log.warning("preload %s failed: %s", name, why)
@@ -259,92 +153,7 @@ class Controller:
         risky = hello.get("threads", {}).get("risky")
         if risky:
             log.warning("preload modules started threads %s: forking with them is a fork-safety risk", risky)
-
-    def start(self) -> None:
-        """Bind the front end's ports, start the snapshot and a first worker."""
-        if not hasattr(os, "fork"):
-            raise ControllerError("forkreload needs os.fork, which this platform does not have")
-        self._bind_front()
-        self._spawn_snapshot()
-        self.worker = self._fork()
-        self._wait_ready(self.worker)
-        self.spare = self._fork()
-        self.running = True
-
-    # -- workers -------------------------------------------------------------
-
-    def _snapshot_message(self) -> tuple[dict[str, Any], list[int]]:
-        msg, fds = self.snap.recv()
-        if msg is None:
-            raise ControllerError("the snapshot process is gone")
-        return msg, fds
-
-    def _on_snapshot_message(self, msg: dict[str, Any]) -> None:
-        if msg.get("op") == "exited":
-            self.exit_statuses[msg["pid"]] = msg["status"]
-
-    def _fork(self) -> WorkerHandle:
-        wid = self.next_wid
-        self.next_wid += 1
-        self.snap.send({"op": "fork", "wid": wid, "cwd": self.settings.cwd})
-        while True:
-            msg, fds = self._snapshot_message()
-            if msg.get("op") == "fork":
-                break
-            self._on_snapshot_message(msg)
-            for fd in fds:
-                os.close(fd)
-        if msg.get("error") or not fds:
-            for fd in fds:
-                os.close(fd)
-            raise ControllerError(f"could not fork a worker: {msg.get('error', 'no process handle')}")
-        conn = worker_connection(self.privdir, wid, self.key.decode())
-        return WorkerHandle(self.ctx, wid, msg["pid"], fds[0], conn)
-
-    def _wait_ready(self, w: WorkerHandle) -> None:
-        """Block until the worker's iopub welcome arrived: only then is routing safe."""
-        deadline = time.monotonic() + _READY_TIMEOUT
-        poller = zmq.Poller()
-        poller.register(w.iopub, zmq.POLLIN)
-        poller.register(w.pidfd, zmq.POLLIN)
-        while not w.ready:
-            if time.monotonic() > deadline:
-                raise WorkerDied("the new worker did not start in time")
-            events = dict(poller.poll(200))
-            if w.pidfd in events:
-                w.dead = True
-                raise WorkerDied("the new worker exited while starting")
-            if w.iopub in events:
-                self._on_worker_iopub(w, w.iopub.recv_multipart())
-
-    def _take_spare(self) -> WorkerHandle:
-        w = self.spare
-        self.spare = None
-        if w is None or w.dead:
-            if w is not None:
-                self._retire(w)
-            w = self._fork()
-        self._wait_ready(w)
-        return w
-
-    def _retire(self, w: WorkerHandle) -> None:
-        w.kill()
-        # Output still queued from the old worker belongs to cells that ended.
-        w.close()
-        for name in os.listdir(self.privdir):
-            if name.startswith(f"w{w.wid}-") or name == f"w{w.wid}.json":
-                try:
-                    os.unlink(os.path.join(self.privdir, name))
-                except OSError:
-                    pass
-
-    def _refill_spare(self) -> None:
-        self.want_spare = False
-        if self.spare is None:
-            try:
-                self.spare = self._fork()
-            except ControllerError as exc:
-                log.warning("no spare worker: %s", exc)
+        return pool
 
     # -- talking to a worker's agent ---------------------------------------
 
@@ -427,7 +236,7 @@ class Controller:
         path = os.path.join(self.privdir, f"ns-{old.wid}-{uuid.uuid4().hex[:6]}")
         new: WorkerHandle | None = None
         try:
-            new = self._take_spare()
+            new = self.pool.take_spare()
             phases["spare"] = time.perf_counter() - t0
             exported = self.call_agent(old, "export", path)
             phases["export"] = time.perf_counter() - t0
@@ -454,17 +263,17 @@ class Controller:
             if not isinstance(exc, _SwapFailed) and report["error"] is None:
                 report["error"] = str(exc)
             if new is not None:
-                self._retire(new)
+                self.pool.retire(new)
             self._remove_dump(path)
-            self._refill_spare()
+            self.pool.refill_spare()
             report["seconds"] = round(time.perf_counter() - t0, 4)
             self.failed_signature = frozenset(changed.items())
-            self._notice(parent, self._failure_text(report), error=True)
+            self._notice(parent, notices.failure_text(report), error=True)
             self.last_report = report
             return report
         self._remove_dump(path)
         self.worker = new
-        self._retire(old)
+        self.pool.retire(old)
         self._close_comms(parent)
         self.watch.clear()
         for m in self.call_agent(new, "modules"):
@@ -476,7 +285,7 @@ class Controller:
             phases[k] = round(phases[k], 4)
         report["ok"] = True
         report["seconds"] = round(time.perf_counter() - t0, 4)
-        self._notice(parent, self._success_text(report), error=False)
+        self._notice(parent, notices.fresh_text(report), error=False)
         self.last_report = report
         return report
 
@@ -487,31 +296,12 @@ class Controller:
             except OSError:
                 pass
 
-    @staticmethod
-    def _success_text(r: dict[str, Any]) -> str:
-        parts = [f"forkreload: fresh worker: {r['reason']}", f"migrated {len(r['migrated'])}"]
-        if r["lost"]:
-            lost = ", ".join(f"{k} ({v.split(':')[0]})" for k, v in sorted(r["lost"].items()))
-            parts.append(f"lost: {lost}")
-        parts.append(_human_seconds(r["seconds"]))
-        return " · ".join(parts)
-
-    @staticmethod
-    def _failure_text(r: dict[str, Any]) -> str:
-        if r.get("failed_module"):
-            head = f"forkreload: kept the old code: {r['failed_module']} failed to import"
-        elif r.get("failed_variables"):
-            head = "forkreload: kept the old worker: variables could not be rebuilt with the new code (fix them, or `del` them and run %forkreload fresh)"
-        else:
-            head = "forkreload: kept the old worker: the fresh worker failed"
-        return f"{head}\n{r['error']}"
-
     def apply_edit(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str, forced: bool = False) -> dict[str, Any]:
         """Handle an edit before the next cell: in place when safe, else a fresh worker."""
         mode = self.settings.mode
-        preloaded = sorted(p for p in changed if p in self.snapshot_watch.files)
+        preloaded = sorted(p for p in changed if p in self.pool.watch.files)
         if preloaded:
-            names = ", ".join(self.snapshot_watch.modules_of(preloaded))
+            names = ", ".join(self.pool.watch.modules_of(preloaded))
             return self._with_progress(parent, self.rebuild_snapshot, changed, f"preloaded {names} changed: new snapshot")
         if forced or mode == "fresh":
             return self._with_progress(parent, self.swap, changed, reason)
@@ -537,7 +327,7 @@ class Controller:
                 seconds=round(time.perf_counter() - t0, 5), patch_seconds=res.get("seconds"),
             )
             if report["patched"] or report["added"]:
-                self._notice(parent, self._inplace_text(report))
+                self._notice(parent, notices.inplace_text(report))
             if kind == "partial":
                 self.failed_signature = frozenset(self.watch.changed().items())
                 self._notice(parent, f"forkreload: not reloaded (mode inplace): {'; '.join(reasons)} · run %forkreload fresh to apply", error=True)
@@ -564,15 +354,12 @@ class Controller:
         The old snapshot is the parent of the current worker (which dies
         with it), so it is ended only once the swap succeeded.
         """
-        old_proc, old_chan, old_info, old_watch = self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch
-        if self.spare is not None:
-            self._retire(self.spare)
-            self.spare = None
+        old = self.pool
+        assert old is not None
         try:
-            self._spawn_snapshot()
+            self.pool = self._new_pool()
         except ControllerError as exc:
-            self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch = old_proc, old_chan, old_info, old_watch
-            self.want_spare = True
+            self.pool = old
             report = {"mode": "fresh", "ok": False, "modules": [], "files": sorted(changed), "reason": reason,
                       "migrated": [], "lost": {}, "seconds": 0.0, "error": str(exc)}
             self.failed_signature = frozenset(changed.items())
@@ -580,21 +367,10 @@ class Controller:
             return report
         report = self.swap(parent, changed, reason)
         if report["ok"]:
-            old_chan.close()  # the old snapshot exits on EOF
-            try:
-                old_proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                old_proc.kill()
-                old_proc.wait()
+            old.close()
         else:
-            if self.spare is not None:
-                self._retire(self.spare)
-                self.spare = None
-            self.snap.close()
-            self.snapshot_proc.kill()
-            self.snapshot_proc.wait()
-            self.snapshot_proc, self.snap, self.snapshot_info, self.snapshot_watch = old_proc, old_chan, old_info, old_watch
-            self.want_spare = True
+            self.pool.close()
+            self.pool = old
         return report
 
     def _with_progress(self, parent: dict[str, Any] | None, step: Any, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
@@ -619,16 +395,6 @@ class Controller:
         self.session.send(self.fe_iopub, "clear_output", {"wait": False}, parent=parent, ident=b"clear_output", metadata={"forkreload": "progress"})
         self._cleared = True
 
-    @staticmethod
-    def _inplace_text(r: dict[str, Any]) -> str:
-        parts = []
-        if r["patched"]:
-            parts.append("patched " + ", ".join(r["patched"]))
-        if r["added"]:
-            parts.append("added " + ", ".join(r["added"]))
-        ms = r["seconds"] * 1000
-        return f"forkreload: {'; '.join(parts)} in place ({ms:.1f} ms)"
-
     def _on_command(self, parent: dict[str, Any], content: dict[str, Any]) -> None:
         """`%forkreload ...` typed in a cell: answered into that cell's output."""
         cmd, args = content.get("cmd"), list(content.get("args", []))
@@ -649,32 +415,8 @@ class Controller:
             self.settings.quiet = not args or args[0] in ("on", "yes", "true", "1")
             text = f"forkreload: quiet is {'on' if self.settings.quiet else 'off'}"
         else:
-            text = self.status_text()
+            text = notices.status_text(self.status())
         self.session.send(self.fe_iopub, "stream", {"name": "stdout", "text": text + "\n"}, parent=parent, ident=b"stream", metadata={"forkreload": "command"})
-
-    def status_text(self) -> str:
-        st = self.status()
-        snap = st["snapshot"]
-        pre = ", ".join(f"{k} ({v:.2f} s)" for k, v in snap["preload"].items()) or "nothing"
-        lines = [
-            "forkreload status",
-            f"  mode        {st['mode']}{' (quiet)' if self.settings.quiet else ''}",
-            f"  project     {self.settings.project_root}",
-            f"  snapshot    pid {snap['pid']}, preloaded {pre}",
-        ]
-        if snap["preload_failed"]:
-            lines.append("  failed      " + ", ".join(f"{k}: {v}" for k, v in snap["preload_failed"].items()))
-        if snap["threads"].get("risky"):
-            lines.append(f"  warning     preloads started threads (fork-safety risk): {snap['threads']['risky']}")
-        lines.append(f"  worker      pid {st['worker_pid']}, spare {st['spare_pid'] or 'starting'}")
-        watched = ", ".join(st["watched"]) or "none yet"
-        lines.append(f"  watching    {watched}")
-        last = self.last_report
-        if last:
-            what = self._inplace_text(last) if last["mode"] == "inplace" else (
-                self._success_text(last) if last["ok"] else f"failed: {last.get('error')}")
-            lines.append(f"  last reload {what.removeprefix('forkreload: ')}")
-        return "\n".join(lines)
 
     def _pending_change(self) -> tuple[dict[str, str | None], str] | None:
         """The edit that must be handled before the next cell, if any."""
@@ -683,7 +425,7 @@ class Controller:
         if self.settings.mode == "off":
             return None
         changed = self.watch.changed()
-        changed.update(self.snapshot_watch.changed())
+        changed.update(self.pool.watch.changed())
         if not changed:
             return None
         if self.failed_signature == frozenset(changed.items()):
@@ -695,21 +437,15 @@ class Controller:
 
     def _on_worker_exit(self, w: WorkerHandle) -> None:
         w.dead = True
-        if w is self.spare:
-            self.spare = None
-            self._retire(w)
-            return
         if w is not self.worker:
-            if w in self.retired:
-                self.retired.remove(w)
-            w.close()
+            self.pool.retire(w)  # the spare
             return
-        status = self._exit_status(w.pid)
+        status = self.pool.exit_status(w.pid)
         why = f"the worker {status}; its variables were lost"
         for msg_id, (idents, header) in list(w.inflight.items()):
             self._reply_dead(idents, header, why)
         w.inflight.clear()
-        self._retire(w)
+        self.pool.retire(w)
         self._close_comms(None)
         self.worker = None
         self.watch.clear()
@@ -719,22 +455,10 @@ class Controller:
             "migrated": [], "lost": {"*": why}, "seconds": 0.0, "error": None,
         }
         try:
-            self.worker = self._take_spare()
+            self.worker = self.pool.take_spare()
         except (WorkerDied, ControllerError) as exc:
             log.error("could not start a fresh worker: %s", exc)
-        self._refill_spare()
-
-    def _exit_status(self, pid: int) -> str:
-        """How a worker ended, as the snapshot (its parent) reaped it."""
-        deadline = time.monotonic() + 1.0
-        while pid not in self.exit_statuses and time.monotonic() < deadline:
-            ready, _, _ = select.select([self.snap.fileno()], [], [], 0.05)
-            if ready:
-                msg, fds = self._snapshot_message()
-                for fd in fds:
-                    os.close(fd)
-                self._on_snapshot_message(msg)
-        return self.exit_statuses.pop(pid, "exited")
+        self.pool.refill_spare()
 
     def _reply_dead(self, idents: list[bytes], header: dict[str, Any], why: str) -> None:
         msg_type = header.get("msg_type", "")
@@ -853,8 +577,8 @@ class Controller:
             self._track_comm(header["msg_type"], parts[4])
         if self.worker is None:
             try:
-                self.worker = self._take_spare()
-                self._refill_spare()
+                self.worker = self.pool.take_spare()
+                self.pool.refill_spare()
             except (WorkerDied, ControllerError) as exc:
                 self._reply_dead(idents, header, f"no worker could be started: {exc}")
                 return
@@ -936,14 +660,14 @@ class Controller:
         self.worker = None
         self.held = []
         if old is not None:
-            self._retire(old)
+            self.pool.retire(old)
         self._close_comms(None)
         self.watch.clear()
         self.failed_signature = None
         self.pending_report = None
         self.force_fresh = False
         try:
-            self.worker = self._take_spare()
+            self.worker = self.pool.take_spare()
         except (WorkerDied, ControllerError) as exc:
             log.error("could not start a fresh worker: %s", exc)
         self.want_spare = True
@@ -957,7 +681,7 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         """What a user asks `%forkreload status` or `Session.status()` for."""
-        snap = self.snapshot_info
+        snap = self.pool.info if self.pool is not None else {}
         return {
             "mode": self.settings.mode,
             "cwd": self.settings.cwd,
@@ -971,7 +695,7 @@ class Controller:
                 "threads": snap.get("threads", {}),
             },
             "worker_pid": self.worker.pid if self.worker else None,
-            "spare_pid": self.spare.pid if self.spare else None,
+            "spare_pid": self.pool.spare.pid if self.pool is not None and self.pool.spare else None,
             "watched": dict(self.watch.modules),
             "last_reload": self.last_report,
             "check_us": statistics.median(self.check_times) * 1e6 if self.check_times else None,
@@ -1006,14 +730,15 @@ class Controller:
 
     def _poller(self, sigfd: int) -> tuple[zmq.Poller, list[WorkerHandle]]:
         """The poller for the current set of workers, rebuilt only when it changes."""
-        workers = [w for w in (self.worker, self.spare, *self.retired) if w is not None and w.pidfd >= 0]
-        key = (self.snap.fileno(), *((id(w), w.pidfd) for w in workers))
+        assert self.pool is not None
+        workers = [w for w in (self.worker, self.pool.spare) if w is not None and w.pidfd >= 0]
+        key = (self.pool.fileno(), *((id(w), w.pidfd) for w in workers))
         if key != self._poll_key:
             poller = zmq.Poller()
             for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
                 poller.register(s, zmq.POLLIN)
             poller.register(sigfd, zmq.POLLIN)
-            poller.register(self.snap.fileno(), zmq.POLLIN)
+            poller.register(self.pool.fileno(), zmq.POLLIN)
             for w in workers:
                 poller.register(w.pidfd, zmq.POLLIN)
                 for sock in w.sockets:
@@ -1023,6 +748,7 @@ class Controller:
 
     def _step(self, sigfd: int) -> None:
         poller, workers = self._poller(sigfd)
+        assert self.pool is not None
         events = dict(poller.poll(1000))
         if os.getppid() != self._ppid:
             self.running = False  # our parent died: do not outlive it
@@ -1033,12 +759,9 @@ class Controller:
                     self.interrupt()
                 elif signum in (signal.SIGTERM, signal.SIGHUP):
                     self.running = False
-        if self.snap.fileno() in events:
+        if self.pool.fileno() in events:
             try:
-                msg, fds = self._snapshot_message()
-                for fd in fds:
-                    os.close(fd)
-                self._on_snapshot_message(msg)
+                self.pool.read_message()
             except ForgedMessage:
                 log.warning("dropped a snapshot message with a bad signature")
             except ControllerError:
@@ -1079,22 +802,16 @@ class Controller:
         if self.fe_shell in events:
             self._on_front_shell(self.fe_shell.recv_multipart())
         if self.want_spare:
-            self._refill_spare()
+            self.pool.refill_spare()
 
     def close(self) -> None:
         """Stop every process this controller started and free its files."""
-        for w in (self.worker, self.spare, *self.retired):
-            if w is not None:
-                w.kill()
-                w.close()
-        self.worker = self.spare = None
-        self.retired = []
-        snap = getattr(self, "snapshot_proc", None)
-        if snap is not None and snap.poll() is None:
-            snap.kill()
-            snap.wait()
-        if hasattr(self, "snap"):
-            self.snap.close()
+        if self.worker is not None:
+            self.worker.kill()
+            self.worker.close()
+            self.worker = None
+        if self.pool is not None:
+            self.pool.close()
         for s in ("fe_shell", "fe_control", "fe_stdin", "fe_iopub"):
             if hasattr(self, s):
                 getattr(self, s).close(linger=200)
