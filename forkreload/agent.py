@@ -126,7 +126,6 @@ class Agent:
         self._nmods = len(sys.modules)
         # name -> {"file", "sha", "source"}: the source as it was executed
         self.user_modules: dict[str, dict[str, Any]] = {}
-        self.third_party: list[str] = []
         self._new_third_party: list[str] = []
 
     # -- module tracking -------------------------------------------------
@@ -148,7 +147,6 @@ class Agent:
             path = self.is_user_module(mod)
             if path is None:
                 if self._is_third_party(name, mod):
-                    self.third_party.append(name)
                     self._new_third_party.append(name)
                 continue
             try:

@@ -73,6 +73,7 @@ class Controller:
         self.failed_signature: frozenset[tuple[str, str | None]] | None = None
         self.force_fresh = False
         self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
+        self._in_agent_call = False
         self.comms: set[str] = set()  # comm ids open in the current worker
         self._cleared = True  # no progress line waiting to be cleared
         # How long the check before each cell takes (reported by status()).
@@ -172,6 +173,15 @@ class Controller:
             self.internal_ids.clear()
             self.internal_ids.add(msg_id)
         self.session.send(w.shell, msg, ident=[INTERNAL])
+        # Replies to the front end that arrive meanwhile are forwarded, but
+        # the cells held back wait: no swap may start inside this one.
+        self._in_agent_call = True
+        try:
+            return self._agent_reply(w, msg_id)
+        finally:
+            self._in_agent_call = False
+
+    def _agent_reply(self, w: WorkerHandle, msg_id: str) -> dict[str, Any]:
         poller = zmq.Poller()
         poller.register(w.shell, zmq.POLLIN)
         poller.register(w.iopub, zmq.POLLIN)
@@ -272,6 +282,7 @@ class Controller:
             self.last_report = report
             return report
         self._remove_dump(path)
+        self._drain(old)
         self.worker = new
         self.pool.retire(old)
         self._close_comms(parent)
@@ -498,7 +509,21 @@ class Controller:
         parent = _json(parts[2])
         if parent.get("msg_id") in self.internal_ids:
             return
+        if msg_type == "status":
+            state = _json(parts[4]).get("execution_state")
+            if state == "busy":
+                w.busy_for.add(parent.get("msg_id"))
+            elif state == "idle":
+                w.busy_for.discard(parent.get("msg_id"))
         self.fe_iopub.send_multipart(frames)
+
+    def _drain(self, w: WorkerHandle, timeout: float = 2.0) -> None:
+        """Forward what the worker still owes the front end (the last idle,
+        output published after a reply) before it is retired."""
+        deadline = time.monotonic() + timeout
+        while w.busy_for and time.monotonic() < deadline:
+            if w.iopub.poll(50):
+                self._on_worker_iopub(w, w.iopub.recv_multipart())
 
     def _on_worker_shell(self, w: WorkerHandle, frames: list[bytes]) -> None:
         idents, parts = _split(frames)
@@ -514,7 +539,7 @@ class Controller:
             self.session.send(self.fe_shell, msg, ident=idents)
         else:
             self.fe_shell.send_multipart(frames)
-        if not w.inflight and self.held:
+        if self.held and not self._executing(w) and not self._in_agent_call:
             held, self.held = self.held, []
             for f in held:
                 self._route_shell(f)
@@ -584,6 +609,11 @@ class Controller:
                 return
         w = self.worker
         if header.get("msg_type") == "execute_request":
+            if self._executing(w):
+                # One cell at a time: the check for edits must happen right
+                # before each cell runs (a cell may edit a module for the next).
+                self.held.append(frames)
+                return
             if self._is_fresh_magic(parts[4]):
                 # A cell that is just `%forkreload fresh`: swap now, so the
                 # notice lands in this cell (the magic itself then does nothing).
@@ -610,6 +640,10 @@ class Controller:
             # idle again, and may be swapped, once these are answered.
             w.inflight[header.get("msg_id", "")] = (idents, header)
         w.shell.send_multipart(frames)
+
+    @staticmethod
+    def _executing(w: WorkerHandle) -> bool:
+        return any(h.get("msg_type") == "execute_request" for _i, h in w.inflight.values())
 
     @staticmethod
     def _is_fresh_magic(content: bytes) -> bool:
@@ -721,7 +755,13 @@ class Controller:
         signal.signal(signal.SIGHUP, lambda *a: None)
         try:
             while self.running:
-                self._step(rfd)
+                try:
+                    self._step(rfd)
+                except (ControllerError, KeyboardInterrupt):
+                    raise
+                except Exception:
+                    # A bug here must not take the user's session down with it.
+                    log.exception("internal error while routing a message; the session goes on")
         finally:
             signal.set_wakeup_fd(old_wakeup)
             os.close(rfd)
@@ -772,7 +812,8 @@ class Controller:
             if w.pidfd < 0:
                 continue
             for s in w.sockets:
-                while s in events:
+                # A message may have retired this worker (a held cell swapped).
+                while s in events and not s.closed:
                     try:
                         frames = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:

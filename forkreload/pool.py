@@ -54,7 +54,10 @@ class WorkerHandle:
         self.pidfd = pidfd
         self.ready = False
         self.dead = False
+        # Front-end requests forwarded and not answered yet: msg_id -> (identities, header).
         self.inflight: dict[str, tuple[list[bytes], dict[str, Any]]] = {}
+        # Requests the worker said busy for and not idle yet.
+        self.busy_for: set[str] = set()
         base = f"ipc://{conn['ip']}-"
         identity = f"forkreload-{uuid.uuid4().hex[:8]}".encode()
         self.shell = ctx.socket(zmq.DEALER)

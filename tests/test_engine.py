@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import threading
 import time
@@ -336,3 +337,40 @@ def test_torch_in_the_snapshot_works_in_forked_workers(project, make_session):
     project.write("net.py", "import torch\n\nSCALE = 2\n\ndef model():\n    return torch.nn.Linear(4, 2)\n")
     r = s.execute("print(net.SCALE, tuple(m(torch.ones(4)).shape), (x @ x).sum().item() == y, torch.cuda.is_initialized())")
     assert r.stdout == "2 (2,) True False\n" and r.reload.mode == "fresh"
+
+
+def test_cells_sent_at_once_each_see_the_edits_before_them(project, make_session):
+    """As "Run all" does: every request is sent before the first one ran."""
+    project.write("m.py", "K = 1\n\ndef f():\n    return 'f1'\n")
+    s = make_session()
+    kc = s.client
+    ids = [
+        kc.execute("import m; print(m.f(), m.K)"),
+        kc.execute("open('m.py', 'w').write('K = 1\\n\\ndef f():\\n    return \"f2\"\\n')"),
+        kc.execute("print(m.f(), m.K)"),
+        kc.execute("open('m.py', 'w').write('K = 3\\n\\ndef f():\\n    return \"f2\"\\n')"),
+        kc.execute("print(m.f(), m.K)"),
+    ]
+    out = {i: "" for i in ids}
+    idles = {i: 0 for i in ids}
+    replies = []
+    while len(replies) < len(ids) or sum(idles.values()) < len(ids):
+        if len(replies) < len(ids):
+            try:
+                replies.append(kc.get_shell_msg(timeout=0.05)["parent_header"]["msg_id"])
+            except queue.Empty:
+                pass
+        try:
+            msg = kc.get_iopub_msg(timeout=0.05)
+        except queue.Empty:
+            continue
+        pid = msg["parent_header"].get("msg_id")
+        if pid not in out:
+            continue
+        if msg["msg_type"] == "stream" and not msg["metadata"].get("forkreload"):
+            out[pid] += msg["content"]["text"]
+        elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idles[pid] += 1
+    assert replies == ids
+    assert list(idles.values()) == [1] * len(ids)
+    assert [out[i] for i in ids] == ["f1 1\n", "", "f2 1\n", "", "f2 3\n"]
