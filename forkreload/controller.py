@@ -74,6 +74,7 @@ class Controller:
         self.force_fresh = False
         self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
         self._in_agent_call = False
+        self.stop_on_error: set[str] = set()  # cells whose error aborts the cells queued behind
         self.comms: set[str] = set()  # comm ids open in the current worker
         self._cleared = True  # no progress line waiting to be cleared
         # How long the check before each cell takes (reported by status()).
@@ -532,6 +533,10 @@ class Controller:
         parent = _json(parts[2])
         msg_id = parent.get("msg_id")
         w.inflight.pop(msg_id, None)
+        if msg_id in self.stop_on_error and _json(parts[1]).get("msg_type") == "execute_reply":
+            self.stop_on_error.discard(msg_id)
+            if _json(parts[4]).get("status") == "error":
+                self._abort_held()
         report = self.reports.pop(msg_id, None)
         if report is not None:
             msg = self.session.deserialize(parts, content=True)
@@ -639,7 +644,26 @@ class Controller:
             # Only requests get replies (comm messages do not): the worker is
             # idle again, and may be swapped, once these are answered.
             w.inflight[header.get("msg_id", "")] = (idents, header)
+            if header["msg_type"] == "execute_request":
+                content = _json(parts[4])
+                if content.get("stop_on_error", True) and not content.get("silent", False):
+                    self.stop_on_error.add(header.get("msg_id", ""))
         w.shell.send_multipart(frames)
+
+    def _abort_held(self) -> None:
+        """A cell failed: the cells queued behind it are aborted, as ipykernel does."""
+        kept = []
+        for frames in self.held:
+            idents, parts = _split(frames)
+            header = _json(parts[1])
+            if header.get("msg_type") != "execute_request":
+                kept.append(frames)
+                continue
+            self._status(header, "busy")
+            status = {"status": "aborted"}
+            self.session.send(self.fe_shell, "execute_reply", status, parent=header, ident=idents, metadata=dict(status))
+            self._status(header, "idle")
+        self.held = kept
 
     @staticmethod
     def _executing(w: WorkerHandle) -> bool:

@@ -374,3 +374,16 @@ def test_cells_sent_at_once_each_see_the_edits_before_them(project, make_session
     assert replies == ids
     assert list(idles.values()) == [1] * len(ids)
     assert [out[i] for i in ids] == ["f1 1\n", "", "f2 1\n", "", "f2 3\n"]
+
+
+def test_an_error_aborts_the_cells_queued_behind_it_as_ipykernel_does(project, make_session):
+    s = make_session()
+    kc = s.client
+    ids = [kc.execute("raise ValueError('first')"), kc.execute("x = 1"), kc.execute("print(x)")]
+    statuses = {}
+    while len(statuses) < 3:
+        msg = kc.get_shell_msg(timeout=30)
+        statuses[msg["parent_header"]["msg_id"]] = msg["content"]["status"]
+    assert [statuses[i] for i in ids] == ["error", "aborted", "aborted"]
+    r = s.execute("print('x' in dir())")
+    assert r.stdout == "False\n"
