@@ -105,7 +105,7 @@ def execute(kc: Any, code: str) -> str:
     out: list[str] = []
 
     def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream" and msg["metadata"].get("forkreload") != "notice":
+        if msg["msg_type"] == "stream" and not msg["metadata"].get("forkreload"):
             out.append(msg["content"]["text"])
 
     reply = kc.execute_interactive(code, timeout=300, output_hook=hook)
