@@ -74,6 +74,9 @@ class Controller:
         self.force_fresh = False
         self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
         self._in_agent_call = False
+        self._sigfd: int | None = None  # the signal wakeup pipe, while run() runs
+        # Control requests that came during an agent call, already verified.
+        self.deferred_control: list[tuple[list[bytes], tuple[list[bytes], dict[str, Any]]]] = []
         self.stop_on_error: set[str] = set()  # cells whose error aborts the cells queued behind
         self.comms: set[str] = set()  # comm ids open in the current worker
         self._cleared = True  # no progress line waiting to be cleared
@@ -183,12 +186,28 @@ class Controller:
             self._in_agent_call = False
 
     def _agent_reply(self, w: WorkerHandle, msg_id: str) -> dict[str, Any]:
+        """Wait for the agent's answer; meanwhile Ctrl-C and interrupt
+        requests reach the worker running the call (a user module may loop
+        forever at import), and other control requests wait their turn."""
         poller = zmq.Poller()
         poller.register(w.shell, zmq.POLLIN)
         poller.register(w.iopub, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
+        poller.register(self.fe_control, zmq.POLLIN)
+        if self._sigfd is not None:
+            poller.register(self._sigfd, zmq.POLLIN)
         while True:
             events = dict(poller.poll(1000))
+            if self._sigfd is not None and self._sigfd in events:
+                self._on_signals(os.read(self._sigfd, 64), w)
+            if self.fe_control in events:
+                frames = self.fe_control.recv_multipart()
+                verified = self._verify(frames)
+                if verified is not None and verified[1].get("msg_type") == "interrupt_request":
+                    self._interrupt(w)
+                    self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=verified[1], ident=verified[0])
+                elif verified is not None:
+                    self.deferred_control.append((frames, verified))
             if w.iopub in events:
                 self._on_worker_iopub(w, w.iopub.recv_multipart())
             if w.shell in events:
@@ -676,8 +695,8 @@ class Controller:
         code = _json(content).get("code", "").strip()
         return code.split() == ["%forkreload", "fresh"]
 
-    def _on_front_control(self, frames: list[bytes]) -> None:
-        verified = self._verify(frames)
+    def _on_front_control(self, frames: list[bytes], verified: tuple[list[bytes], dict[str, Any]] | None = None) -> None:
+        verified = verified or self._verify(frames)
         if verified is None:
             return
         idents, header = verified
@@ -760,11 +779,27 @@ class Controller:
         }
 
     def interrupt(self) -> None:
-        if self.worker is not None and not self.worker.dead:
+        """Interrupt the current worker's running cell."""
+        if self.worker is not None:
+            self._interrupt(self.worker)
+
+    @staticmethod
+    def _interrupt(w: WorkerHandle) -> None:
+        if not w.dead:
             try:
-                os.kill(self.worker.pid, signal.SIGINT)
+                os.kill(w.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
+
+    def _on_signals(self, signums: bytes, busy: WorkerHandle | None = None) -> None:
+        """Signals to the controller: SIGINT interrupts (the worker in an
+        agent call, if any), SIGTERM and SIGHUP end the session."""
+        for signum in signums:
+            target = busy or self.worker
+            if signum == signal.SIGINT and target is not None:
+                self._interrupt(target)
+            elif signum in (signal.SIGTERM, signal.SIGHUP):
+                self.running = False
 
     # -- the loop ------------------------------------------------------------
 
@@ -774,6 +809,7 @@ class Controller:
         os.set_blocking(wfd, False)
         os.set_blocking(rfd, False)
         old_wakeup = signal.set_wakeup_fd(wfd)
+        self._sigfd = rfd
         signal.signal(signal.SIGINT, lambda *a: None)
         signal.signal(signal.SIGTERM, lambda *a: None)
         signal.signal(signal.SIGHUP, lambda *a: None)
@@ -818,11 +854,9 @@ class Controller:
             self.running = False  # our parent died: do not outlive it
             return
         if sigfd in events:
-            for signum in os.read(sigfd, 64):
-                if signum == signal.SIGINT:
-                    self.interrupt()
-                elif signum in (signal.SIGTERM, signal.SIGHUP):
-                    self.running = False
+            self._on_signals(os.read(sigfd, 64))
+        while self.deferred_control and not self._in_agent_call:
+            self._on_front_control(*self.deferred_control.pop(0))
         if self.pool.fileno() in events:
             try:
                 self.pool.read_message()

@@ -387,3 +387,20 @@ def test_an_error_aborts_the_cells_queued_behind_it_as_ipykernel_does(project, m
     assert [statuses[i] for i in ids] == ["error", "aborted", "aborted"]
     r = s.execute("print('x' in dir())")
     assert r.stdout == "False\n"
+
+
+@pytest.mark.parametrize("how", ["message", "signal"])
+def test_interrupt_a_fresh_import_that_never_ends(project, make_session, how):
+    project.write("m.py", "K = 1\n")
+    s = make_session()
+    s.execute("import m, os; pid = os.getpid()")
+    project.write("m.py", "K = 2\nwhile True:\n    pass\n")
+    interrupt = s.interrupt if how == "message" else (lambda: os.kill(s.pid, signal.SIGINT))
+    timer = threading.Timer(1.5, interrupt)
+    timer.start()
+    r = s.execute("print(m.K, os.getpid() == pid)", timeout=30)
+    timer.join()
+    assert r.stdout == "1 True\n"  # the old worker, untouched, ran the cell
+    assert r.reload.ok is False and "KeyboardInterrupt" in r.notice
+    project.write("m.py", "K = 3\n")
+    assert s.execute("print(m.K, os.getpid() == pid)").stdout == "3 False\n"
