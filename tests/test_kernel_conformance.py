@@ -43,6 +43,8 @@ class ForkreloadKernelTests(jkt.KernelTests):
         {"code": "from IPython.display import Math, display; display(Math('\\\\frac{1}{2}'))", "mime": "text/latex"},
     ]
     code_history_pattern = "1?2*"
+    # As for ipykernel itself: its answer to a "range" request for the
+    # current session names session 0, not the number "tail" gave.
     supported_history_operations = ("tail", "search")
     code_inspect_sample = "zip"
     code_clear_output = "from IPython.display import clear_output; clear_output()"
