@@ -93,6 +93,13 @@ def user_variable_names(shell: Any) -> list[str]:
     return names
 
 
+def _findable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _sign(key: bytes, data: bytes) -> str:
     return hmac.new(key, data, hashlib.sha256).hexdigest()
 
@@ -247,15 +254,21 @@ class Agent:
             except (OSError, ValueError, NotImplementedError):
                 pass
         importlib.invalidate_caches()
+        gone = []
         for name in meta["modules"]:
             if name in sys.modules:
+                continue
+            if not _findable(name):
+                # Its file was deleted or moved: a fresh process could not
+                # import it either. Values that need it will say so at load.
+                gone.append(name)
                 continue
             try:
                 importlib.import_module(name)
             except BaseException as exc:
                 return json.dumps({"ok": False, "module": name, "error": _user_traceback(exc)})
         self.scan()
-        return json.dumps({"ok": True, "seconds": round(time.perf_counter() - t0, 4)})
+        return json.dumps({"ok": True, "gone": gone, "seconds": round(time.perf_counter() - t0, 4)})
 
     def load(self, path: str) -> str:
         """Load the namespace dumped at `path`; all or nothing."""

@@ -404,3 +404,17 @@ def test_interrupt_a_fresh_import_that_never_ends(project, make_session, how):
     assert r.reload.ok is False and "KeyboardInterrupt" in r.notice
     project.write("m.py", "K = 3\n")
     assert s.execute("print(m.K, os.getpid() == pid)").stdout == "3 False\n"
+
+
+def test_a_deleted_module_does_not_block_the_session(project, make_session):
+    helpers = project.write("helpers.py", "def f():\n    return 41\n")
+    s = make_session()
+    s.execute("import helpers; x = helpers.f() + 1; h = helpers.f")
+    helpers.unlink()
+    r = s.execute("print(x)")
+    assert r.stdout == "42\n" and r.reload.ok is False
+    assert "h:" in r.notice and "helpers:" in r.notice and "del" in r.notice  # what to do about it
+    s.execute("del helpers, h")
+    r = s.execute("%forkreload fresh")
+    assert r.reload.ok and r.reload.mode == "fresh"
+    assert s.execute("print(x); import helpers").error[0] == "ModuleNotFoundError"
