@@ -841,8 +841,11 @@ class Controller:
             poller.register(self.pool.fileno(), zmq.POLLIN)
             for w in workers:
                 poller.register(w.pidfd, zmq.POLLIN)
-                for sock in w.sockets:
-                    poller.register(sock, zmq.POLLIN)
+                # A spare says nothing until it is taken (and then its
+                # welcome is read by WorkerPool.wait_ready).
+                if w is self.worker:
+                    for sock in w.sockets:
+                        poller.register(sock, zmq.POLLIN)
             self._poll_key, self._poll = key, (poller, workers)
         return self._poll
 
