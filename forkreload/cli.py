@@ -58,7 +58,9 @@ def _settings(args: argparse.Namespace) -> Any:
 def _kernel(args: argparse.Namespace) -> int:
     from .controller import Controller, ControllerError
 
-    logging.basicConfig(level=logging.WARNING, format="forkreload: %(message)s")
+    # FORKRELOAD_LOG=path sends the controller's log to a file (kernels'
+    # stderr often goes nowhere a user sees).
+    logging.basicConfig(level=logging.WARNING, format="forkreload: %(message)s", filename=os.environ.get("FORKRELOAD_LOG"))
     with open(args.connection_file) as f:
         conn = json.load(f)
     controller = Controller(conn, _settings(args))

@@ -817,7 +817,8 @@ class Controller:
             while self.running:
                 try:
                     self._step(rfd)
-                except (ControllerError, KeyboardInterrupt):
+                except ControllerError:
+                    log.exception("the controller cannot go on")
                     raise
                 except Exception:
                     # A bug here must not take the user's session down with it.
