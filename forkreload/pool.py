@@ -33,7 +33,8 @@ __all__ = ["ControllerError", "WorkerDied", "WorkerHandle", "WorkerPool"]
 
 log = logging.getLogger("forkreload.pool")
 
-_READY_TIMEOUT = 60.0
+# A worker answers ~0.1 s after its fork; far beyond that, it is stuck.
+_READY_TIMEOUT = 20.0
 _SNAPSHOT_TIMEOUT = 300.0
 
 
@@ -252,14 +253,25 @@ class WorkerPool:
                 w.ready = header.get("msg_type") == "iopub_welcome"
 
     def take_spare(self) -> WorkerHandle:
-        """A started worker with no user state: the spare, or a new fork."""
+        """A started worker with no user state: the spare, or a new fork.
+
+        A worker that does not come up in time is replaced once, so that one
+        stuck start costs a delay, not the swap.
+        """
         w, self.spare = self.spare, None
-        if w is None or w.dead:
-            if w is not None:
+        for attempt in range(2):
+            if w is None or w.dead:
+                if w is not None:
+                    self.retire(w)
+                w = self.fork()
+            try:
+                self.wait_ready(w)
+                return w
+            except WorkerDied as exc:
+                log.warning("a new worker did not start (%s)%s", exc, "; trying another" if attempt == 0 else "")
                 self.retire(w)
-            w = self.fork()
-        self.wait_ready(w)
-        return w
+                w = None
+        raise WorkerDied("no new worker could be started")
 
     def refill_spare(self) -> None:
         if self.spare is None:

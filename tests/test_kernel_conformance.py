@@ -75,7 +75,7 @@ class ForkreloadKernelAfterSwapTests(ForkreloadKernelTests):
         mod.write_text(textwrap.dedent("V = 2\n"))
         outputs: list[str] = []
         reply = cls.kc.execute_interactive(
-            "print(swapme.V + kept)", timeout=60, output_hook=lambda m: outputs.append(m["content"].get("text", ""))
+            "print(swapme.V + kept)", timeout=120, output_hook=lambda m: outputs.append(m["content"].get("text", ""))
         )
         assert reply["content"]["status"] == "ok"
         assert "43\n" in outputs and any("fresh worker" in o for o in outputs), outputs
