@@ -241,6 +241,24 @@ class Controller:
     def _status(self, parent: dict[str, Any], state: str) -> None:
         self.session.send(self.fe_iopub, "status", {"execution_state": state}, parent=parent, ident=b"status")
 
+    def _report(self, mode: str, changed: dict[str, str | None], reason: str, **fields: Any) -> dict[str, Any]:
+        """A reload report (sent to clients in the execute reply's metadata)."""
+        report: dict[str, Any] = {
+            "mode": mode,
+            "ok": False,
+            "modules": self.watch.modules_of([f for f in changed if f in self.watch.files]),
+            "files": sorted(changed),
+            "reason": reason,
+            "migrated": [],
+            "lost": {},
+            "patched": [],
+            "added": [],
+            "seconds": 0.0,
+            "error": None,
+        }
+        report.update(fields)
+        return report
+
     def swap(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
         """Replace the current worker by a fresh one holding the same values.
 
@@ -250,17 +268,7 @@ class Controller:
         old = self.worker
         assert old is not None
         files = sorted(changed)
-        report: dict[str, Any] = {
-            "mode": "fresh",
-            "ok": False,
-            "modules": self.watch.modules_of([f for f in files if f in self.watch.files]),
-            "files": files,
-            "reason": reason,
-            "migrated": [],
-            "lost": {},
-            "seconds": 0.0,
-            "error": None,
-        }
+        report = self._report("fresh", changed, reason)
         phases: dict[str, float] = {}
         report["phases"] = phases
         path = os.path.join(self.privdir, f"ns-{old.wid}-{uuid.uuid4().hex[:6]}")
@@ -338,22 +346,17 @@ class Controller:
             return self._with_progress(parent, self.swap, changed, reason)
         assert self.worker is not None
         t0 = time.perf_counter()
-        base: dict[str, Any] = {
-            "modules": self.watch.modules_of([f for f in changed if f in self.watch.files]),
-            "files": sorted(changed),
-            "migrated": [], "lost": {}, "patched": [], "added": [], "error": None,
-        }
         try:
             res = self.call_agent(self.worker, "reload", sorted(changed), mode)
         except WorkerDied as exc:
-            return dict(base, mode="none", ok=False, reason=str(exc), error=str(exc), seconds=0.0)
+            return self._report("none", changed, str(exc), error=str(exc))
         kind = res.get("kind")
         reasons = list(res.get("reasons") or [])
         if kind in ("inplace", "partial"):
             for path, sha in res.get("files", {}).items():
                 self.watch.accept(path, sha)
-            report = dict(
-                base, mode="inplace", ok=True, reason=reason, reasons=reasons,
+            report = self._report(
+                "inplace", changed, reason, ok=True, reasons=reasons,
                 patched=res.get("patched", []), added=res.get("added", []),
                 seconds=round(time.perf_counter() - t0, 5), patch_seconds=res.get("seconds"),
             )
@@ -371,7 +374,7 @@ class Controller:
         # A parse error, a fresh-only edit in mode 'inplace', or the agent failed.
         why = reasons[0] if reasons else str(res.get("error", "the in-place check failed"))
         self.failed_signature = frozenset(changed.items())
-        report = dict(base, mode="none", ok=False, reason=why, reasons=reasons, error=why, seconds=round(time.perf_counter() - t0, 5))
+        report = self._report("none", changed, why, reasons=reasons, error=why, seconds=round(time.perf_counter() - t0, 5))
         if kind == "fresh":
             self._notice(parent, f"forkreload: not reloaded (mode inplace): {why} · run %forkreload fresh to apply", error=True)
         else:
@@ -391,8 +394,7 @@ class Controller:
             self.pool = self._new_pool()
         except ControllerError as exc:
             self.pool = old
-            report = {"mode": "fresh", "ok": False, "modules": [], "files": sorted(changed), "reason": reason,
-                      "migrated": [], "lost": {}, "seconds": 0.0, "error": str(exc)}
+            report = self._report("fresh", changed, reason, error=str(exc))
             self.failed_signature = frozenset(changed.items())
             self._notice(parent, f"forkreload: kept the old worker: the new snapshot failed: {exc}", error=True)
             return report
@@ -481,10 +483,7 @@ class Controller:
         self.worker = None
         self.watch.clear()
         self.failed_signature = None
-        self.pending_report = {
-            "mode": "fresh", "ok": True, "modules": [], "files": [], "reason": why,
-            "migrated": [], "lost": {"*": why}, "seconds": 0.0, "error": None,
-        }
+        self.pending_report = self._report("fresh", {}, why, ok=True, lost={"*": why})
         try:
             self.worker = self.pool.take_spare()
         except (WorkerDied, ControllerError) as exc:
@@ -632,13 +631,14 @@ class Controller:
                 self._reply_dead(idents, header, f"no worker could be started: {exc}")
                 return
         w = self.worker
+        content = _json(parts[4]) if header.get("msg_type") == "execute_request" else {}
         if header.get("msg_type") == "execute_request":
             if self._executing(w):
                 # One cell at a time: the check for edits must happen right
                 # before each cell runs (a cell may edit a module for the next).
                 self.held.append(frames)
                 return
-            if self._is_fresh_magic(parts[4]):
+            if content.get("code", "").split() == ["%forkreload", "fresh"]:
                 # A cell that is just `%forkreload fresh`: swap now, so the
                 # notice lands in this cell (the magic itself then does nothing).
                 self.force_fresh = True
@@ -664,7 +664,6 @@ class Controller:
             # idle again, and may be swapped, once these are answered.
             w.inflight[header.get("msg_id", "")] = (idents, header)
             if header["msg_type"] == "execute_request":
-                content = _json(parts[4])
                 if content.get("stop_on_error", True) and not content.get("silent", False):
                     self.stop_on_error.add(header.get("msg_id", ""))
         w.shell.send_multipart(frames)
@@ -687,13 +686,6 @@ class Controller:
     @staticmethod
     def _executing(w: WorkerHandle) -> bool:
         return any(h.get("msg_type") == "execute_request" for _i, h in w.inflight.values())
-
-    @staticmethod
-    def _is_fresh_magic(content: bytes) -> bool:
-        if b"forkreload" not in content:
-            return False
-        code = _json(content).get("code", "").strip()
-        return code.split() == ["%forkreload", "fresh"]
 
     def _on_front_control(self, frames: list[bytes], verified: tuple[list[bytes], dict[str, Any]] | None = None) -> None:
         verified = verified or self._verify(frames)

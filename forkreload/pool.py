@@ -189,14 +189,19 @@ class WorkerPool:
     def read_message(self) -> dict[str, Any]:
         """One message from the snapshot (readable now); notes exit statuses."""
         assert self.chan is not None
-        msg, fds = self.chan.recv()
+        msg, fds = self._recv()
         for fd in fds:
             os.close(fd)
+        return msg
+
+    def _recv(self) -> tuple[dict[str, Any], list[int]]:
+        assert self.chan is not None
+        msg, fds = self.chan.recv()
         if msg is None:
             raise ControllerError("the snapshot process is gone")
         if msg.get("op") == "exited":
             self.exit_statuses[msg["pid"]] = msg["status"]
-        return msg
+        return msg, fds
 
     def exit_status(self, pid: int) -> str:
         """How a worker ended, as the snapshot (its parent) reaped it."""
@@ -214,13 +219,9 @@ class WorkerPool:
         wid = next(self.wids)
         self.chan.send({"op": "fork", "wid": wid, "cwd": self.settings.cwd})
         while True:
-            msg, fds = self.chan.recv()
-            if msg is None:
-                raise ControllerError("the snapshot process is gone")
+            msg, fds = self._recv()
             if msg.get("op") == "fork":
                 break
-            if msg.get("op") == "exited":
-                self.exit_statuses[msg["pid"]] = msg["status"]
             for fd in fds:
                 os.close(fd)
         if msg.get("error") or not fds:
