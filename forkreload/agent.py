@@ -4,8 +4,10 @@ Installed in the worker's IPython shell as `__forkreload__` (hidden from the
 user). It tells the controller which of the user's modules were imported
 (and from which files), exports the user's namespace for migration, and on
 the receiving side imports the user's modules fresh and loads the namespace.
-The controller calls it through silent execute requests of its own whose
-results come back in `user_expressions`: no history entry, no count change.
+The controller calls it with `forkreload_request` shell messages of its own
+(see `protocol`): they run between cells like an execute would, without
+IPython's cell machinery, so no history entry and no count change; each
+call answers plain data (the TypedDicts in `protocol`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,10 @@ import traceback
 import types
 from typing import Any
 
-from . import migrate, reload
+from . import migrate, protocol, reload
 
 __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
 
-# What the controller may ask of the agent.
-_CALLS = frozenset({"modules", "export", "prepare", "load", "reload"})
 _OUTPUT_NAME = re.compile(r"^_(i{1,3}|_{1,2}|\d+|i\d+|)$")
 _FORKRELOAD_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -98,6 +98,22 @@ def _findable(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+# How unpickling says that the new code lacks what a value refers to.
+_MISSING_ATTRIBUTE = re.compile(r"Can't (?:get|find) attribute '([^']+)' on <module '([^']+)'")
+_MISSING_MODULE = re.compile(r"No module named '([^']+)'")
+
+
+def _rebuild_failure(why: str) -> str:
+    """Why a variable cannot be rebuilt, in the user's terms."""
+    m = _MISSING_ATTRIBUTE.search(why)
+    if m:
+        return f"refers to {m.group(2)}.{m.group(1)}, which no longer exists"
+    m = _MISSING_MODULE.search(why)
+    if m:
+        return f"needs module {m.group(1)}, which no longer exists"
+    return f"cannot be rebuilt with the new code ({why})"
 
 
 def _sign(key: bytes, data: bytes) -> str:
@@ -178,7 +194,7 @@ class Agent:
         found = self.scan()
         third, self._new_third_party = self._new_third_party, []
         if found or third:
-            self._tell_controller("forkreload_modules", {"modules": found, "third_party": third})
+            self._tell_controller(protocol.MODULES_EVENT, {"modules": found, "third_party": third})
 
     def _tell_controller(self, msg_type: str, content: dict[str, Any]) -> None:
         """An iopub message the controller takes for itself (never forwarded)."""
@@ -186,16 +202,14 @@ class Agent:
             self.kernel.iopub_socket, msg_type, content, parent=self.kernel.get_parent("shell"), ident=b"forkreload"
         )
 
-    def modules(self) -> str:
-        """JSON list of the user modules known so far (scans first)."""
+    def modules(self) -> protocol.ModulesAnswer:
+        """The user modules known so far (scans first)."""
         self.scan()
-        return json.dumps(
-            [{"name": n, "file": e["file"], "sha": e["sha"]} for n, e in self.user_modules.items()]
-        )
+        return {"modules": [{"name": n, "file": e["file"], "sha": e["sha"]} for n, e in self.user_modules.items()]}
 
     # -- migration: the old worker's side ----------------------------------
 
-    def export(self, path: str) -> str:
+    def export(self, path: str) -> protocol.ExportAnswer:
         """Dump the user's namespace and session state next to `path`."""
         t0 = time.perf_counter()
         self.scan()
@@ -215,16 +229,15 @@ class Agent:
         data = json.dumps(meta).encode()
         with open(os.open(path + ".meta", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(_sign(self.key, data).encode() + b"\n" + data)
-        return json.dumps(
-            {
-                "saved": dump.saved,
-                "lost": dump.lost,
-                "groups": [g for g in dump.groups if len(g) > 1],
-                "inband_bytes": dump.inband_bytes,
-                "buffer_bytes": dump.buffer_bytes,
-                "seconds": round(time.perf_counter() - t0, 4),
-            }
-        )
+        return {
+            "ok": True,
+            "saved": dump.saved,
+            "lost": dump.lost,
+            "groups": [g for g in dump.groups if len(g) > 1],
+            "inband_bytes": dump.inband_bytes,
+            "buffer_bytes": dump.buffer_bytes,
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
 
     # -- migration: the new worker's side ----------------------------------
 
@@ -235,8 +248,17 @@ class Agent:
             raise migrate.ForgedPayload("session state with a bad signature")
         return json.loads(data)
 
-    def prepare(self, path: str, changed_files: list[str]) -> str:
-        """Restore cwd, sys.path and environment, then import the user's modules."""
+    def load(self, path: str, changed_files: list[str]) -> protocol.LoadAnswer:
+        """Become the session: restore cwd, sys.path and environment, import
+        the user's modules fresh, then load what can be rebuilt of the
+        namespace dumped at `path`.
+
+        A module that fails to import fails the whole load (the old worker
+        stays, as a fresh process would stop there too). A variable that
+        cannot be rebuilt with the new code (it names a function that was
+        renamed, a module that was deleted) is left out and named with the
+        reason: code new wins over one value.
+        """
         t0 = time.perf_counter()
         meta = self._read_meta(path)
         os.environ.clear()
@@ -260,37 +282,36 @@ class Agent:
                 continue
             if not _findable(name):
                 # Its file was deleted or moved: a fresh process could not
-                # import it either. Values that need it will say so at load.
+                # import it either. Values that need it are named below.
                 gone.append(name)
                 continue
             try:
                 importlib.import_module(name)
             except BaseException as exc:
-                return json.dumps({"ok": False, "module": name, "error": _user_traceback(exc)})
+                return {"ok": False, "module": name, "error": _user_traceback(exc)}
         self.scan()
-        return json.dumps({"ok": True, "gone": gone, "seconds": round(time.perf_counter() - t0, 4)})
-
-    def load(self, path: str) -> str:
-        """Load the namespace dumped at `path`; all or nothing."""
-        t0 = time.perf_counter()
-        meta = self._read_meta(path)
         ns = self.shell.user_ns
         res = migrate.load_namespace(path, self.key, ns)
-        if res.failed:
-            return json.dumps({"ok": False, "failed": res.failed})
         ns.update(res.values)
         self.shell.execution_count = meta["execution_count"]
         hm = self.shell.history_manager
         hm.input_hist_raw[:] = meta["history_raw"]
         hm.input_hist_parsed[:] = meta["history_parsed"]
-        return json.dumps({"ok": True, "loaded": res.loaded, "seconds": round(time.perf_counter() - t0, 4)})
+        return {
+            "ok": True,
+            "loaded": res.loaded,
+            "failed": {name: _rebuild_failure(why) for name, why in res.failed.items()},
+            "gone": gone,
+            "modules": self.modules()["modules"],
+            "seconds": round(time.perf_counter() - t0, 4),
+        }
 
     # -- in place ------------------------------------------------------------
 
-    def reload(self, files: list[str], mode: str) -> str:
+    def reload(self, files: list[str], mode: str) -> protocol.ReloadAnswer:
         """Decide, for the edited files, in place or fresh; patch when in place.
 
-        Returns JSON: kind 'inplace' (patched, added, files: path -> new sha),
+        Answers kind 'inplace' (patched, added, files: path -> new sha),
         'fresh' or 'error' (reasons), 'partial' in mode 'inplace' when some
         modules could not be patched (they are left as they are).
         """
@@ -317,7 +338,7 @@ class Agent:
                 old = importlib.util.decode_source(self.user_modules[name]["source"])
                 decision = reload.classify(mod, old, importlib.util.decode_source(data))
                 if decision.kind == "error":
-                    return json.dumps({"kind": "error", "reasons": decision.reasons})
+                    return {"kind": "error", "reasons": decision.reasons}
                 if decision.kind == "fresh":
                     refused.append(decision.reasons[0])
                     continue
@@ -327,11 +348,11 @@ class Agent:
                     continue
                 edits.append((mod, decision))
         if refused and mode != "inplace":
-            return json.dumps({"kind": "fresh", "reasons": refused})
+            return {"kind": "fresh", "reasons": refused}
         try:
             reload.apply_plans(edits)
         except reload.PatchError as exc:
-            return json.dumps({"kind": "fresh", "reasons": [f"{exc} (rolled back)"]})
+            return {"kind": "fresh", "reasons": [f"{exc} (rolled back)"]}
         applied_files = {}
         for mod, _d in edits:
             entry = self.user_modules[mod.__name__]
@@ -344,16 +365,14 @@ class Agent:
             if c.action == "patch" and c.detail in ("body", "signature")
         ]
         added = [f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan if c.action == "add"]
-        return json.dumps(
-            {
-                "kind": "partial" if refused else "inplace",
-                "reasons": refused,
-                "patched": patched,
-                "added": added,
-                "files": applied_files,
-                "seconds": round(time.perf_counter() - t0, 5),
-            }
-        )
+        return {
+            "kind": "partial" if refused else "inplace",
+            "reasons": refused,
+            "patched": patched,
+            "added": added,
+            "files": applied_files,
+            "seconds": round(time.perf_counter() - t0, 5),
+        }
 
     def _used_elsewhere(self, name: str, decision: reload.Decision) -> str | None:
         names = reload.changed_names(decision)
@@ -372,28 +391,34 @@ class Agent:
     # -- %forkreload -----------------------------------------------------------
 
     def command(self, line: str) -> None:
-        """`%forkreload status|fresh|mode M|quiet [on|off]`: asks the controller."""
+        """`%forkreload status|fresh|back|mode M|quiet [on|off]`: asks the controller."""
         words = line.split()
         cmd, args = (words[0], words[1:]) if words else ("status", [])
-        if cmd not in ("status", "fresh", "mode", "quiet"):
-            print("usage: %forkreload status | fresh | mode auto|fresh|inplace|off | quiet [on|off]")
+        if cmd not in ("status", "fresh", "back", "mode", "quiet"):
+            print("usage: %forkreload status | fresh | back | mode auto|fresh|inplace|off | quiet [on|off]")
             return
-        self._tell_controller("forkreload_command", {"cmd": cmd, "args": args})
+        self._tell_controller(protocol.COMMAND_EVENT, {"cmd": cmd, "args": args})
 
     def handle_request(self, stream: Any, idents: list[bytes], msg: dict[str, Any]) -> None:
-        """ipykernel shell handler for the controller's `forkreload_request`."""
+        """ipykernel shell handler for the controller's agent calls; the
+        reply's content is the call's answer."""
         content = msg["content"]
-        result = self.call(content.get("method", ""), *content.get("args", []))
-        self.kernel.session.send(stream, "forkreload_reply", {"result": result}, parent=msg, ident=idents)
+        answer = self.call(content.get("method", ""), *content.get("args", []))
+        try:
+            self.kernel.session.send(stream, protocol.AGENT_REPLY, answer, parent=msg, ident=idents)
+        except Exception as exc:
+            # The controller waits for this reply: it must get one.
+            error = {"ok": False, "error": f"the answer could not be sent: {type(exc).__name__}: {exc}", "internal": True}
+            self.kernel.session.send(stream, protocol.AGENT_REPLY, error, parent=msg, ident=idents)
 
-    def call(self, method: str, *args: Any) -> str:
-        """Entry point for the controller: never raises, always JSON."""
-        if method not in _CALLS:
-            return json.dumps({"ok": False, "error": f"unknown agent call {method!r}", "internal": True})
+    def call(self, method: str, *args: Any) -> Any:
+        """Entry point for the controller: never raises; an answer of `protocol`."""
+        if method not in protocol.AGENT_CALLS:
+            return {"ok": False, "error": f"unknown agent call {method!r}", "internal": True}
         try:
             return getattr(self, method)(*args)
         except BaseException as exc:
-            return json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}", "internal": True})
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "internal": True}
 
 
 def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
@@ -404,7 +429,7 @@ def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     shell.user_ns_hidden["__forkreload__"] = agent
     shell.events.register("post_run_cell", agent._post_run_cell)
     shell.register_magic_function(agent.command, magic_kind="line", magic_name="forkreload")
-    kernel.shell_handlers["forkreload_request"] = agent.handle_request
+    kernel.shell_handlers[protocol.AGENT_REQUEST] = agent.handle_request
     # A user coming from IPython types `%load_ext autoreload`: a second
     # reloader would fight this one, so the extension becomes a note.
     sys.modules["IPython.extensions.autoreload"] = _autoreload_note_module()

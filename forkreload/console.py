@@ -30,6 +30,7 @@ from jupyter_console.ptshell import ZMQTerminalInteractiveShell
 
 from . import __version__
 from .launcher import LaunchSettings, launch_controller
+from .protocol import REPLY_METADATA_KEY, TAG_PROGRESS
 
 __all__ = ["run_console", "history_path", "ProjectHistory", "StatusLine"]
 
@@ -159,8 +160,8 @@ class StatusLine:
 
     def filter(self, msg: dict[str, Any], from_here: Callable[[dict[str, Any]], bool] = lambda m: True) -> dict[str, Any]:
         """Show or erase as `msg` requires; what jupyter_console should see."""
-        kind = (msg.get("metadata") or {}).get("forkreload")
-        if msg.get("msg_type") == "stream" and kind == "progress":
+        kind = (msg.get("metadata") or {}).get(REPLY_METADATA_KEY)
+        if msg.get("msg_type") == "stream" and kind == TAG_PROGRESS:
             if from_here(msg):
                 self.show(msg.get("content", {}).get("text", ""))
             return dict(msg, content={"name": "stdout", "text": ""})

@@ -1,49 +1,67 @@
-"""The controller: the process a front end starts, holding no user state.
+"""The controller's proxy: the process a front end starts, holding no user state.
 
-It owns the ports of the Jupyter connection file and proxies the Jupyter
-protocol to the current worker (messages pass through unchanged: both sides
-share the HMAC key). Before forwarding an `execute_request` after an edit of
-the user's files it decides, with the worker's agent, between patching in
-place and swapping in a fresh worker (from its `WorkerPool`) with the
-user's variables migrated. A worker that dies is replaced; the controller
-never runs user code.
+It owns the ports of the Jupyter connection file and forwards the Jupyter
+protocol to the current worker unchanged (both sides share the HMAC key):
+signature and replay checks, routing, the queue of cells waiting for the
+worker, comms, signals and the event loop. Which worker is current, and
+which code it runs, is the other room's business (`swap.Swapper`): the
+proxy asks it right before each cell reaches an idle worker.
+
+Invariants:
+- One cell at a time reaches the worker, so each cell sees the edits made
+  before it (a held cell waits in `held`, in order).
+- The controller's own agent calls never reach a front end, and a front end
+  cannot send one.
+- `_wait` is the only loop besides `run`'s: agent calls and draining a
+  retiring worker wait there, with interrupts still reaching the worker.
 """
 
 from __future__ import annotations
 
-import collections
 import hmac
-import itertools
 import json
 import logging
 import os
 import shutil
 import signal
-import statistics
 import threading
 import time
-import uuid
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 from jupyter_client.session import Session as JupyterSession
 
 from . import notices
 from .channel import ForgedMessage, make_private_dir
-from .config import MODES, LearnedModules, Settings
+from .config import Settings
 from .pool import ControllerError, WorkerDied, WorkerHandle, WorkerPool
-from .watch import SourceWatch
+from .protocol import (
+    AGENT_REQUEST,
+    COMMAND_EVENT,
+    CONTROL_REPLY,
+    CONTROL_REQUEST,
+    INTERNAL_IDENT,
+    MODULES_EVENT,
+    REPLY_METADATA_KEY,
+    TAG_COMMAND,
+    TAG_NOTICE,
+    TAG_PROGRESS,
+    Reload,
+)
+from .swap import PoolFactory, Swapper
 
 __all__ = ["Controller", "Settings", "ControllerError"]
 
 log = logging.getLogger("forkreload.controller")
 
 DELIM = b"<IDS|MSG>"
-INTERNAL = b"forkreload-internal"
+# Cells that are only this magic act before they run, so the notice lands in them.
+_UPFRONT = {("%forkreload", "fresh"): "fresh", ("%forkreload", "back"): "back"}
 
 
 def _json(frame: bytes) -> dict[str, Any]:
-    return json.loads(frame) if frame else {}
+    parsed: dict[str, Any] = json.loads(frame) if frame else {}
+    return parsed
 
 
 def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
@@ -51,45 +69,41 @@ def _split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     return frames[:i], frames[i + 1 :]
 
 
+Frames = list[bytes]
+Verified = tuple[list[bytes], dict[str, Any]]
+
+
 class Controller:
     """One session's controller; `run()` serves until shutdown."""
 
-    def __init__(self, connection: dict[str, Any], settings: Settings) -> None:
+    def __init__(self, connection: dict[str, Any], settings: Settings, pool_factory: PoolFactory = WorkerPool) -> None:
         self.conn = connection
+        settings.cwd = os.path.realpath(settings.cwd)
         self.settings = settings
-        self.settings.cwd = os.path.realpath(settings.cwd)
-        self.key = connection["key"].encode() if isinstance(connection["key"], str) else connection["key"]
+        key = connection["key"]
+        self.key: bytes = key.encode() if isinstance(key, str) else key
         self.session = JupyterSession(key=self.key, signature_scheme=connection.get("signature_scheme", "hmac-sha256"), username="forkreload")
         self.ctx = zmq.Context()
         self.privdir = make_private_dir()
-        self.watch = SourceWatch()
-        self.pool: WorkerPool | None = None
-        self._wids = itertools.count(1)
-        self.worker: WorkerHandle | None = None
-        self.held: list[list[bytes]] = []
-        self.internal_ids: set[str] = set()
-        self.reports: dict[str, dict[str, Any]] = {}
-        self.pending_report: dict[str, Any] | None = None  # told with the next cell
-        self.failed_signature: frozenset[tuple[str, str | None]] | None = None
-        self.force_fresh = False
-        self.fresh_done: set[str] = set()  # cells whose %forkreload fresh was done up front
-        self._in_agent_call = False
-        self._sigfd: int | None = None  # the signal wakeup pipe, while run() runs
-        # Control requests that came during an agent call, already verified.
-        self.deferred_control: list[tuple[list[bytes], tuple[list[bytes], dict[str, Any]]]] = []
+        self.worker: WorkerHandle | None = None  # set by Swapper.switch only
+        self.swapper = Swapper(self, settings, pool_factory)
+        self.held: list[Frames] = []  # cells waiting for the worker, in order
+        self.internal_ids: set[str] = set()  # agent calls: their busy/idle are not forwarded
+        self.answers: dict[str, dict[str, Any]] = {}  # agent answers not yet taken
+        self.reports: dict[str, Reload] = {}  # msg_id -> report for that cell's reply
+        self.upfront: set[str] = set()  # cells whose magic was done before they ran
+        # Control requests that came while waiting in `_wait`, already verified.
+        self.deferred_control: list[tuple[Frames, Verified]] = []
         self.stop_on_error: set[str] = set()  # cells whose error aborts the cells queued behind
         self.comms: set[str] = set()  # comm ids open in the current worker
-        self._cleared = True  # no progress line waiting to be cleared
-        # How long the check before each cell takes (reported by status()).
-        self.check_times: collections.deque[float] = collections.deque(maxlen=500)
-        self.last_report: dict[str, Any] | None = None
+        self._progress_shown = False
         self.running = False
-        self.want_spare = False
+        self._waiting = False
+        self._sigfd: int | None = None  # the signal wakeup pipe, while run() runs
         self._poll_key: tuple[Any, ...] | None = None
         self._poll: tuple[zmq.Poller, list[WorkerHandle]] = (zmq.Poller(), [])
         self._ppid = os.getppid()
         self._seen_signatures: set[bytes] = set()
-        self.learned = LearnedModules(settings.project_root) if settings.learn else None
         # Started by forkreload's kernel provisioner: a front end's "Restart
         # kernel" is then a clean worker from the running snapshot.
         self.provisioned = os.environ.get("FORKRELOAD_PROVISIONED") == "1"
@@ -137,389 +151,143 @@ class Controller:
         if not hasattr(os, "fork"):
             raise ControllerError("forkreload needs os.fork, which this platform does not have")
         self._bind_front()
-        self.pool = self._new_pool()
-        self.worker = self.pool.take_spare()
-        self.pool.refill_spare()
+        self.swapper.start()
         self.running = True
 
-    def _new_pool(self) -> WorkerPool:
-        """Start a snapshot (with this session's preloads) and report on it."""
-        pool = WorkerPool(self.ctx, self.key, self.privdir, self.settings, self.preload_list(), self._wids)
-        try:
-            hello = pool.start()
-        except BaseException:
-            pool.close()
-            raise
-        for name, why in hello.get("preload_failed", {}).items():
-            if name in self.settings.preload:
-                log.warning("preload %s failed: %s", name, why)
-        if self.learned is not None:
-            self.learned.forget(list(hello.get("preload_failed", {})))
-        risky = hello.get("threads", {}).get("risky")
-        if risky:
-            log.warning("preload modules started threads %s: forking with them is a fork-safety risk", risky)
-        return pool
+    # -- agent calls and the one nested wait ----------------------------------------
 
-    # -- talking to a worker's agent ---------------------------------------
-
-    def call_agent(self, w: WorkerHandle, method: str, *args: Any) -> dict[str, Any]:
-        """Run an agent method in `w`'s main thread; its JSON answer, parsed.
-
-        A `forkreload_request` on the worker's shell socket, handled by the
-        agent: it runs between cells like an execute would, but without
-        IPython's cell machinery, history or execution count.
-        """
-        msg = self.session.msg("forkreload_request", {"method": method, "args": list(args)})
+    def call_agent(self, w: WorkerHandle, method: str, *args: Any) -> Any:
+        """Run an agent call in `w`'s main thread; its answer (see `protocol`)."""
+        msg = self.session.msg(AGENT_REQUEST, {"method": method, "args": list(args)})
         msg_id = msg["header"]["msg_id"]
         # Kept after the call: the worker's busy/idle for it may come later.
-        self.internal_ids.add(msg_id)
         if len(self.internal_ids) > 1000:
             self.internal_ids.clear()
-            self.internal_ids.add(msg_id)
-        self.session.send(w.shell, msg, ident=[INTERNAL])
-        # Replies to the front end that arrive meanwhile are forwarded, but
-        # the cells held back wait: no swap may start inside this one.
-        self._in_agent_call = True
-        try:
-            return self._agent_reply(w, msg_id)
-        finally:
-            self._in_agent_call = False
+        self.internal_ids.add(msg_id)
+        self.session.send(w.shell, msg, ident=[INTERNAL_IDENT])
+        t0 = time.perf_counter()
+        self._wait(w, lambda: msg_id in self.answers)
+        log.debug("agent call %s in worker %s: %.1f ms", method, w.pid, (time.perf_counter() - t0) * 1000)
+        return self.answers.pop(msg_id)
 
-    def _agent_reply(self, w: WorkerHandle, msg_id: str) -> dict[str, Any]:
-        """Wait for the agent's answer; meanwhile Ctrl-C and interrupt
-        requests reach the worker running the call (a user module may loop
-        forever at import), and other control requests wait their turn."""
+    def drain(self, w: WorkerHandle, timeout: float = 2.0) -> None:
+        """Forward what a retiring worker still owes the front end (the last
+        idle, output published after a reply)."""
+        try:
+            self._wait(w, lambda: not w.busy_for, timeout)
+        except WorkerDied:
+            pass
+
+    def _wait(self, w: WorkerHandle, done: Callable[[], bool], timeout: float | None = None) -> None:
+        """Serve worker `w` until `done()`: its output and replies are
+        forwarded, Ctrl-C and interrupt requests reach it (a user module may
+        loop forever at import), other control requests wait their turn and
+        no cell is routed meanwhile. Raises WorkerDied if `w` exits."""
         poller = zmq.Poller()
-        poller.register(w.shell, zmq.POLLIN)
-        poller.register(w.iopub, zmq.POLLIN)
+        for s in (w.shell, w.iopub, self.fe_control):
+            poller.register(s, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
-        poller.register(self.fe_control, zmq.POLLIN)
         if self._sigfd is not None:
             poller.register(self._sigfd, zmq.POLLIN)
-        while True:
-            events = dict(poller.poll(1000))
-            if self._sigfd is not None and self._sigfd in events:
-                self._on_signals(os.read(self._sigfd, 64), w)
-            if self.fe_control in events:
-                frames = self.fe_control.recv_multipart()
-                verified = self._verify(frames)
-                if verified is not None and verified[1].get("msg_type") == "interrupt_request":
-                    self._interrupt(w)
-                    self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=verified[1], ident=verified[0])
-                elif verified is not None:
-                    self.deferred_control.append((frames, verified))
-            if w.iopub in events:
-                self._on_worker_iopub(w, w.iopub.recv_multipart())
-            if w.shell in events:
-                frames = w.shell.recv_multipart()
-                idents, parts = _split(frames)
-                if idents[:1] == [INTERNAL]:
-                    if _json(parts[2]).get("msg_id") == msg_id:
-                        return json.loads(_json(parts[4])["result"])
-                    continue
-                self._on_worker_shell(w, frames)
-            if w.pidfd in events:
-                w.dead = True
-                raise WorkerDied("the worker exited")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._waiting = True
+        try:
+            while not done():
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                events = dict(poller.poll(50 if deadline is not None else 1000))
+                if self._sigfd is not None and self._sigfd in events:
+                    self._on_signals(os.read(self._sigfd, 64), w)
+                if self.fe_control in events:
+                    frames = self.fe_control.recv_multipart()
+                    verified = self._verify(frames)
+                    if verified is not None and verified[1].get("msg_type") == "interrupt_request":
+                        self._interrupt(w)
+                        self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=verified[1], ident=verified[0])
+                    elif verified is not None:
+                        self.deferred_control.append((frames, verified))
+                if w.iopub in events:
+                    self._on_worker_iopub(w, w.iopub.recv_multipart())
+                if w.shell in events:
+                    self._on_worker_shell(w, w.shell.recv_multipart())
+                if w.pidfd in events:
+                    w.dead = True
+                    raise WorkerDied("the worker exited")
+        finally:
+            self._waiting = False
 
-    # -- the swap ------------------------------------------------------------
+    # -- what the proxy writes to the front end ------------------------------------------
 
-    def _notice(self, parent: dict[str, Any] | None, text: str, error: bool = False) -> None:
-        if parent is None or (self.settings.quiet and not error):
-            return
-        if not self._cleared:
-            self._clear_progress(parent)
+    def _stream(self, parent: dict[str, Any], text: str, tag: str, name: str = "stdout") -> None:
         self.session.send(
-            self.fe_iopub,
-            "stream",
-            {"name": "stderr" if error else "stdout", "text": text.rstrip("\n") + "\n"},
-            parent=parent,
-            ident=b"stream",
-            metadata={"forkreload": "notice"},
+            self.fe_iopub, "stream", {"name": name, "text": text.rstrip("\n") + "\n"},
+            parent=parent, ident=b"stream", metadata={REPLY_METADATA_KEY: tag},
         )
 
-    def _status(self, parent: dict[str, Any], state: str) -> None:
+    def notice(self, parent: dict[str, Any] | None, text: str, error: bool = False) -> None:
+        """forkreload's line in a cell (quiet hides successes, never failures)."""
+        if parent is None or (self.settings.quiet and not error):
+            return
+        self.clear_progress(parent)
+        self._stream(parent, text, TAG_NOTICE, "stderr" if error else "stdout")
+
+    def progress(self, parent: dict[str, Any] | None, text: str) -> None:
+        """A status line while a swap runs; cleared before the notice."""
+        if parent is None or self.settings.quiet:
+            return
+        self._stream(parent, text, TAG_PROGRESS)
+        self._progress_shown = True
+
+    def clear_progress(self, parent: dict[str, Any] | None) -> None:
+        # clear_output is safe: the cell has no output of its own yet.
+        if self._progress_shown:
+            self.session.send(self.fe_iopub, "clear_output", {"wait": False}, parent=parent, ident=b"clear_output", metadata={REPLY_METADATA_KEY: TAG_PROGRESS})
+            self._progress_shown = False
+
+    def command_output(self, parent: dict[str, Any], text: str) -> None:
+        self._stream(parent, text, TAG_COMMAND)
+
+    def status_message(self, parent: dict[str, Any], state: str) -> None:
         self.session.send(self.fe_iopub, "status", {"execution_state": state}, parent=parent, ident=b"status")
 
-    def _report(self, mode: str, changed: dict[str, str | None], reason: str, **fields: Any) -> dict[str, Any]:
-        """A reload report (sent to clients in the execute reply's metadata)."""
-        report: dict[str, Any] = {
-            "mode": mode,
-            "ok": False,
-            "modules": self.watch.modules_of([f for f in changed if f in self.watch.files]),
-            "files": sorted(changed),
-            "reason": reason,
-            "migrated": [],
-            "lost": {},
-            "patched": [],
-            "added": [],
-            "seconds": 0.0,
-            "error": None,
-        }
-        report.update(fields)
-        return report
-
-    def swap(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
-        """Replace the current worker by a fresh one holding the same values.
-
-        On any failure the old worker stays current, untouched.
-        """
-        t0 = time.perf_counter()
-        old = self.worker
-        assert old is not None
-        files = sorted(changed)
-        report = self._report("fresh", changed, reason)
-        phases: dict[str, float] = {}
-        report["phases"] = phases
-        path = os.path.join(self.privdir, f"ns-{old.wid}-{uuid.uuid4().hex[:6]}")
-        new: WorkerHandle | None = None
-        try:
-            new = self.pool.take_spare()
-            phases["spare"] = time.perf_counter() - t0
-            exported = self.call_agent(old, "export", path)
-            phases["export"] = time.perf_counter() - t0
-            if exported.get("ok") is False:
-                raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
-            report["lost"] = dict(exported.get("lost", {}))
-            prepared = self.call_agent(new, "prepare", path, [f for f in files if changed[f] is not None])
-            if not prepared.get("ok"):
-                report["error"] = prepared.get("error")
-                report["failed_module"] = prepared.get("module")
-                raise _SwapFailed()
-            phases["prepare"] = time.perf_counter() - t0
-            loaded = self.call_agent(new, "load", path)
-            phases["load"] = time.perf_counter() - t0
-            if not loaded.get("ok"):
-                if loaded.get("failed"):
-                    report["error"] = "; ".join(f"{k}: {v}" for k, v in loaded["failed"].items())
-                    report["failed_variables"] = sorted(loaded["failed"])
-                else:
-                    report["error"] = loaded.get("error")
-                raise _SwapFailed()
-            report["migrated"] = loaded.get("loaded", [])
-        except (_SwapFailed, WorkerDied, ControllerError) as exc:
-            if not isinstance(exc, _SwapFailed) and report["error"] is None:
-                report["error"] = str(exc)
-            if new is not None:
-                self.pool.retire(new)
-            self._remove_dump(path)
-            self.pool.refill_spare()
-            report["seconds"] = round(time.perf_counter() - t0, 4)
-            self.failed_signature = frozenset(changed.items())
-            self._notice(parent, notices.failure_text(report), error=True)
-            self.last_report = report
-            return report
-        self._remove_dump(path)
-        self._drain(old)
-        self.worker = new
-        self.pool.retire(old)
-        self._close_comms(parent)
-        self.watch.clear()
-        for m in self.call_agent(new, "modules"):
-            self.watch.add(m["name"], m["file"], m["sha"])
-        phases["switch"] = time.perf_counter() - t0
-        self.failed_signature = None
-        self.want_spare = True  # forked after the cell is on its way, not before
-        for k in phases:
-            phases[k] = round(phases[k], 4)
-        report["ok"] = True
-        report["seconds"] = round(time.perf_counter() - t0, 4)
-        self._notice(parent, notices.fresh_text(report), error=False)
-        self.last_report = report
-        return report
-
-    def _remove_dump(self, path: str) -> None:
-        for suffix in ("", ".buf", ".meta"):
-            try:
-                os.unlink(path + suffix)
-            except OSError:
-                pass
-
-    def apply_edit(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str, forced: bool = False) -> dict[str, Any]:
-        """Handle an edit before the next cell: in place when safe, else a fresh worker."""
-        mode = self.settings.mode
-        preloaded = sorted(p for p in changed if p in self.pool.watch.files)
-        if preloaded:
-            names = ", ".join(self.pool.watch.modules_of(preloaded))
-            return self._with_progress(parent, self.rebuild_snapshot, changed, f"preloaded {names} changed: new snapshot")
-        if forced or mode == "fresh":
-            return self._with_progress(parent, self.swap, changed, reason)
-        assert self.worker is not None
-        t0 = time.perf_counter()
-        try:
-            res = self.call_agent(self.worker, "reload", sorted(changed), mode)
-        except WorkerDied as exc:
-            return self._report("none", changed, str(exc), error=str(exc))
-        kind = res.get("kind")
-        reasons = list(res.get("reasons") or [])
-        if kind in ("inplace", "partial"):
-            for path, sha in res.get("files", {}).items():
-                self.watch.accept(path, sha)
-            report = self._report(
-                "inplace", changed, reason, ok=True, reasons=reasons,
-                patched=res.get("patched", []), added=res.get("added", []),
-                seconds=round(time.perf_counter() - t0, 5), patch_seconds=res.get("seconds"),
-            )
-            if report["patched"] or report["added"]:
-                self._notice(parent, notices.inplace_text(report))
-            if kind == "partial":
-                self.failed_signature = frozenset(self.watch.changed().items())
-                self._notice(parent, f"forkreload: not reloaded (mode inplace): {'; '.join(reasons)} · run %forkreload fresh to apply", error=True)
-            self.last_report = report
-            return report
-        if kind == "fresh" and mode != "inplace":
-            report = self._with_progress(parent, self.swap, changed, reasons[0] if reasons else reason)
-            report["reasons"] = reasons
-            return report
-        # A parse error, a fresh-only edit in mode 'inplace', or the agent failed.
-        why = reasons[0] if reasons else str(res.get("error", "the in-place check failed"))
-        self.failed_signature = frozenset(changed.items())
-        report = self._report("none", changed, why, reasons=reasons, error=why, seconds=round(time.perf_counter() - t0, 5))
-        if kind == "fresh":
-            self._notice(parent, f"forkreload: not reloaded (mode inplace): {why} · run %forkreload fresh to apply", error=True)
-        else:
-            self._notice(parent, f"forkreload: kept the old code: {why}", error=True)
-        self.last_report = report
-        return report
-
-    def rebuild_snapshot(self, parent: dict[str, Any] | None, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
-        """A preloaded module of the user's changed: a new snapshot, then a swap from it.
-
-        The old snapshot is the parent of the current worker (which dies
-        with it), so it is ended only once the swap succeeded.
-        """
-        old = self.pool
-        assert old is not None
-        try:
-            self.pool = self._new_pool()
-        except ControllerError as exc:
-            self.pool = old
-            report = self._report("fresh", changed, reason, error=str(exc))
-            self.failed_signature = frozenset(changed.items())
-            self._notice(parent, f"forkreload: kept the old worker: the new snapshot failed: {exc}", error=True)
-            return report
-        report = self.swap(parent, changed, reason)
-        if report["ok"]:
-            old.close()
-        else:
-            self.pool.close()
-            self.pool = old
-        return report
-
-    def _with_progress(self, parent: dict[str, Any] | None, step: Any, changed: dict[str, str | None], reason: str) -> dict[str, Any]:
-        """Run a swap with a status line in the cell while it waits.
-
-        The line is cleared (clear_output: the cell has no other output yet)
-        before the final notice, so a notebook keeps only the notice.
-        """
-        shown = parent is not None and not self.settings.quiet
-        if shown:
-            self.session.send(
-                self.fe_iopub, "stream", {"name": "stdout", "text": f"forkreload: preparing a fresh worker: {reason}…\n"},
-                parent=parent, ident=b"stream", metadata={"forkreload": "progress"},
-            )
-            self._cleared = False
-        report = step(parent, changed, reason)
-        if shown and not self._cleared:
-            self._clear_progress(parent)
-        return report
-
-    def _clear_progress(self, parent: dict[str, Any] | None) -> None:
-        self.session.send(self.fe_iopub, "clear_output", {"wait": False}, parent=parent, ident=b"clear_output", metadata={"forkreload": "progress"})
-        self._cleared = True
-
-    def _on_command(self, parent: dict[str, Any], content: dict[str, Any]) -> None:
-        """`%forkreload ...` typed in a cell: answered into that cell's output."""
-        cmd, args = content.get("cmd"), list(content.get("args", []))
-        if cmd == "fresh":
-            if parent.get("msg_id") in self.fresh_done:
-                self.fresh_done.discard(parent.get("msg_id"))
-                return
-            self.force_fresh = True
-            text = "forkreload: a fresh worker (variables migrated) takes over before the next cell"
-        elif cmd == "mode":
-            if len(args) != 1 or args[0] not in MODES:
-                text = f"forkreload: mode is {self.settings.mode}; choose one of {', '.join(MODES)}"
-            else:
-                self.settings.mode = args[0]
-                self.failed_signature = None
-                text = f"forkreload: mode is now {args[0]}"
-        elif cmd == "quiet":
-            self.settings.quiet = not args or args[0] in ("on", "yes", "true", "1")
-            text = f"forkreload: quiet is {'on' if self.settings.quiet else 'off'}"
-        else:
-            text = notices.status_text(self.status())
-        self.session.send(self.fe_iopub, "stream", {"name": "stdout", "text": text + "\n"}, parent=parent, ident=b"stream", metadata={"forkreload": "command"})
-
-    def _pending_change(self) -> tuple[dict[str, str | None], str] | None:
-        """The edit that must be handled before the next cell, if any."""
-        if self.force_fresh:
-            return self.watch.changed(), "restart requested"
-        if self.settings.mode == "off":
-            return None
-        changed = self.watch.changed()
-        changed.update(self.pool.watch.changed())
-        if not changed:
-            return None
-        if self.failed_signature == frozenset(changed.items()):
-            return None  # same broken content as last try: wait for the next save
-        names = ", ".join(os.path.basename(p) for p in sorted(changed))
-        return changed, f"{names} changed"
-
-    # -- crashes -------------------------------------------------------------
-
-    def _on_worker_exit(self, w: WorkerHandle) -> None:
-        w.dead = True
-        if w is not self.worker:
-            self.pool.retire(w)  # the spare
+    def close_comms(self, parent: dict[str, Any] | None) -> None:
+        """The old worker's comms (widgets) cannot follow it: close them visibly."""
+        if not self.comms:
             return
-        status = self.pool.exit_status(w.pid)
-        why = f"the worker {status}; its variables were lost"
-        for msg_id, (idents, header) in list(w.inflight.items()):
+        for comm_id in sorted(self.comms):
+            self.session.send(self.fe_iopub, "comm_close", {"comm_id": comm_id, "data": {}}, parent=parent, ident=b"comm_close")
+        n = len(self.comms)
+        self.comms.clear()
+        self.notice(parent, notices.comms_closed(n), error=True)
+
+    def fail_inflight(self, w: WorkerHandle, why: str) -> None:
+        """The worker died: every request it had is answered with why."""
+        for idents, header in list(w.inflight.values()):
             self._reply_dead(idents, header, why)
         w.inflight.clear()
-        self.pool.retire(w)
-        self._close_comms(None)
-        self.worker = None
-        self.watch.clear()
-        self.failed_signature = None
-        self.pending_report = self._report("fresh", {}, why, ok=True, lost={"*": why})
-        try:
-            self.worker = self.pool.take_spare()
-        except (WorkerDied, ControllerError) as exc:
-            log.error("could not start a fresh worker: %s", exc)
-        self.pool.refill_spare()
 
     def _reply_dead(self, idents: list[bytes], header: dict[str, Any], why: str) -> None:
         msg_type = header.get("msg_type", "")
         reply_type = msg_type.replace("_request", "_reply")
-        content = {"status": "error", "ename": "WorkerDied", "evalue": why, "traceback": [f"forkreload: {why}"]}
+        content: dict[str, Any] = {"status": "error", "ename": "WorkerDied", "evalue": why, "traceback": [f"forkreload: {why}"]}
         if msg_type == "execute_request":
             content["execution_count"] = None
             self.session.send(self.fe_iopub, "error", {k: content[k] for k in ("ename", "evalue", "traceback")}, parent=header, ident=b"error")
         self.session.send(self.fe_shell, reply_type, content, parent=header, ident=idents)
-        self._status(header, "idle")
+        self.status_message(header, "idle")
 
-    # -- message routing -----------------------------------------------------
+    # -- messages from the current worker ----------------------------------------------
 
-    def _on_worker_iopub(self, w: WorkerHandle, frames: list[bytes]) -> None:
+    def _on_worker_iopub(self, w: WorkerHandle, frames: Frames) -> None:
         _idents, parts = _split(frames)
         header = _json(parts[1])
         msg_type = header.get("msg_type")
         if msg_type == "iopub_welcome":
             w.ready = True
             return
-        if msg_type == "forkreload_command":
+        if msg_type in (COMMAND_EVENT, MODULES_EVENT):
             if w is self.worker:
-                self._on_command(_json(parts[2]), _json(parts[4]))
-            return
-        if msg_type == "forkreload_modules":
-            if w is self.worker:
-                content = _json(parts[4])
-                for m in content.get("modules", []):
-                    self.watch.add(m["name"], m["file"], m["sha"])
-                if self.learned is not None and content.get("third_party"):
-                    self.learned.add(content["third_party"])
+                self._on_agent_event(msg_type, _json(parts[2]), _json(parts[4]))
             return
         if w is not self.worker:
             return
@@ -531,23 +299,27 @@ class Controller:
         if msg_type == "status":
             state = _json(parts[4]).get("execution_state")
             if state == "busy":
-                w.busy_for.add(parent.get("msg_id"))
+                w.busy_for.add(parent.get("msg_id", ""))
             elif state == "idle":
-                w.busy_for.discard(parent.get("msg_id"))
+                w.busy_for.discard(parent.get("msg_id", ""))
         self.fe_iopub.send_multipart(frames)
 
-    def _drain(self, w: WorkerHandle, timeout: float = 2.0) -> None:
-        """Forward what the worker still owes the front end (the last idle,
-        output published after a reply) before it is retired."""
-        deadline = time.monotonic() + timeout
-        while w.busy_for and time.monotonic() < deadline:
-            if w.iopub.poll(50):
-                self._on_worker_iopub(w, w.iopub.recv_multipart())
+    def _on_agent_event(self, msg_type: str, parent: dict[str, Any], content: dict[str, Any]) -> None:
+        if msg_type == MODULES_EVENT:
+            self.swapper.on_modules(content.get("modules", []), content.get("third_party", []))
+        elif parent.get("msg_id") in self.upfront:
+            self.upfront.discard(parent.get("msg_id", ""))
+        else:
+            self.swapper.command(parent, content.get("cmd", "status"), list(content.get("args", [])))
 
-    def _on_worker_shell(self, w: WorkerHandle, frames: list[bytes]) -> None:
+    def _on_worker_shell(self, w: WorkerHandle, frames: Frames) -> None:
         idents, parts = _split(frames)
-        if idents[:1] == [INTERNAL]:
-            return  # a late reply to an agent call that gave up
+        if idents[:1] == [INTERNAL_IDENT]:
+            # An agent call's answer (a late one, of a call that gave up, is dropped).
+            msg_id = _json(parts[2]).get("msg_id")
+            if msg_id in self.internal_ids:
+                self.answers[msg_id] = _json(parts[4])
+            return
         parent = _json(parts[2])
         msg_id = parent.get("msg_id")
         w.inflight.pop(msg_id, None)
@@ -558,16 +330,14 @@ class Controller:
         report = self.reports.pop(msg_id, None)
         if report is not None:
             msg = self.session.deserialize(parts, content=True)
-            msg["metadata"]["forkreload"] = report
+            msg["metadata"][REPLY_METADATA_KEY] = report.as_dict()
             self.session.send(self.fe_shell, msg, ident=idents)
         else:
             self.fe_shell.send_multipart(frames)
-        if self.held and not self._executing(w) and not self._in_agent_call:
-            held, self.held = self.held, []
-            for f in held:
-                self._route_shell(f)
 
-    def _verify(self, frames: list[bytes]) -> tuple[list[bytes], dict[str, Any]] | None:
+    # -- messages from the front end -----------------------------------------------------
+
+    def _verify(self, frames: Frames) -> Verified | None:
         """Check a front end's message signature and freshness; None (logged) if forged.
 
         Returns the identities and the parsed header; the rest stays bytes
@@ -590,7 +360,7 @@ class Controller:
             return None
         return idents, header
 
-    def _on_front_shell(self, frames: list[bytes]) -> None:
+    def _on_front_shell(self, frames: Frames) -> None:
         if self._verify(frames) is None:
             return
         if self.held:
@@ -599,74 +369,65 @@ class Controller:
         self._route_shell(frames)
 
     def _track_comm(self, msg_type: str, content: bytes) -> None:
-        comm_id = _json(content).get("comm_id")
+        comm_id = _json(content).get("comm_id", "")
         if msg_type == "comm_open":
             self.comms.add(comm_id)
         else:
             self.comms.discard(comm_id)
 
-    def _close_comms(self, parent: dict[str, Any] | None) -> None:
-        """The old worker's comms (widgets) cannot follow it: close them visibly."""
-        if not self.comms:
-            return
-        for comm_id in sorted(self.comms):
-            self.session.send(self.fe_iopub, "comm_close", {"comm_id": comm_id, "data": {}}, parent=parent, ident=b"comm_close")
-        n = len(self.comms)
-        self.comms.clear()
-        self._notice(parent, f"forkreload: closed {n} comm{'s' if n > 1 else ''} (widgets) of the old worker; display them again", error=True)
-
-    def _route_shell(self, frames: list[bytes]) -> None:
+    def _route_shell(self, frames: Frames) -> None:
         idents, parts = _split(frames)
         header = _json(parts[1])
-        if header.get("msg_type") == "forkreload_request":
-            log.warning("dropped a forkreload_request from a front end: the agent takes them from the controller only")
+        msg_type = header.get("msg_type", "")
+        if msg_type == AGENT_REQUEST:
+            log.warning("dropped a %s from a front end: the agent takes them from the controller only", AGENT_REQUEST)
             return
-        if header.get("msg_type") in ("comm_open", "comm_close"):
-            self._track_comm(header["msg_type"], parts[4])
-        if self.worker is None:
-            try:
-                self.worker = self.pool.take_spare()
-                self.pool.refill_spare()
-            except (WorkerDied, ControllerError) as exc:
-                self._reply_dead(idents, header, f"no worker could be started: {exc}")
-                return
-        w = self.worker
-        content = _json(parts[4]) if header.get("msg_type") == "execute_request" else {}
-        if header.get("msg_type") == "execute_request":
-            if self._executing(w):
-                # One cell at a time: the check for edits must happen right
-                # before each cell runs (a cell may edit a module for the next).
+        if msg_type in ("comm_open", "comm_close"):
+            self._track_comm(msg_type, parts[4])
+        try:
+            w = self.swapper.ensure_worker()
+        except (WorkerDied, ControllerError) as exc:
+            self._reply_dead(idents, header, f"no worker could be started: {exc}")
+            return
+        content = _json(parts[4]) if msg_type == "execute_request" else {}
+        if msg_type == "execute_request":
+            if self._executing(w) or (w.inflight and self.swapper.edit_pending()):
+                # One cell at a time, and a check for edits right before each
+                # (a cell may edit a module for the next); a swap needs the
+                # worker idle.
                 self.held.append(frames)
                 return
-            if content.get("code", "").split() == ["%forkreload", "fresh"]:
-                # A cell that is just `%forkreload fresh`: swap now, so the
-                # notice lands in this cell (the magic itself then does nothing).
-                self.force_fresh = True
-                self.fresh_done.add(header.get("msg_id", ""))
-            t0 = time.perf_counter()
-            pending = self._pending_change()
-            self.check_times.append(time.perf_counter() - t0)
-            if pending is not None:
-                if w.inflight:
-                    self.held.append(frames)  # swap only when the worker is idle
-                    return
-                self._status(header, "busy")
-                forced, self.force_fresh = self.force_fresh, False
-                report = self.apply_edit(header, *pending, forced=forced)
-                self.reports[header["msg_id"]] = report
-                w = self.worker
-            elif self.pending_report is not None:
-                report, self.pending_report = self.pending_report, None
-                self.reports[header["msg_id"]] = report
-                self._notice(header, f"forkreload: fresh worker: {report['reason']}", error=True)
-        if header.get("msg_type", "").endswith("_request"):
+            msg_id = header.get("msg_id", "")
+            upfront = _UPFRONT.get(tuple(content.get("code", "").split()))  # type: ignore[call-overload]
+            if upfront is not None:
+                self.upfront.add(msg_id)
+                if upfront == "fresh":
+                    self.swapper.force_fresh = True
+                else:
+                    self.swapper.back_requested = True
+            report = self.swapper.before_cell(header)
+            if report is not None:
+                self.reports[msg_id] = report
+            w = self.swapper.ensure_worker()
+            if content.get("stop_on_error", True) and not content.get("silent", False):
+                self.stop_on_error.add(msg_id)
+        if msg_type.endswith("_request"):
             # Only requests get replies (comm messages do not): the worker is
             # idle again, and may be swapped, once these are answered.
             w.inflight[header.get("msg_id", "")] = (idents, header)
-            if header["msg_type"] == "execute_request":
-                if content.get("stop_on_error", True) and not content.get("silent", False):
-                    self.stop_on_error.add(header.get("msg_id", ""))
         w.shell.send_multipart(frames)
+
+    def _dispatch_held(self) -> None:
+        """Route the waiting cells once the worker is free for them."""
+        w = self.worker
+        if not self.held or self._waiting or (w is not None and self._executing(w)):
+            return
+        held, self.held = self.held, []
+        for frames in held:
+            if self.held:
+                self.held.append(frames)  # keep the order behind one that waits again
+            else:
+                self._route_shell(frames)
 
     def _abort_held(self) -> None:
         """A cell failed: the cells queued behind it are aborted, as ipykernel does."""
@@ -677,17 +438,17 @@ class Controller:
             if header.get("msg_type") != "execute_request":
                 kept.append(frames)
                 continue
-            self._status(header, "busy")
+            self.status_message(header, "busy")
             status = {"status": "aborted"}
             self.session.send(self.fe_shell, "execute_reply", status, parent=header, ident=idents, metadata=dict(status))
-            self._status(header, "idle")
+            self.status_message(header, "idle")
         self.held = kept
 
     @staticmethod
     def _executing(w: WorkerHandle) -> bool:
         return any(h.get("msg_type") == "execute_request" for _i, h in w.inflight.values())
 
-    def _on_front_control(self, frames: list[bytes], verified: tuple[list[bytes], dict[str, Any]] | None = None) -> None:
+    def _on_front_control(self, frames: Frames, verified: Verified | None = None) -> None:
         verified = verified or self._verify(frames)
         if verified is None:
             return
@@ -700,75 +461,33 @@ class Controller:
         elif msg_type == "shutdown_request":
             restart = bool(_json(content_frame).get("restart"))
             if restart and self.provisioned:
-                self.clean_restart()
+                self.held = []
+                self.swapper.clean_restart()
             else:
                 self.running = False
             reply = {"status": "ok", "restart": restart}
             self.session.send(self.fe_control, "shutdown_reply", reply, parent=header, ident=idents)
             self.session.send(self.fe_iopub, "shutdown_reply", reply, parent=header, ident=b"shutdown_reply")
-        elif msg_type == "forkreload_request":
-            reply = self._forkreload_request(_json(content_frame))
-            self.session.send(self.fe_control, "forkreload_reply", reply, parent=header, ident=idents)
+        elif msg_type == CONTROL_REQUEST:
+            answer = self._control_request(_json(content_frame))
+            self.session.send(self.fe_control, CONTROL_REPLY, answer, parent=header, ident=idents)
         elif self.worker is not None:
             self.worker.control.send_multipart(frames)
 
-    def _forkreload_request(self, content: dict[str, Any]) -> dict[str, Any]:
+    def _control_request(self, content: dict[str, Any]) -> dict[str, Any]:
         cmd = content.get("cmd")
         if cmd == "status":
-            return {"status": "ok", **self.status()}
+            return {"status": "ok", **self.swapper.status()}
         if cmd == "restart":
             if self.worker is None or self.worker.inflight:
                 return {"status": "error", "evalue": "the worker is busy"}
-            report = self.swap(None, self.watch.changed(), "restart requested")
-            return {"status": "ok" if report["ok"] else "error", "report": report}
+            report = self.swapper.restart()
+            return {"status": "ok" if report.ok else "error", "report": report.as_dict()}
         return {"status": "error", "evalue": f"unknown command {cmd!r}"}
-
-    def clean_restart(self) -> None:
-        """A front end's "Restart kernel": a clean worker, nothing migrated."""
-        old = self.worker
-        self.worker = None
-        self.held = []
-        if old is not None:
-            self.pool.retire(old)
-        self._close_comms(None)
-        self.watch.clear()
-        self.failed_signature = None
-        self.pending_report = None
-        self.force_fresh = False
-        try:
-            self.worker = self.pool.take_spare()
-        except (WorkerDied, ControllerError) as exc:
-            log.error("could not start a fresh worker: %s", exc)
-        self.want_spare = True
-
-    def preload_list(self) -> list[str]:
-        """The explicit preloads, then what this project's sessions imported before."""
-        names = list(self.settings.preload)
-        if self.learned is not None:
-            names += [m for m in self.learned.modules if m not in names]
-        return names
 
     def status(self) -> dict[str, Any]:
         """What a user asks `%forkreload status` or `Session.status()` for."""
-        snap = self.pool.info if self.pool is not None else {}
-        return {
-            "mode": self.settings.mode,
-            "cwd": self.settings.cwd,
-            "settings": self.settings.as_dict(),
-            "learned": list(self.learned.modules) if self.learned is not None else None,
-            "snapshot": {
-                "pid": snap.get("pid"),
-                "preload": snap.get("preload", {}),
-                "preload_failed": snap.get("preload_failed", {}),
-                "seconds": snap.get("seconds"),
-                "threads": snap.get("threads", {}),
-            },
-            "worker_pid": self.worker.pid if self.worker else None,
-            "spare_pid": self.pool.spare.pid if self.pool is not None and self.pool.spare else None,
-            "watched": dict(self.watch.modules),
-            "last_reload": self.last_report,
-            "check_us": statistics.median(self.check_times) * 1e6 if self.check_times else None,
-        }
+        return self.swapper.status()
 
     def interrupt(self) -> None:
         """Interrupt the current worker's running cell."""
@@ -823,19 +542,20 @@ class Controller:
 
     def _poller(self, sigfd: int) -> tuple[zmq.Poller, list[WorkerHandle]]:
         """The poller for the current set of workers, rebuilt only when it changes."""
-        assert self.pool is not None
-        workers = [w for w in (self.worker, self.pool.spare) if w is not None and w.pidfd >= 0]
-        key = (self.pool.fileno(), *((id(w), w.pidfd) for w in workers))
+        pool = self.swapper.pool
+        assert pool is not None
+        workers = self.swapper.workers()
+        key = (pool.fileno(), id(self.worker), *((id(w), w.pidfd) for w in workers))
         if key != self._poll_key:
             poller = zmq.Poller()
             for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
                 poller.register(s, zmq.POLLIN)
             poller.register(sigfd, zmq.POLLIN)
-            poller.register(self.pool.fileno(), zmq.POLLIN)
+            poller.register(pool.fileno(), zmq.POLLIN)
             for w in workers:
                 poller.register(w.pidfd, zmq.POLLIN)
-                # A spare says nothing until it is taken (and then its
-                # welcome is read by WorkerPool.wait_ready).
+                # A spare says nothing until it is taken (its welcome is read
+                # by WorkerPool.wait_ready); the previous worker is idle.
                 if w is self.worker:
                     for sock in w.sockets:
                         poller.register(sock, zmq.POLLIN)
@@ -844,18 +564,19 @@ class Controller:
 
     def _step(self, sigfd: int) -> None:
         poller, workers = self._poller(sigfd)
-        assert self.pool is not None
+        pool = self.swapper.pool
+        assert pool is not None
         events = dict(poller.poll(1000))
         if os.getppid() != self._ppid:
             self.running = False  # our parent died: do not outlive it
             return
         if sigfd in events:
             self._on_signals(os.read(sigfd, 64))
-        while self.deferred_control and not self._in_agent_call:
+        while self.deferred_control:
             self._on_front_control(*self.deferred_control.pop(0))
-        if self.pool.fileno() in events:
+        if pool.fileno() in events:
             try:
-                self.pool.read_message()
+                pool.read_message()
             except ForgedMessage:
                 log.warning("dropped a snapshot message with a bad signature")
             except ControllerError:
@@ -882,8 +603,8 @@ class Controller:
                         self.fe_stdin.send_multipart(frames)
                     else:
                         self.fe_control.send_multipart(frames)
-            if w.pidfd in events:
-                self._on_worker_exit(w)
+            if w.pidfd in events and w.pidfd >= 0:
+                self.swapper.worker_exited(w)
         if self.fe_iopub in events:
             sub = self.fe_iopub.recv()
             if sub[:1] == b"\x01":
@@ -896,8 +617,8 @@ class Controller:
                 self.worker.stdin.send_multipart(frames)
         if self.fe_shell in events:
             self._on_front_shell(self.fe_shell.recv_multipart())
-        if self.want_spare:
-            self.pool.refill_spare()
+        self._dispatch_held()
+        self.swapper.tick()
 
     def close(self) -> None:
         """Stop every process this controller started and free its files."""
@@ -905,14 +626,9 @@ class Controller:
             self.worker.kill()
             self.worker.close()
             self.worker = None
-        if self.pool is not None:
-            self.pool.close()
+        self.swapper.close()
         for s in ("fe_shell", "fe_control", "fe_stdin", "fe_iopub"):
             if hasattr(self, s):
                 getattr(self, s).close(linger=200)
         self.ctx.term()
         shutil.rmtree(self.privdir, ignore_errors=True)
-
-
-class _SwapFailed(Exception):
-    """The fresh worker refused the user's code or values; report in hand."""

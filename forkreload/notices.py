@@ -1,61 +1,179 @@
-"""What the user reads: the one-line notices and `%forkreload status`.
+"""What the user reads: every line forkreload writes into a cell, and `%forkreload status`.
 
-A reload report is a plain dict (it also travels to clients in the execute
-reply's metadata); these functions turn one into the line printed in the
-cell that triggered it.
+The controller decides; this module words it. A reload is described by a
+`protocol.Reload`; the other notices take the few facts they need. Each
+notice is one line (a failed import adds the user's own error below it),
+starts with ``forkreload:``, and names everything that was kept, lost or
+reset, folding long lists to a count rather than dropping them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["fresh_text", "failure_text", "inplace_text", "report_text", "status_text"]
+from .protocol import Reload
+
+__all__ = [
+    "back_text",
+    "command_text",
+    "comms_closed",
+    "crash_reason",
+    "crash_text",
+    "failure_text",
+    "fold",
+    "fresh_text",
+    "inplace_text",
+    "kept_old_code",
+    "not_applied_inplace",
+    "progress_text",
+    "report_text",
+    "snapshot_failed",
+    "stale_reminder",
+    "status_text",
+]
+
+PREFIX = "forkreload: "
+# Past this, a list in a notice is folded to its first items and a count.
+_FOLD_AT = 160
 
 
 def _seconds(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
-def fresh_text(r: dict[str, Any]) -> str:
-    """A successful swap: why, what was migrated, what was lost, how long."""
-    parts = [f"forkreload: fresh worker: {r['reason']}", f"migrated {len(r['migrated'])}"]
-    if r["lost"]:
-        lost = ", ".join(f"{k} ({v.split(':')[0]})" for k, v in sorted(r["lost"].items()))
-        parts.append(f"lost: {lost}")
-    parts.append(_seconds(r["seconds"]))
-    return " · ".join(parts)
+def fold(items: list[str], sep: str = "; ", limit: int = _FOLD_AT) -> str:
+    """All of `items` when short, else the first ones and `(+N more)`."""
+    text = sep.join(items)
+    if len(text) <= limit or len(items) <= 1:
+        return text
+    shown: list[str] = []
+    for item in items:
+        if shown and len(sep.join([*shown, item])) > limit:
+            break
+        shown.append(item)
+    return f"{sep.join(shown)} (+{len(items) - len(shown)} more, see %forkreload status)"
 
 
-def failure_text(r: dict[str, Any]) -> str:
+def _short(reason: str) -> str:
+    # "_io.TextIOWrapper: cannot pickle ..." reads as its type; a reason in
+    # words ("refers to m.f, which no longer exists") stays whole.
+    head = reason.split(": ")[0]
+    return head if " " not in head else reason
+
+
+def _lost(lost: dict[str, str]) -> str:
+    return fold([f"{k} ({_short(v)})" for k, v in sorted(lost.items())], sep=", ")
+
+
+def _why(r: Reload) -> str:
+    return fold(r.reasons) if r.reasons else r.reason
+
+
+def fresh_text(r: Reload) -> str:
+    """A successful swap: why, what was migrated, lost and reset, how long."""
+    parts = [f"{PREFIX}fresh worker: {_why(r)}", f"migrated {len(r.migrated)}"]
+    if r.lost:
+        parts.append(f"lost: {_lost(r.lost)}")
+    if r.notes:
+        parts.append(fold(r.notes))
+    parts.append(_seconds(r.seconds))
+    text = " · ".join(parts)
+    if r.lost and r.previous:
+        text += " · %forkreload back returns to the previous worker with its values"
+    return text
+
+
+def failure_text(r: Reload) -> str:
     """A failed swap: one headline, then the user's own error."""
-    if r.get("failed_module"):
-        head = f"forkreload: kept the old code: {r['failed_module']} failed to import"
-    elif r.get("failed_variables"):
-        head = "forkreload: kept the old worker: variables could not be rebuilt with the new code (fix them, or `del` them and run %forkreload fresh)"
+    if r.failed_module:
+        head = f"{PREFIX}kept the old code: {r.failed_module} failed to import"
     else:
-        head = "forkreload: kept the old worker: the fresh worker failed"
-    return f"{head}\n{r['error']}"
+        head = f"{PREFIX}kept the old worker: the fresh worker failed"
+    return f"{head}\n{r.error}"
 
 
-def inplace_text(r: dict[str, Any]) -> str:
-    """An in-place patch: the functions patched and added, how long."""
+def inplace_text(r: Reload) -> str:
+    """An in-place patch: every function patched and added, what it kept, how long."""
     parts = []
-    if r["patched"]:
-        parts.append("patched " + ", ".join(r["patched"]))
-    if r["added"]:
-        parts.append("added " + ", ".join(r["added"]))
-    return f"forkreload: {'; '.join(parts) or 'no code change'} in place ({r['seconds'] * 1000:.1f} ms)"
+    if r.patched:
+        parts.append("patched " + fold(r.patched, sep=", "))
+    if r.added:
+        parts.append("added " + fold(r.added, sep=", "))
+    text = f"{PREFIX}{'; '.join(parts) or 'no code change'} in place ({r.seconds * 1000:.1f} ms)"
+    if r.notes:
+        text += " · " + fold(r.notes)
+    return text
 
 
-def report_text(r: dict[str, Any]) -> str:
-    """Any report, as one line without the `forkreload:` prefix."""
-    if r["mode"] == "inplace":
+def not_applied_inplace(reasons: list[str]) -> str:
+    """Mode 'inplace' and an edit that needs a fresh worker."""
+    return f"{PREFIX}not reloaded (mode inplace): {fold(reasons)} · run %forkreload fresh to apply"
+
+
+def kept_old_code(reasons: list[str]) -> str:
+    """The edit could not be applied at all (it does not parse, the check failed)."""
+    return f"{PREFIX}kept the old code: {fold(reasons)}"
+
+
+def stale_reminder(files: list[str], why: str) -> str:
+    """Each later cell while the worker runs older code than the files hold."""
+    return f"{PREFIX}still running the old code of {fold(files, sep=', ')} ({why}); save a fix or run %forkreload fresh"
+
+
+def snapshot_failed(error: str) -> str:
+    return f"{PREFIX}kept the old worker: the new snapshot failed: {error}"
+
+
+def progress_text(reason: str) -> str:
+    return f"{PREFIX}preparing a fresh worker: {reason}…"
+
+
+def comms_closed(n: int) -> str:
+    return f"{PREFIX}closed {n} comm{'s' if n > 1 else ''} (widgets) of the old worker; display them again"
+
+
+def crash_reason(status: str) -> str:
+    """The worker died (segfault, os._exit, killed): its values are gone."""
+    return f"the worker {status}; its variables were lost"
+
+
+def crash_text(reason: str) -> str:
+    """The first cell after a crash."""
+    return f"{PREFIX}fresh worker: {reason}"
+
+
+def back_text(pid: int | None, files: list[str]) -> str:
+    """`%forkreload back`: the previous worker is current again."""
+    if pid is None:
+        return f"{PREFIX}no previous worker to go back to (one is kept after each fresh-worker swap)"
+    text = f"{PREFIX}back to the previous worker (pid {pid}) with its values"
+    if files:
+        text += f"; it runs the old code of {fold(files, sep=', ')} until the next save"
+    return text
+
+
+def command_text(cmd: str, value: str, choices: tuple[str, ...] = ()) -> str:
+    """The answer to `%forkreload fresh|mode|quiet`."""
+    if cmd == "fresh":
+        return f"{PREFIX}a fresh worker (variables migrated) takes over before the next cell"
+    if cmd == "back":
+        return f"{PREFIX}the previous worker takes over again before the next cell"
+    if cmd == "mode" and choices:
+        return f"{PREFIX}mode is {value}; choose one of {', '.join(choices)}"
+    if cmd == "mode":
+        return f"{PREFIX}mode is now {value}"
+    return f"{PREFIX}quiet is {value}"
+
+
+def report_text(r: Reload) -> str:
+    """Any report, as one line without the prefix."""
+    if r.mode == "inplace":
         text = inplace_text(r)
-    elif r["ok"]:
+    elif r.ok:
         text = fresh_text(r)
     else:
-        text = f"failed: {r.get('error')}"
-    return text.removeprefix("forkreload: ")
+        text = f"failed: {r.error}"
+    return text.removeprefix(PREFIX)
 
 
 def status_text(st: dict[str, Any]) -> str:
@@ -73,8 +191,18 @@ def status_text(st: dict[str, Any]) -> str:
         lines.append("  failed      " + ", ".join(f"{k}: {v}" for k, v in snap["preload_failed"].items()))
     if snap["threads"].get("risky"):
         lines.append(f"  warning     preloads started threads (fork-safety risk): {snap['threads']['risky']}")
-    lines.append(f"  worker      pid {st['worker_pid']}, spare {st['spare_pid'] or 'starting'}")
+    previous = f", previous {st['previous_pid']} (%forkreload back)" if st.get("previous_pid") else ""
+    lines.append(f"  worker      pid {st['worker_pid']}, spare {st['spare_pid'] or 'starting'}{previous}")
     lines.append(f"  watching    {', '.join(st['watched']) or 'none yet'}")
-    if st["last_reload"]:
-        lines.append(f"  last reload {report_text(st['last_reload'])}")
+    if st.get("stale"):
+        lines.append(f"  old code    {st['stale']}")
+    last = Reload.from_dict(st["last_reload"])
+    if last is not None:
+        lines.append(f"  last reload {report_text(last)}")
+        for why in last.reasons[1:]:
+            lines.append(f"              {why}")
+        for note in last.notes:
+            lines.append(f"              {note}")
+        for name, why in sorted(last.lost.items()):
+            lines.append(f"              lost {name}: {why}")
     return "\n".join(lines)

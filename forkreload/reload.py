@@ -18,7 +18,7 @@ is a `Decision`:
 
 The rule is that 'noop' and 'inplace' are only given when the patched module
 behaves as a fresh import of the new source would (see "What is safe in place"
-in DESIGN.md); when in doubt the answer is 'fresh'.
+in ARCHITECTURE.md and README); when in doubt the answer is 'fresh'.
 """
 
 from __future__ import annotations

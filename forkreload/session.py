@@ -17,6 +17,7 @@ import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 
 from .launcher import LaunchSettings, launch_controller
+from .protocol import CONTROL_REQUEST, REPLY_METADATA_KEY, TAG_NOTICE, TAG_PROGRESS, Reload
 
 __all__ = ["Session", "Result", "Reload", "SessionError", "ForkUnavailable"]
 
@@ -27,41 +28,6 @@ class SessionError(RuntimeError):
 
 class ForkUnavailable(SessionError):
     """This platform has no os.fork, which forkreload is built on."""
-
-
-@dataclass
-class Reload:
-    """What forkreload did before a cell ran, because of an edit or a restart."""
-
-    mode: str  # 'inplace' (patched), 'fresh' (a new worker), 'none' (nothing applied)
-    ok: bool  # False: nothing changed, the old code ran the cell (see error)
-    modules: list[str]  # the user modules whose files changed
-    migrated: list[str]  # fresh: variables carried into the new worker
-    lost: dict[str, str]  # fresh: name -> why it could not be kept ('*' = everything)
-    seconds: float
-    reason: str = ""  # fresh: the first thing that ruled out in place
-    error: str | None = None
-    patched: list[str] = field(default_factory=list)  # inplace: functions whose code changed
-    added: list[str] = field(default_factory=list)  # inplace: functions and methods added
-    reasons: list[str] = field(default_factory=list)  # every reason in-place was ruled out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> Reload | None:
-        if not d:
-            return None
-        return cls(
-            mode=d.get("mode", "fresh"),
-            ok=bool(d.get("ok")),
-            modules=list(d.get("modules", [])),
-            migrated=list(d.get("migrated", [])),
-            lost=dict(d.get("lost", {})),
-            seconds=float(d.get("seconds", 0.0)),
-            reason=d.get("reason", ""),
-            error=d.get("error"),
-            patched=list(d.get("patched", [])),
-            added=list(d.get("added", [])),
-            reasons=list(d.get("reasons", [])),
-        )
 
 
 @dataclass
@@ -208,7 +174,7 @@ class Session:
         res.execution_count = content.get("execution_count")
         if res.status == "error" and res.error is None:
             res.error = (content.get("ename", ""), content.get("evalue", ""))
-        res.reload = Reload.from_dict(reply.get("metadata", {}).get("forkreload"))
+        res.reload = Reload.from_dict(reply.get("metadata", {}).get(REPLY_METADATA_KEY))
         res.notice = "".join(notices)
         return res
 
@@ -219,10 +185,10 @@ class Session:
         if t == "status":
             return c.get("execution_state") == "idle"
         if t == "stream":
-            kind = msg.get("metadata", {}).get("forkreload")
-            if kind == "notice":
+            kind = msg.get("metadata", {}).get(REPLY_METADATA_KEY)
+            if kind == TAG_NOTICE:
                 notices.append(c["text"])
-            elif kind == "progress":
+            elif kind == TAG_PROGRESS:
                 pass  # the "preparing a fresh worker" line, cleared again
             elif c.get("name") == "stderr":
                 res.stderr += c["text"]
@@ -241,7 +207,7 @@ class Session:
 
     def _request(self, content: dict[str, Any], timeout: float) -> dict[str, Any]:
         self._check_alive()
-        msg = self.client.session.msg("forkreload_request", content)
+        msg = self.client.session.msg(CONTROL_REQUEST, content)
         self.client.control_channel.send(msg)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

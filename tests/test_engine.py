@@ -145,9 +145,10 @@ def test_syntax_error_keeps_old_code_then_fix_reloads(project, make_session, mod
     assert r.reload.ok is False
     assert says in r.notice and "kept the old" in r.notice
     assert len(r.notice.strip().splitlines()) <= 2
-    # Same broken file: no second attempt, no second notice.
+    # Same broken file: no second attempt, but every cell says it runs old code.
     r = s.execute("print(ops.f())")
-    assert r.reload is None and r.notice == ""
+    assert r.reload is None
+    assert r.notice.startswith("forkreload: still running the old code of ops.py (") and len(r.notice.splitlines()) == 1
     project.write("ops.py", "def f():\n    return 'v2'\n")
     r = s.execute("print(ops.f(), keep)")
     assert r.stdout == "v2 [1, 2, 3]\n"
@@ -287,7 +288,9 @@ def test_comms_of_the_old_worker_are_closed_with_a_notice(project, make_session)
     assert "c" in r.reload.lost  # a Comm is tied to its kernel
 
 
-def test_variable_that_cannot_be_rebuilt_keeps_the_old_worker(project, make_session):
+def test_variable_that_cannot_be_rebuilt_is_named_and_the_code_is_new(project, make_session):
+    # Code new wins over one value: the swap goes on, the value is named as
+    # lost with its reason, and the previous worker is kept for `back`.
     project.write("m.py", "class Box:\n    def __init__(self):\n        self.v = 1\n")
     s = make_session()
     s.execute("import m, os; b = m.Box(); other = 'kept'; pid = os.getpid()")
@@ -296,15 +299,22 @@ def test_variable_that_cannot_be_rebuilt_keeps_the_old_worker(project, make_sess
         "class Box:\n    size = 2\n    def __init__(self):\n        self.v = 1\n"
         "    def __setstate__(self, state):\n        raise TypeError('Box v2 cannot load v1 state')\n",
     )
-    r = s.execute("print(os.getpid() == pid, other, hasattr(b, 'size'))")
-    assert r.stdout == "True kept False\n"  # the old worker, untouched, ran the cell
-    assert r.reload.ok is False
-    assert "b" in r.notice and "Box v2 cannot load v1 state" in r.notice
-    assert len(r.notice.strip().splitlines()) == 2
-    r = s.execute("del b")
-    r = s.execute("%forkreload fresh")
-    assert r.reload.ok and r.reload.mode == "fresh"
-    assert s.execute("print(os.getpid() == pid, other, m.Box.size)").stdout == "False kept 2\n"
+    r = s.execute("print(os.getpid() == pid, other, m.Box.size, 'b' in dir())")
+    assert r.stdout == "False kept 2 False\n"
+    assert r.reload.ok and r.reload.mode == "fresh" and r.reload.previous
+    assert "Box v2 cannot load v1 state" in r.reload.lost["b"]
+    assert "lost: b (cannot be rebuilt with the new code (TypeError: Box v2 cannot load v1 state))" in r.notice
+    assert "%forkreload back" in r.notice and len(r.notice.strip().splitlines()) == 1
+    # Back to the previous worker: all its values, and it says it runs old code.
+    r = s.execute("%forkreload back")
+    assert f"back to the previous worker (pid " in r.notice and "old code of m.py" in r.notice
+    r = s.execute("print(os.getpid() == pid, other, hasattr(b, 'size'), b.v)")
+    assert r.stdout == "True kept False 1\n"
+    assert r.notice.startswith("forkreload: still running the old code of m.py (went back")
+    # The next save is applied again.
+    project.write("m.py", "class Box:\n    size = 3\n    def __init__(self):\n        self.v = 1\n")
+    r = s.execute("print(os.getpid() == pid, other, b.size)")
+    assert r.stdout == "False kept 3\n" and r.reload.mode == "fresh" and r.reload.lost == {}
 
 
 def test_edit_of_a_preloaded_module_rebuilds_the_snapshot(project, make_session, tmp_path):
@@ -412,9 +422,10 @@ def test_a_deleted_module_does_not_block_the_session(project, make_session):
     s.execute("import helpers; x = helpers.f() + 1; h = helpers.f")
     helpers.unlink()
     r = s.execute("print(x)")
-    assert r.stdout == "42\n" and r.reload.ok is False
-    assert "h:" in r.notice and "helpers:" in r.notice and "del" in r.notice  # what to do about it
-    s.execute("del helpers, h")
-    r = s.execute("%forkreload fresh")
-    assert r.reload.ok and r.reload.mode == "fresh"
+    assert r.stdout == "42\n" and r.reload.ok and r.reload.mode == "fresh"
+    assert r.reload.lost == {
+        "h": "needs module helpers, which no longer exists",
+        "helpers": "needs module helpers, which no longer exists",
+    }
+    assert "lost: h (needs module helpers, which no longer exists)" in r.notice
     assert s.execute("print(x); import helpers").error[0] == "ModuleNotFoundError"

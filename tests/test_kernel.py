@@ -21,6 +21,8 @@ from typing import Any, Iterator
 import pytest
 from jupyter_client import KernelManager
 
+from forkreload.protocol import CONTROL_REQUEST
+
 KERNELS = "share/jupyter/kernels"
 
 
@@ -381,7 +383,7 @@ def test_pyproject_quiet_and_preload(project, specs) -> None:
     project.write("pyproject.toml", '[tool.forkreload]\npreload = ["json"]\nquiet = true\n')
     project.write("m.py", "K = 1\n")
     with kernel(project.root) as (km, kc):
-        status = control_request(kc, "forkreload_request", {"cmd": "status"})
+        status = control_request(kc, CONTROL_REQUEST, {"cmd": "status"})
         assert status["settings"]["preload"] == ["json"] and status["settings"]["quiet"] is True
         assert "json" in status["snapshot"]["preload"]
         pid = ok(kc, "import m, os; v = [m.K]; os.getpid()").result
@@ -415,7 +417,7 @@ def test_learned_preloads(project, specs) -> None:
         ok(kc, "import csv, psutil")
     with kernel(project.root) as (km, kc):
         assert ok(kc, first).result == "True"
-        status = control_request(kc, "forkreload_request", {"cmd": "status"})
+        status = control_request(kc, CONTROL_REQUEST, {"cmd": "status"})
         assert "psutil" in status["learned"] and "csv" not in status["learned"]
         assert "psutil" in status["snapshot"]["preload"]
     with kernel(project.root, env={"FORKRELOAD_LEARN": "0"}) as (km, kc):

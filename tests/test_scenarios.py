@@ -282,8 +282,10 @@ def test_mode_inplace_never_swaps_and_says_so(project, make_session):
     assert r.stdout == "1 f1 g2 True\n"
     assert "not reloaded (mode inplace)" in r.notice and "K" in r.notice
     assert r.reload.patched == ["n.g"]
+    # Every later cell still says it runs m's old code: never silently stale.
     r = s.execute("print(m.K)")
-    assert r.notice == "" and r.stdout == "1\n"
+    assert r.stdout == "1\n"
+    assert r.notice == "forkreload: still running the old code of m.py (mode inplace: it needs a fresh worker); save a fix or run %forkreload fresh\n"
 
 
 def test_mode_off_and_magics(project, make_session):

@@ -1,0 +1,512 @@
+"""The controller's edit side: which code the next cell runs, and in which worker.
+
+The proxy (`controller.Controller`) asks `Swapper.before_cell` right before
+each cell reaches an idle worker. The swapper looks at the user's files,
+decides with the worker's agent between patching in place and a fresh
+worker, runs the swap (or the snapshot rebuild), and says what it did in
+the cell. It also owns the workers' lives: crash replacement, a front
+end's clean restart, `%forkreload back`.
+
+Invariants:
+- `switch` is the only place the current worker changes, and it resets
+  everything tied to a worker (watched files, comms, what is known stale).
+- A failed swap leaves the old worker current and untouched.
+- The worker never runs older code than the files hold without the cell
+  saying so (`Stale`, reminded on every cell until a new save).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from . import notices
+from .config import MODES, LearnedModules, Settings
+from .pool import ControllerError, WorkerDied, WorkerHandle, WorkerPool
+from .protocol import LoadAnswer, ModuleInfo, Reload
+from .watch import SourceWatch
+
+if TYPE_CHECKING:
+    from .controller import Controller
+
+__all__ = ["Stale", "Swapper"]
+
+log = logging.getLogger("forkreload.swap")
+
+Changed = dict[str, "str | None"]  # path -> new content hash (None: file gone)
+# WorkerPool's constructor: (zmq context, key, private dir, settings, preloads, worker ids).
+PoolFactory = Callable[[Any, bytes, str, Settings, list[str], "itertools.count[int]"], WorkerPool]
+
+
+class _SwapFailed(Exception):
+    """The fresh worker refused the user's code; the report says why."""
+
+
+@dataclass
+class Stale:
+    """An edit the current worker does not run, and why; reminded every cell."""
+
+    changed: frozenset[tuple[str, str | None]]  # the files' content when it was decided
+    why: str
+
+    def files(self) -> list[str]:
+        return sorted(os.path.basename(p) for p, _ in self.changed)
+
+
+class Swapper:
+    """Policy and worker switching for one controller."""
+
+    def __init__(self, proxy: Controller, settings: Settings, pool_factory: PoolFactory = WorkerPool) -> None:
+        self.proxy = proxy
+        self.settings = settings
+        # Tests give a pool of tiny fake kernels here (tests/fake_worker.py).
+        self.pool_factory = pool_factory
+        self.watch = SourceWatch()
+        self.pool: WorkerPool | None = None
+        self.previous: WorkerHandle | None = None  # kept after a swap, for %forkreload back
+        self._wids = itertools.count(1)
+        self.stale: Stale | None = None
+        self.force_fresh = False
+        self.back_requested = False
+        self.pending_report: Reload | None = None  # told with the next cell (a crash)
+        self.last_report: Reload | None = None
+        self.want_spare = False
+        self.check_times: collections.deque[float] = collections.deque(maxlen=500)
+        self.learned = LearnedModules(settings.project_root) if settings.learn else None
+
+    # -- start and stop --------------------------------------------------------
+
+    def start(self) -> None:
+        """A snapshot, the first worker, and a spare behind it."""
+        self.pool = self.new_pool()
+        self.switch(self.pool.take_spare(), None)
+        self.pool.refill_spare()
+
+    def new_pool(self) -> WorkerPool:
+        """Start a snapshot (with this session's preloads) and report on it."""
+        proxy = self.proxy
+        pool = self.pool_factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, self.preload_list(), self._wids)
+        try:
+            hello = pool.start()
+        except BaseException:
+            pool.close()
+            raise
+        failed = hello.get("preload_failed", {})
+        for name, why in failed.items():
+            if name in self.settings.preload:
+                log.warning("preload %s failed: %s", name, why)
+        if self.learned is not None:
+            self.learned.forget(list(failed))
+        risky = hello.get("threads", {}).get("risky")
+        if risky:
+            log.warning("preload modules started threads %s: forking with them is a fork-safety risk", risky)
+        log.debug("snapshot %s ready in %.3f s, preloaded %s", hello.get("pid"), hello.get("seconds", 0.0), list(hello.get("preload", {})))
+        return pool
+
+    def preload_list(self) -> list[str]:
+        """The explicit preloads, then what this project's sessions imported before."""
+        names = list(self.settings.preload)
+        if self.learned is not None:
+            names += [m for m in self.learned.modules if m not in names]
+        return names
+
+    def workers(self) -> list[WorkerHandle]:
+        """Every live worker of the session (current, spare, previous)."""
+        found = [self.proxy.worker, self.pool.spare if self.pool else None, self.previous]
+        return [w for w in found if w is not None and w.pidfd >= 0]
+
+    def close(self) -> None:
+        if self.previous is not None:
+            self._retire(self.previous)
+        if self.pool is not None:
+            self.pool.close()
+
+    def tick(self) -> None:
+        """Between messages: a spare is forked once the cell is on its way."""
+        if self.want_spare and self.pool is not None:
+            self.pool.refill_spare()
+            self.want_spare = False
+
+    # -- switching workers ---------------------------------------------------------
+
+    def switch(self, new: WorkerHandle | None, parent: dict[str, Any] | None, *, keep_old: bool = False,
+               modules: list[ModuleInfo] | None = None) -> None:
+        """Make `new` the current worker; the one place this happens.
+
+        The old worker's last output is forwarded first; it is then kept as
+        the previous worker (`keep_old`) or ended. Everything tied to a
+        worker is reset: its comms (closed visibly), the files watched (now
+        those `new` imported), what was known stale, a forced swap.
+        """
+        proxy = self.proxy
+        old = proxy.worker
+        if old is not None and not old.dead:
+            proxy.drain(old)
+        proxy.worker = new
+        proxy.close_comms(parent)
+        self.watch.clear()
+        for m in modules or []:
+            self.watch.add(m["name"], m["file"], m["sha"])
+        self.stale = None
+        self.force_fresh = False
+        if old is not None:
+            if keep_old and not old.dead:
+                if self.previous is not None:
+                    self._retire(self.previous)
+                self.previous = old
+            else:
+                self._retire(old)
+        self.want_spare = True
+        log.debug("current worker: %s (previous %s)", new.pid if new else None, self.previous.pid if self.previous else None)
+
+    def _retire(self, w: WorkerHandle) -> None:
+        if w is self.previous:
+            self.previous = None
+        if self.pool is not None:
+            self.pool.retire(w)
+        else:
+            w.kill()
+            w.close()
+
+    def worker_exited(self, w: WorkerHandle) -> None:
+        """A worker's process ended: the current one means a crash."""
+        w.dead = True
+        assert self.pool is not None
+        if w is not self.proxy.worker:
+            self._retire(w)  # the spare, or the previous worker
+            return
+        why = notices.crash_reason(self.pool.exit_status(w.pid))
+        self.proxy.fail_inflight(w, why)
+        try:
+            spare: WorkerHandle | None = self.pool.take_spare()
+        except (WorkerDied, ControllerError) as exc:
+            log.error("could not start a fresh worker: %s", exc)
+            spare = None
+        self.switch(spare, None)
+        self.pending_report = Reload("fresh", ok=True, reason=why, lost={"*": why})
+        log.debug("worker %s died: %s", w.pid, why)
+
+    def ensure_worker(self) -> WorkerHandle:
+        """The current worker, starting one if the last could not be."""
+        if self.proxy.worker is None:
+            assert self.pool is not None
+            self.switch(self.pool.take_spare(), None)
+        assert self.proxy.worker is not None
+        return self.proxy.worker
+
+    def clean_restart(self) -> None:
+        """A front end's "Restart kernel": a clean worker, nothing migrated."""
+        assert self.pool is not None
+        self.pending_report = None
+        if self.previous is not None:
+            self._retire(self.previous)
+        try:
+            new: WorkerHandle | None = self.pool.take_spare()
+        except (WorkerDied, ControllerError) as exc:
+            log.error("could not start a fresh worker: %s", exc)
+            new = None
+        old = self.proxy.worker
+        if old is not None:
+            old.dead = True  # nothing it still says matters
+        self.switch(new, None)
+
+    def back(self, parent: dict[str, Any] | None) -> None:
+        """`%forkreload back`: the previous worker is current again, with its values."""
+        prev = self.previous
+        if prev is None or prev.dead:
+            self.proxy.notice(parent, notices.back_text(None, []))
+            return
+        self.previous = None
+        try:
+            modules = self.proxy.call_agent(prev, "modules")["modules"]
+        except (WorkerDied, KeyError):
+            self._retire(prev)
+            self.proxy.notice(parent, notices.back_text(None, []))
+            return
+        self.switch(prev, parent, keep_old=True, modules=modules)
+        changed = self._changed()
+        if changed:
+            # It runs the code from before the edit: say so until the next save.
+            self.stale = Stale(frozenset(changed.items()), "went back with %forkreload back")
+        self.proxy.notice(parent, notices.back_text(prev.pid, sorted(os.path.basename(p) for p in changed)))
+
+    # -- before each cell --------------------------------------------------------------
+
+    def before_cell(self, parent: dict[str, Any]) -> Reload | None:
+        """Bring the idle current worker up to date with the files; the report, if any."""
+        if self.back_requested:
+            self.back_requested = False
+            self.back(parent)
+        t0 = time.perf_counter()
+        pending = self._pending_change()
+        self.check_times.append(time.perf_counter() - t0)
+        if pending is not None:
+            self.proxy.status_message(parent, "busy")
+            forced, self.force_fresh = self.force_fresh, False
+            return self.apply_edit(parent, *pending, forced=forced)
+        if self.pending_report is not None:
+            report, self.pending_report = self.pending_report, None
+            self.proxy.notice(parent, notices.crash_text(report.reason), error=True)
+            return report
+        if self.stale is not None:
+            self.proxy.notice(parent, notices.stale_reminder(self.stale.files(), self.stale.why), error=True)
+        return None
+
+    def edit_pending(self) -> bool:
+        """Whether the next cell would first reload something."""
+        return self.force_fresh or self.back_requested or self._pending_change() is not None
+
+    def _changed(self) -> Changed:
+        changed = self.watch.changed()
+        if self.pool is not None:
+            changed.update(self.pool.watch.changed())
+        return changed
+
+    def _pending_change(self) -> tuple[Changed, str] | None:
+        """The edit that must be handled before the next cell, if any."""
+        if self.force_fresh:
+            return self.watch.changed(), "restart requested"
+        if self.settings.mode == "off":
+            return None
+        changed = self._changed()
+        if not changed:
+            self.stale = None
+            return None
+        if self.stale is not None and self.stale.changed == frozenset(changed.items()):
+            return None  # the same content as decided: wait for the next save
+        names = ", ".join(os.path.basename(p) for p in sorted(changed))
+        return changed, f"{names} changed"
+
+    def _report(self, mode: str, changed: Changed, reason: str, **fields: Any) -> Reload:
+        files = sorted(changed)
+        return Reload(mode, reason=reason, files=files, modules=self.watch.modules_of([f for f in files if f in self.watch.files]), **fields)
+
+    def _keep_stale(self, changed: Changed, why: str) -> None:
+        self.stale = Stale(frozenset(changed.items()), why)
+
+    def apply_edit(self, parent: dict[str, Any] | None, changed: Changed, reason: str, forced: bool = False) -> Reload:
+        """Handle an edit before the next cell: in place when safe, else a fresh worker."""
+        assert self.pool is not None and self.proxy.worker is not None
+        mode = self.settings.mode
+        preloaded = sorted(p for p in changed if p in self.pool.watch.files)
+        if preloaded:
+            names = ", ".join(self.pool.watch.modules_of(preloaded))
+            return self._with_progress(parent, self.rebuild_snapshot, changed, f"preloaded {names} changed: new snapshot")
+        if forced or mode == "fresh":
+            return self._with_progress(parent, self.swap, changed, reason)
+        t0 = time.perf_counter()
+        try:
+            res = self.proxy.call_agent(self.proxy.worker, "reload", sorted(changed), mode)
+        except WorkerDied as exc:
+            return self._report("none", changed, str(exc), error=str(exc))
+        kind = res.get("kind")
+        reasons = list(res.get("reasons") or [])
+        log.debug("in-place check of %s: %s %s (%.1f ms)", sorted(changed), kind, reasons, (time.perf_counter() - t0) * 1000)
+        if kind in ("inplace", "partial"):
+            for path, sha in res.get("files", {}).items():
+                self.watch.accept(path, sha)
+            report = self._report(
+                "inplace", changed, reason, ok=True, reasons=reasons, notes=list(res.get("notes", [])),
+                patched=res.get("patched", []), added=res.get("added", []),
+                seconds=round(time.perf_counter() - t0, 5),
+            )
+            if report.patched or report.added or report.notes:
+                self.proxy.notice(parent, notices.inplace_text(report))
+            if kind == "partial":
+                self._keep_stale(self._changed(), "mode inplace: it needs a fresh worker")
+                self.proxy.notice(parent, notices.not_applied_inplace(reasons), error=True)
+            self.last_report = report
+            return report
+        if kind == "fresh" and mode != "inplace":
+            report = self._with_progress(parent, self.swap, changed, reasons[0] if reasons else reason)
+            report.reasons = reasons
+            return report
+        # A parse error, a fresh-only edit in mode 'inplace', or the agent failed.
+        if not reasons:
+            reasons = [str(res.get("error", "the in-place check failed"))]
+        self._keep_stale(changed, "mode inplace: it needs a fresh worker" if kind == "fresh" else reasons[0])
+        report = self._report("none", changed, reasons[0], reasons=reasons, error=reasons[0], seconds=round(time.perf_counter() - t0, 5))
+        if kind == "fresh":
+            self.proxy.notice(parent, notices.not_applied_inplace(reasons), error=True)
+        else:
+            self.proxy.notice(parent, notices.kept_old_code(reasons), error=True)
+        self.last_report = report
+        return report
+
+    def swap(self, parent: dict[str, Any] | None, changed: Changed, reason: str, keep_old: bool = True) -> Reload:
+        """Replace the current worker by a fresh one holding the same values.
+
+        Variables that cannot be rebuilt with the new code are named as
+        lost; the old worker is kept as the previous one (`back`). When the
+        new code itself fails to import, the old worker stays current,
+        untouched.
+        """
+        assert self.pool is not None
+        t0 = time.perf_counter()
+        old = self.proxy.worker
+        assert old is not None
+        report = self._report("fresh", changed, reason)
+        phases = report.phases
+        path = os.path.join(self.proxy.privdir, f"ns-{old.wid}-{uuid.uuid4().hex[:6]}")
+        new: WorkerHandle | None = None
+
+        def phase(name: str) -> None:
+            phases[name] = round(time.perf_counter() - t0, 4)
+            log.debug("swap %s: %s at %.1f ms", path, name, phases[name] * 1000)
+
+        try:
+            new = self.pool.take_spare()
+            phase("spare")
+            exported = self.proxy.call_agent(old, "export", path)
+            phase("export")
+            if exported.get("ok") is False:
+                raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
+            report.lost = dict(exported.get("lost", {}))
+            report.notes = list(exported.get("reset", []))
+            loaded: LoadAnswer = self.proxy.call_agent(new, "load", path, [f for f in changed if changed[f] is not None])
+            phase("load")
+            if not loaded.get("ok"):
+                report.error = loaded.get("error")
+                report.failed_module = loaded.get("module")
+                raise _SwapFailed()
+        except (_SwapFailed, WorkerDied, ControllerError) as exc:
+            if not isinstance(exc, _SwapFailed) and report.error is None:
+                report.error = str(exc)
+            if new is not None:
+                self.pool.retire(new)
+            _remove_dump(path)
+            self.pool.refill_spare()
+            report.seconds = round(time.perf_counter() - t0, 4)
+            if report.failed_module:
+                self._keep_stale(changed, f"{report.failed_module} failed to import")
+            else:
+                self._keep_stale(changed, "the fresh worker failed")
+            self.proxy.notice(parent, notices.failure_text(report), error=True)
+            self.last_report = report
+            log.debug("swap failed after %.1f ms: %s", report.seconds * 1000, report.error)
+            return report
+        _remove_dump(path)
+        report.migrated = list(loaded.get("loaded", []))
+        report.lost.update(loaded.get("failed", {}))
+        for name in loaded.get("gone", []):
+            log.debug("user module %s is gone: not imported by the new worker", name)
+        report.previous = keep_old
+        self.switch(new, parent, keep_old=keep_old, modules=loaded.get("modules", []))
+        phase("switch")
+        report.ok = True
+        report.seconds = round(time.perf_counter() - t0, 4)
+        self.proxy.notice(parent, notices.fresh_text(report))
+        self.last_report = report
+        return report
+
+    def rebuild_snapshot(self, parent: dict[str, Any] | None, changed: Changed, reason: str) -> Reload:
+        """A preloaded module of the user's changed: a new snapshot, then a swap from it.
+
+        The old snapshot is the parent of the current worker (which dies
+        with it), so it is ended only once the swap succeeded; no previous
+        worker can be kept across it.
+        """
+        old = self.pool
+        assert old is not None
+        try:
+            self.pool = self.new_pool()
+        except ControllerError as exc:
+            self.pool = old
+            self._keep_stale(changed, "the new snapshot failed")
+            self.proxy.notice(parent, notices.snapshot_failed(str(exc)), error=True)
+            return self._report("fresh", changed, reason, error=str(exc))
+        if self.previous is not None:
+            old.retire(self.previous)
+            self.previous = None
+        report = self.swap(parent, changed, reason, keep_old=False)
+        if report.ok:
+            old.close()
+        else:
+            self.pool.close()
+            self.pool = old
+        return report
+
+    def _with_progress(self, parent: dict[str, Any] | None, step: Callable[[Any, Changed, str], Reload],
+                       changed: Changed, reason: str) -> Reload:
+        """Run a swap with a status line in the cell while it waits (cleared
+        before the final notice, so a notebook keeps only the notice)."""
+        self.proxy.progress(parent, notices.progress_text(reason))
+        report = step(parent, changed, reason)
+        self.proxy.clear_progress(parent)
+        return report
+
+    # -- requests from the user --------------------------------------------------------
+
+    def command(self, parent: dict[str, Any], cmd: str, args: list[str]) -> None:
+        """`%forkreload ...` typed in a cell: answered into that cell's output."""
+        if cmd == "fresh":
+            self.force_fresh = True
+            text = notices.command_text("fresh", "")
+        elif cmd == "back":
+            # This cell runs in the current worker: switch before the next one.
+            self.back_requested = True
+            text = notices.command_text("back", "")
+        elif cmd == "mode":
+            if len(args) != 1 or args[0] not in MODES:
+                text = notices.command_text("mode", self.settings.mode, MODES)
+            else:
+                self.settings.mode = args[0]
+                self.stale = None
+                text = notices.command_text("mode", args[0])
+        elif cmd == "quiet":
+            self.settings.quiet = not args or args[0] in ("on", "yes", "true", "1")
+            text = notices.command_text("quiet", "on" if self.settings.quiet else "off")
+        else:
+            text = notices.status_text(self.status())
+        self.proxy.command_output(parent, text)
+
+    def restart(self) -> Reload:
+        """`Session.restart()`: a fresh worker with the values, edits or not."""
+        return self.swap(None, self.watch.changed(), "restart requested")
+
+    def on_modules(self, modules: list[ModuleInfo], third_party: list[str]) -> None:
+        """The current worker imported user modules (and libraries) in a cell."""
+        for m in modules:
+            self.watch.add(m["name"], m["file"], m["sha"])
+        if self.learned is not None and third_party:
+            self.learned.add(third_party)
+
+    def status(self) -> dict[str, Any]:
+        """What a user asks `%forkreload status` or `Session.status()` for."""
+        snap = self.pool.info if self.pool is not None else {}
+        worker = self.proxy.worker
+        return {
+            "mode": self.settings.mode,
+            "cwd": self.settings.cwd,
+            "settings": self.settings.as_dict(),
+            "learned": list(self.learned.modules) if self.learned is not None else None,
+            "snapshot": {
+                "pid": snap.get("pid"),
+                "preload": snap.get("preload", {}),
+                "preload_failed": snap.get("preload_failed", {}),
+                "seconds": snap.get("seconds"),
+                "threads": snap.get("threads", {}),
+            },
+            "worker_pid": worker.pid if worker else None,
+            "spare_pid": self.pool.spare.pid if self.pool is not None and self.pool.spare else None,
+            "previous_pid": self.previous.pid if self.previous else None,
+            "watched": dict(self.watch.modules),
+            "stale": f"{', '.join(self.stale.files())}: {self.stale.why}" if self.stale else None,
+            "last_reload": self.last_report.as_dict() if self.last_report else None,
+            "check_us": statistics.median(self.check_times) * 1e6 if self.check_times else None,
+        }
+
+
+def _remove_dump(path: str) -> None:
+    for suffix in ("", ".buf", ".meta"):
+        try:
+            os.unlink(path + suffix)
+        except OSError:
+            pass
