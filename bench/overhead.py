@@ -25,9 +25,9 @@ import zmq
 from jupyter_client.manager import start_new_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HEAVY, available, make_project, median_ms, row  # noqa: E402
-
 from forkreload import Session  # noqa: E402
+
+from _common import HEAVY, available, make_project, median_ms, row  # noqa: E402
 
 N_USER_MODULES = 20
 

@@ -18,9 +18,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HEAVY, available, make_project, median_ms, row  # noqa: E402
-
 from forkreload import Session  # noqa: E402
+
+from _common import HEAVY, available, make_project, median_ms, row  # noqa: E402
 
 SHAPES = """
 from dataclasses import dataclass

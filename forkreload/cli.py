@@ -59,8 +59,14 @@ def _kernel(args: argparse.Namespace) -> int:
     from .controller import Controller, ControllerError
 
     # FORKRELOAD_LOG=path sends the controller's log to a file (kernels'
-    # stderr often goes nowhere a user sees).
-    logging.basicConfig(level=logging.WARNING, format="forkreload: %(message)s", filename=os.environ.get("FORKRELOAD_LOG"))
+    # stderr often goes nowhere a user sees), every decision and swap phase
+    # with its timing included (FORKRELOAD_LOG_LEVEL=info or warning for less).
+    path = os.environ.get("FORKRELOAD_LOG")
+    if path:
+        level = os.environ.get("FORKRELOAD_LOG_LEVEL", "debug").upper()
+        logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", filename=path)
+    else:
+        logging.basicConfig(level=logging.WARNING, format="forkreload: %(message)s")
     with open(args.connection_file) as f:
         conn = json.load(f)
     controller = Controller(conn, _settings(args))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,10 @@ def _apply(s: Settings, values: dict[str, Any], origin: str) -> None:
         s.sources[key] = origin
 
 
-def load_settings(cwd: str | os.PathLike[str] = ".", cli: dict[str, Any] | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(cwd: str | os.PathLike[str] = ".", cli: dict[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Resolve the settings for a session whose project directory is `cwd`."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     s = Settings(cwd=os.path.realpath(os.fspath(cwd)))
     s.project_root = s.cwd
     pyproject = find_pyproject(s.cwd)

@@ -22,8 +22,9 @@ import signal
 import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from jupyter_console.app import ZMQTerminalIPythonApp
 from jupyter_console.ptshell import ZMQTerminalInteractiveShell
@@ -119,7 +120,7 @@ class ProjectHistory:
             ).fetchall()
         except sqlite3.Error:
             return []
-        return [(int(s), int(l), str(c)) for s, l, c in reversed(rows)]
+        return [(int(s), int(line), str(c)) for s, line, c in reversed(rows)]
 
     def end_session(self) -> None:
         if self.db is None:
@@ -232,7 +233,7 @@ class ForkreloadShell(ZMQTerminalInteractiveShell):
         def get_msg_filtered(*args: Any, **kwargs: Any) -> dict[str, Any]:
             return self.status_line.filter(get_msg(*args, **kwargs), self.from_here)
 
-        channel.get_msg = get_msg_filtered  # type: ignore[method-assign]
+        channel.get_msg = get_msg_filtered
 
     def run_cell(self, cell: str, store_history: bool = True) -> None:
         if store_history and cell and not cell.isspace():

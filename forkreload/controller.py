@@ -26,7 +26,8 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 from jupyter_client.session import Session as JupyterSession
@@ -56,7 +57,7 @@ log = logging.getLogger("forkreload.controller")
 
 DELIM = b"<IDS|MSG>"
 # Cells that are only this magic act before they run, so the notice lands in them.
-_UPFRONT = {("%forkreload", "fresh"): "fresh", ("%forkreload", "back"): "back"}
+_UPFRONT: dict[tuple[str, ...], str] = {("%forkreload", "fresh"): "fresh", ("%forkreload", "back"): "back"}
 
 
 def _json(frame: bytes) -> dict[str, Any]:
@@ -316,12 +317,11 @@ class Controller:
         idents, parts = _split(frames)
         if idents[:1] == [INTERNAL_IDENT]:
             # An agent call's answer (a late one, of a call that gave up, is dropped).
-            msg_id = _json(parts[2]).get("msg_id")
-            if msg_id in self.internal_ids:
-                self.answers[msg_id] = _json(parts[4])
+            call_id = str(_json(parts[2]).get("msg_id", ""))
+            if call_id in self.internal_ids:
+                self.answers[call_id] = _json(parts[4])
             return
-        parent = _json(parts[2])
-        msg_id = parent.get("msg_id")
+        msg_id = str(_json(parts[2]).get("msg_id", ""))
         w.inflight.pop(msg_id, None)
         if msg_id in self.stop_on_error and _json(parts[1]).get("msg_type") == "execute_reply":
             self.stop_on_error.discard(msg_id)
@@ -398,7 +398,8 @@ class Controller:
                 self.held.append(frames)
                 return
             msg_id = header.get("msg_id", "")
-            upfront = _UPFRONT.get(tuple(content.get("code", "").split()))  # type: ignore[call-overload]
+            words = tuple(content.get("code", "").split())
+            upfront = _UPFRONT.get(words) if len(words) == 2 else None
             if upfront is not None:
                 self.upfront.add(msg_id)
                 if upfront == "fresh":

@@ -17,8 +17,9 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from importlib import metadata
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from . import __version__
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
@@ -20,7 +21,7 @@ __all__ = ["install", "uninstall", "list_specs", "make_spec", "PROVISIONER"]
 PROVISIONER = "forkreload-provisioner"
 
 
-def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | None = None) -> dict:
+def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | None = None) -> dict[str, Any]:
     """The kernel.json contents."""
     argv = [sys.executable, "-m", "forkreload", "kernel", "-f", "{connection_file}"]
     if preload:

@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import zmq
 
@@ -49,7 +50,7 @@ class WorkerDied(RuntimeError):
 class WorkerHandle:
     """The controller's side of one worker: its sockets and its process."""
 
-    def __init__(self, ctx: zmq.Context, wid: int, pid: int, pidfd: int, conn: dict[str, Any]) -> None:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], wid: int, pid: int, pidfd: int, conn: dict[str, Any]) -> None:
         self.wid = wid
         self.pid = pid
         self.pidfd = pidfd
@@ -96,7 +97,7 @@ class WorkerHandle:
 class WorkerPool:
     """One snapshot process, the workers it forks, and a spare among them."""
 
-    def __init__(self, ctx: zmq.Context, key: bytes, privdir: str, settings: Settings, preload: list[str], wids: Iterator[int]) -> None:
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], key: bytes, privdir: str, settings: Settings, preload: list[str], wids: Iterator[int]) -> None:
         self.ctx = ctx
         self.key = key
         self.privdir = privdir
@@ -169,7 +170,7 @@ class WorkerPool:
             try:
                 conn, _ = listener.accept()
                 break
-            except socket.timeout:
+            except TimeoutError:
                 if self.proc.poll() is not None:
                     raise ControllerError(f"the snapshot process exited at start (status {self.proc.returncode})") from None
                 if time.monotonic() > deadline:

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
-from jupyter_client.provisioning import LocalProvisioner
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 
 __all__ = ["ForkreloadProvisioner"]
 
 
-class ForkreloadProvisioner(LocalProvisioner):  # type: ignore[misc]
+class ForkreloadProvisioner(LocalProvisioner):
     """LocalProvisioner whose restarts keep the controller process."""
 
     _soft_restart = False

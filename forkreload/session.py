@@ -183,7 +183,7 @@ class Session:
         t = msg["msg_type"]
         c = msg["content"]
         if t == "status":
-            return c.get("execution_state") == "idle"
+            return bool(c.get("execution_state") == "idle")
         if t == "stream":
             kind = msg.get("metadata", {}).get(REPLY_METADATA_KEY)
             if kind == TAG_NOTICE:
@@ -217,7 +217,8 @@ class Session:
             except queue.Empty:
                 continue
             if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
-                return reply["content"]
+                answer: dict[str, Any] = reply["content"]
+                return answer
         raise SessionError(f"no answer to {content.get('cmd')} within {timeout:.0f} s")
 
     def status(self) -> dict[str, Any]:

@@ -8,8 +8,8 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import pytest
@@ -92,7 +92,7 @@ def ipython_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def make_session(project: Project, ipython_dir: Path) -> Iterator[Callable[..., "object"]]:
+def make_session(project: Project, ipython_dir: Path) -> Iterator[Callable[..., object]]:
     from forkreload import Session
 
     sessions: list[Session] = []

@@ -7,7 +7,6 @@ import socket
 import stat
 
 import pytest
-
 from forkreload.channel import Channel, ForgedMessage, make_private_dir
 
 

@@ -307,7 +307,7 @@ def test_variable_that_cannot_be_rebuilt_is_named_and_the_code_is_new(project, m
     assert "%forkreload back" in r.notice and len(r.notice.strip().splitlines()) == 1
     # Back to the previous worker: all its values, and it says it runs old code.
     r = s.execute("%forkreload back")
-    assert f"back to the previous worker (pid " in r.notice and "old code of m.py" in r.notice
+    assert "back to the previous worker (pid " in r.notice and "old code of m.py" in r.notice
     r = s.execute("print(os.getpid() == pid, other, hasattr(b, 'size'), b.v)")
     assert r.stdout == "True kept False 1\n"
     assert r.notice.startswith("forkreload: still running the old code of m.py (went back")
@@ -429,3 +429,20 @@ def test_a_deleted_module_does_not_block_the_session(project, make_session):
     }
     assert "lost: h (needs module helpers, which no longer exists)" in r.notice
     assert s.execute("print(x); import helpers").error[0] == "ModuleNotFoundError"
+
+
+def test_forkreload_log_traces_each_decision_and_swap_phase(project, make_session, tmp_path):
+    log = tmp_path / "controller.log"
+    project.write("m.py", "K = 1\n\ndef f():\n    return 1\n")
+    s = make_session(env={"FORKRELOAD_LOG": str(log)})
+    s.execute("import m")
+    project.write("m.py", "K = 1\n\ndef f():\n    return 2\n")
+    assert s.execute("print(m.f())").stdout == "2\n"
+    project.write("m.py", "K = 2\n\ndef f():\n    return 2\n")
+    assert s.execute("print(m.K)").stdout == "2\n"
+    s.close()
+    text = log.read_text()
+    assert "in-place check of" in text and "inplace" in text
+    for phase in ("spare", "export", "load", "switch"):
+        assert f": {phase} at " in text, text
+    assert "agent call load in worker" in text

@@ -13,15 +13,15 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from jupyter_client import KernelManager
-
 from forkreload.protocol import CONTROL_REQUEST
+from jupyter_client import KernelManager
 
 KERNELS = "share/jupyter/kernels"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import jupyter_kernel_test as jkt
 import pytest

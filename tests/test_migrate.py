@@ -17,7 +17,6 @@ import textwrap
 import uuid
 
 import pytest
-
 from forkreload.migrate import ForgedPayload, dump_namespace, load_namespace, remove_dump
 
 pytestmark = pytest.mark.timeout(60)

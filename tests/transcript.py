@@ -22,8 +22,8 @@ import tempfile
 import textwrap
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 PROMPT = re.compile(r"^In \[(\d+)\]: ?")
 # Variables a console started under tmux must see (tmux's server otherwise
