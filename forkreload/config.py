@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-__all__ = ["Settings", "MODES", "load_settings", "find_pyproject", "LearnedModules", "ConfigError"]
+__all__ = ["Settings", "MODES", "load_settings", "find_pyproject", "LearnedModules", "ConfigError", "project_cache_file"]
 
 MODES = ("auto", "fresh", "inplace", "off")
 _MAX_LEARNED = 64
@@ -143,12 +143,17 @@ def _cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("forkreload"))
 
 
+def project_cache_file(project_root: str | os.PathLike[str], suffix: str) -> Path:
+    """A file of one project's in the user's cache (never in the project)."""
+    digest = hashlib.sha256(os.path.realpath(os.fspath(project_root)).encode()).hexdigest()[:16]
+    return _cache_dir() / "projects" / f"{digest}{suffix}"
+
+
 class LearnedModules:
     """The third-party modules a project's sessions imported, on disk."""
 
     def __init__(self, project_root: str) -> None:
-        digest = hashlib.sha256(os.path.realpath(project_root).encode()).hexdigest()[:16]
-        self.path = _cache_dir() / "projects" / f"{digest}.json"
+        self.path = project_cache_file(project_root, ".json")
         self.project_root = project_root
         self.modules: list[str] = []
         try:

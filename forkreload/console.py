@@ -16,7 +16,6 @@ it too).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import signal
 import sqlite3
@@ -41,10 +40,9 @@ _ERASE_LINE = "\r\x1b[2K"
 
 def history_path(project_root: str | os.PathLike[str]) -> Path:
     """Where the console keeps the input history of one project."""
-    from .config import _cache_dir
+    from .config import project_cache_file
 
-    digest = hashlib.sha256(os.path.realpath(os.fspath(project_root)).encode()).hexdigest()[:16]
-    return _cache_dir() / "projects" / f"{digest}-history.sqlite"
+    return project_cache_file(project_root, "-history.sqlite")
 
 
 class ProjectHistory:

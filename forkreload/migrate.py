@@ -47,8 +47,9 @@ import struct
 import sys
 import types
 from collections import ChainMap
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import cloudpickle
 
@@ -111,7 +112,7 @@ class LoadResult:
 # Random state
 
 
-def capture_rng_state() -> dict:
+def capture_rng_state() -> dict[str, Any]:
     """Global state of ``random`` and, if numpy is imported, ``numpy.random``."""
     state: dict[str, Any] = {"random": random.getstate()}
     np = sys.modules.get("numpy")
@@ -120,7 +121,7 @@ def capture_rng_state() -> dict:
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict[str, Any]) -> None:
     """Undo ``capture_rng_state``: set the global generators to ``state``."""
     if "random" in state:
         random.setstate(state["random"])
@@ -136,7 +137,7 @@ def restore_rng_state(state: dict) -> None:
 # While load_namespace runs, functions defined in cells are rebuilt against
 # this namespace (the new worker's user namespace).
 
-_target_globals: dict | None = None
+_target_globals: dict[str, Any] | None = None
 
 
 class _EmptyCell:
@@ -151,7 +152,7 @@ class _EmptyCell:
 
     __slots__ = ()
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         return _make_empty_cell, ()
 
 
@@ -160,7 +161,7 @@ def _make_empty_cell() -> types.CellType:
 
 
 def _rebuild_cell_function(
-    code: types.CodeType, name: str, closure: tuple | None
+    code: types.CodeType, name: str, closure: tuple[types.CellType, ...] | None
 ) -> types.FunctionType:
     if _target_globals is None:
         raise pickle.UnpicklingError(
@@ -169,9 +170,10 @@ def _rebuild_cell_function(
     return types.FunctionType(code, _target_globals, name, None, closure)
 
 
-def _set_cell_function_state(func: types.FunctionType, state: dict) -> None:
+def _set_cell_function_state(func: types.FunctionType, state: dict[str, Any]) -> None:
+    closure = func.__closure__ or ()
     for index, value in state["cells"].items():
-        func.__closure__[index].cell_contents = value
+        closure[index].cell_contents = value
     func.__dict__.update(state["dict"])
     for attr, value in state["attrs"].items():
         setattr(func, attr, value)
@@ -190,19 +192,19 @@ _FUNCTION_ATTRS = (
 )
 
 
-def _refuse_open_file(obj: io.TextIOWrapper) -> tuple:
+def _refuse_open_file(obj: io.TextIOWrapper) -> tuple[Any, ...]:
     # cloudpickle would snapshot a readable text file's whole content into a
     # StringIO.  A migrated variable should not silently change type (or read
     # a multi-gigabyte log), so open files are lost like other OS resources.
     raise TypeError(f"cannot pickle file {getattr(obj, 'name', '?')!r}")
 
 
-class _Pickler(cloudpickle.Pickler):
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table = ChainMap(
         {io.TextIOWrapper: _refuse_open_file}, cloudpickle.Pickler.dispatch_table
     )
 
-    def __init__(self, file: io.BytesIO, globals_ns: dict | None, buffer_callback: Any) -> None:
+    def __init__(self, file: io.BytesIO, globals_ns: dict[str, Any] | None, buffer_callback: Any) -> None:
         super().__init__(file, protocol=_PROTOCOL, buffer_callback=buffer_callback)
         self._globals_ns = globals_ns
         #: id -> (real cell, placeholder), see _EmptyCell.
@@ -225,7 +227,7 @@ class _Pickler(cloudpickle.Pickler):
             self.dynamic_classes[id(obj)] = obj
         return rv
 
-    def _reduce_cell_function(self, func: types.FunctionType) -> tuple:
+    def _reduce_cell_function(self, func: types.FunctionType) -> tuple[Any, ...]:
         closure = None
         contents: dict[int, Any] = {}
         if func.__closure__ is not None:
@@ -304,7 +306,7 @@ def _pickled_by_name(obj: Any) -> bool:
         return False
 
 
-def _pickle_value(value: Any, globals_ns: dict | None, never_shared: tuple[type, ...]) -> _Pickled:
+def _pickle_value(value: Any, globals_ns: dict[str, Any] | None, never_shared: tuple[type, ...]) -> _Pickled:
     buffers: list[memoryview] = []
 
     def keep_large_out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -350,7 +352,7 @@ def _class_attributes(cls: type) -> dict[int, Any]:
     return {id(v): v for k in cls.__mro__ for v in vars(k).values()}
 
 
-def _class_internals(cls: type, globals_ns: dict | None, never_shared: tuple[type, ...]) -> dict[int, Any]:
+def _class_internals(cls: type, globals_ns: dict[str, Any] | None, never_shared: tuple[type, ...]) -> dict[int, Any]:
     """Objects reached by pickling the cell-defined class ``cls`` by value.
 
     Every instance of ``cls`` memoizes its class's methods and attributes;
@@ -383,7 +385,7 @@ class _UnionFind:
 def _group_by_sharing(
     ns: Mapping[str, Any],
     pickled: dict[str, _Pickled],
-    globals_ns: dict | None,
+    globals_ns: dict[str, Any] | None,
     never_shared: tuple[type, ...],
 ) -> list[list[str]]:
     # Candidates are kept alive in the _Pickled records for the whole dump, so
@@ -464,7 +466,7 @@ def dump_namespace(
     key: bytes,
     path: str,
     *,
-    globals_ns: dict | None = None,
+    globals_ns: dict[str, Any] | None = None,
 ) -> DumpResult:
     """Pickle ``ns[name]`` for each of ``names`` into ``path`` (+ ``.buf``).
 
@@ -508,7 +510,7 @@ def dump_namespace(
     del pickled
 
     rng = pickle.dumps(capture_rng_state(), protocol=_PROTOCOL)
-    index_groups = []
+    index_groups: list[dict[str, Any]] = []
     payload_offset = len(rng)
     buffer_offset = 0
     buffer_bytes = 0
@@ -532,8 +534,8 @@ def dump_namespace(
         if buffer_offset:
             fd = _create_private(path + _BUFFER_SUFFIX)
             try:
-                for (_, _, buffers), entry in zip(groups, index_groups):
-                    for raw, (offset, _) in zip(buffers, entry["buffers"]):
+                for (_, _, buffers), entry in zip(groups, index_groups, strict=True):
+                    for raw, (offset, _) in zip(buffers, entry["buffers"], strict=True):
                         _pwrite_all(fd, raw, offset)
             finally:
                 os.close(fd)
@@ -583,7 +585,7 @@ def _map_buffers(path: str, size: int) -> memoryview:
         os.close(fd)
 
 
-def load_namespace(path: str, key: bytes, globals_ns: dict) -> LoadResult:
+def load_namespace(path: str, key: bytes, globals_ns: dict[str, Any]) -> LoadResult:
     """Load a dump made by ``dump_namespace`` and restore the random state.
 
     Raises ForgedPayload, before unpickling anything, if the main file does
@@ -606,7 +608,7 @@ def load_namespace(path: str, key: bytes, globals_ns: dict) -> LoadResult:
     index = json.loads(bytes(body[_HEADER.size : index_end]))
     payload = body[index_end:]
 
-    buffer_file = None
+    buffer_file = memoryview(b"")
     if index["buffer_file_size"]:
         buffer_file = _map_buffers(path + _BUFFER_SUFFIX, index["buffer_file_size"])
 
@@ -627,7 +629,7 @@ def load_namespace(path: str, key: bytes, globals_ns: dict) -> LoadResult:
             if len(names) == 1:
                 values[names[0]] = loaded
             else:
-                values.update(zip(names, loaded))
+                values.update(zip(names, loaded, strict=True))
     finally:
         _target_globals = None
 
