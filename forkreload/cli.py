@@ -88,7 +88,9 @@ def _console(args: argparse.Namespace) -> int:
     if not os.path.isdir(s.cwd):
         print(f"forkreload: not a directory: {args.cwd}", file=sys.stderr)
         return 2
-    launch = LaunchSettings(cwd=s.cwd, preload=s.preload, mode=s.mode, quiet=s.quiet, watch=s.watch, learn=s.learn)
+    # Resolved here only to fail early on a bad setting; the controller
+    # resolves them itself, so each keeps the origin it came from.
+    launch = LaunchSettings(cwd=s.cwd, **_cli_settings(args))
     return run_console(launch, project_root=s.project_root)
 
 

@@ -309,7 +309,8 @@ class Swapper:
             return self._report("none", changed, str(exc), error=str(exc))
         kind = res.get("kind")
         reasons = list(res.get("reasons") or [])
-        log.debug("in-place check of %s: %s %s (%.1f ms)", sorted(changed), kind, reasons, (time.perf_counter() - t0) * 1000)
+        log.debug("in-place check of %s: %s %s (%.1f ms, %.1f ms in the agent)", sorted(changed), kind, reasons,
+                  (time.perf_counter() - t0) * 1000, res.get("seconds", 0.0) * 1000)
         if kind in ("inplace", "partial"):
             for path, sha in res.get("files", {}).items():
                 self.watch.accept(path, sha)
@@ -369,6 +370,8 @@ class Swapper:
             phase("export")
             if exported.get("ok") is False:
                 raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
+            log.debug("export: %d variables, %d bytes pickled, %d bytes of buffers out of band, groups %s",
+                      len(exported.get("saved", [])), exported.get("inband_bytes", 0), exported.get("buffer_bytes", 0), exported.get("groups", []))
             report.lost = dict(exported.get("lost", {}))
             report.notes = list(exported.get("reset", []))
             loaded: LoadAnswer = self.proxy.call_agent(new, "load", path, [f for f in changed if changed[f] is not None])
@@ -396,8 +399,7 @@ class Swapper:
         _remove_dump(path)
         report.migrated = list(loaded.get("loaded", []))
         report.lost.update(loaded.get("failed", {}))
-        for name in loaded.get("gone", []):
-            log.debug("user module %s is gone: not imported by the new worker", name)
+        log.debug("load: %d variables in %.1f ms (agent side); modules gone: %s", len(report.migrated), loaded.get("seconds", 0.0) * 1000, loaded.get("gone", []))
         report.previous = keep_old
         self.switch(new, parent, keep_old=keep_old, modules=loaded.get("modules", []))
         phase("switch")
