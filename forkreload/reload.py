@@ -29,6 +29,7 @@ import copy
 import dis
 import enum
 import functools
+import importlib.util
 import inspect
 import linecache
 import os
@@ -38,7 +39,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "used_at_import"]
+__all__ = [
+    "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
+    "used_at_import",
+]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -48,6 +52,11 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 # Decorators a patched or added method may carry: the live class attribute is
 # then this wrapper around the plain function.
 _WRAPPERS: dict[str, type] = {"staticmethod": staticmethod, "classmethod": classmethod}
+# What functools.cache and functools.lru_cache return: a function decorated
+# with one of them (and nothing else) is patched through `__wrapped__`, and
+# its cache cleared, which is all a fresh import would differ in.
+_LRU_WRAPPER: type = functools._lru_cache_wrapper
+_CACHE_DECORATORS = frozenset({"cache", "lru_cache"})
 # Methods that type() wraps on its own when it creates the class.
 _IMPLICIT_WRAPPERS: dict[str, type] = {
     "__new__": staticmethod,
@@ -60,6 +69,20 @@ _IMPLICIT_WRAPPERS: dict[str, type] = {
 _CLASS_CREATION_HOOKS = frozenset(
     {"__init_subclass__", "__set_name__", "__class_getitem__", "__prepare__", "__mro_entries__"}
 )
+# Special methods whose old results the interpreter keeps in existing data:
+# a dict or set placed its keys by the old __hash__ and told them apart with
+# the old __eq__ (a fresh process rebuilds them when the values are
+# unpickled), and ABCMeta caches the answers of __subclasshook__ (and of
+# __instancecheck__/__subclasscheck__ of metaclasses built on it). Ordering
+# methods (__lt__ & co) are not here: no built-in container keeps an order
+# computed by them (a sorted list is a value, migrated as it is).
+_CACHED_BY_DATA = {
+    "__hash__": "dicts and sets already hold hashes from the old code",
+    "__eq__": "dicts and sets already told their keys apart with the old code",
+    "__subclasshook__": "isinstance() and issubclass() already cached answers from the old code",
+    "__instancecheck__": "isinstance() and issubclass() already cached answers from the old code",
+    "__subclasscheck__": "isinstance() and issubclass() already cached answers from the old code",
+}
 # Flags that make a call return a generator/coroutine instead of running the
 # body: old call sites and callers would be wrong if these changed.
 _KIND_FLAGS = (
@@ -85,13 +108,16 @@ class Change:
     """One step of a plan: set attributes of a live object, or bind a new function.
 
     action 'patch' sets `attrs` on `target`, the live function, class or
-    module found at `path`; action 'add' binds `value` under `path[-1]` in
-    `target`, the live module or class found at `path[:-1]`.
+    module found at `path` (through the cache wrapper of a function decorated
+    with functools.cache/lru_cache); action 'add' binds `value` under
+    `path[-1]` in `target`, the live module or class found at `path[:-1]`;
+    action 'clear' empties `target`, such a cache wrapper, after every other
+    change of the plans was applied.
     """
 
-    action: str  # 'patch' | 'add'
+    action: str  # 'patch' | 'add' | 'clear'
     qualname: str  # 'area', 'Greeter.greet', 'Greeter' (class attributes), '' (module docstring)
-    detail: str  # 'body' | 'signature' | 'new' | 'docstring' | 'lines' | 'attributes'
+    detail: str  # 'body' | 'signature' | 'new' | 'docstring' | 'lines' | 'attributes' | 'cache'
     path: tuple[str, ...]  # dict keys from the module namespace down to the object (names mangled)
     target: object = field(repr=False)
     attrs: dict[str, object] = field(default_factory=dict, repr=False)
@@ -149,9 +175,7 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
         # what a fresh import would create.
         new_code = compile(new_tree, filename, "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError) as exc:
-        where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
-        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc) or type(exc).__name__
-        return Decision("error", name, [f"{shown}: does not parse: {where}{detail}"])
+        return Decision("error", name, [_parse_error(exc, shown)])
     cached = _last_parsed.get(filename)
     _last_parsed[filename] = (new_source, new_tree)
     if cached is not None and cached[0] == old_source:
@@ -187,9 +211,13 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
     for module, decision in edits:
         if decision.kind not in ("noop", "inplace") or decision.module != module.__name__:
             raise ValueError(f"cannot apply a {decision.kind!r} decision for {decision.module} to {module.__name__}")
+    clears: list[Change] = []
     for module, decision in edits:
         for change in decision.plan:
             dotted = ".".join(filter(None, (module.__name__, change.qualname)))
+            if change.action == "clear":
+                clears.append(change)
+                continue
             try:
                 _apply_change(module, change, undo)
             except Exception as exc:
@@ -197,6 +225,9 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
                     restore()
                 raise PatchError(f"could not {change.action} {dotted}: {exc}") from exc
             done.append(dotted)
+    # Only once every patch is in: a cleared cache cannot be restored.
+    for change in clears:
+        change.target.cache_clear()
     for module, _decision in edits:
         # Tracebacks read lines through linecache; drop the stale copy so they
         # show the file as it is now (checkcache alone misses an edit that
@@ -269,6 +300,8 @@ def _apply_change(module: types.ModuleType, change: Change, undo: list[Callable[
     live = _resolve(module, change.path)
     if isinstance(live, (staticmethod, classmethod)):
         live = live.__func__
+    elif type(live) is _LRU_WRAPPER and live is not change.target:
+        live = live.__wrapped__
     if live is not change.target:
         raise PatchError(f"it was replaced by {type(live).__name__} {live!r:.60} after the edit was classified")
     for attr, value in change.attrs.items():
@@ -489,7 +522,8 @@ class _Classifier:
             self.fresh(f"decorators of {what} {qualname} changed")
             return
         wrapper = _expected_wrapper(new, cls)
-        if wrapper is False:
+        cached = wrapper is False and _is_cache_decorator(new, self.module)
+        if wrapper is False and not cached:
             decorator = ast.unparse(new.decorator_list[0])
             if _is_property(new):
                 self.fresh(f"property {qualname} changed (properties are only reloaded by a fresh import)")
@@ -502,7 +536,18 @@ class _Classifier:
         if cls and new.name in _CLASS_CREATION_HOOKS:
             self.fresh(f"method {qualname} runs while classes are created; its change needs a fresh import")
             return
-        live = self.live_function(new, cls, wrapper)
+        if cls and new.name in _CACHED_BY_DATA and not (
+            _same(old.args, new.args) and self.same(_without_docstring(old.body), _without_docstring(new.body))
+        ):
+            self.fresh(f"{self.module.__name__}.{qualname} changed: {_CACHED_BY_DATA[new.name]}")
+            return
+        cache = None
+        if cached:
+            cache = self.live_attribute(new.name, cls)
+            live = cache.__wrapped__ if type(cache) is _LRU_WRAPPER else None
+            live = live if self.is_own_function(live, new, cls) else None
+        else:
+            live = self.live_function(new, cls, wrapper)
         if live is None:
             self.fresh(f"{what} {qualname} in the live module is not the function defined in {self.shown} "
                        "(replaced or wrapped at run time)")
@@ -536,7 +581,16 @@ class _Classifier:
             detail = "body"
         else:
             detail = "docstring"
-        self.plan.append(Change("patch", qualname, detail, self.path(new.name, cls), live, attrs))
+        path = self.path(new.name, cls)
+        self.plan.append(Change("patch", qualname, detail, path, live, attrs))
+        if cache is not None:
+            # update_wrapper copied these onto the cache wrapper when the def ran.
+            copied = {k: v for k, v in attrs.items() if k in ("__doc__", "__annotations__")}
+            if copied:
+                self.plan.append(Change("patch", qualname, "attributes", path, cache, copied))
+            if detail != "docstring":
+                # A fresh import starts with an empty cache; the old results are the old code's.
+                self.plan.append(Change("clear", qualname, "cache", path, cache))
 
     def refresh_lines(self, old: ast.FunctionDef | None, node: ast.FunctionDef, cls: str | None) -> None:
         """Unchanged function: give the live one the new code if only its line numbers moved.
@@ -549,6 +603,8 @@ class _Classifier:
         raw = self.live_attribute(node.name, cls)
         if isinstance(raw, (staticmethod, classmethod)):
             raw = raw.__func__
+        elif type(raw) is _LRU_WRAPPER:
+            raw = raw.__wrapped__
         live = raw if self.is_own_function(raw, node, cls) else None
         code = self.new_function_code(node, cls) if live is not None else None
         if code is None or code.co_freevars != live.__code__.co_freevars:
@@ -793,7 +849,7 @@ class _Classifier:
         method of a class instantiated at import, or a function a metaclass
         calls, produced state that a patch cannot redo.
         """
-        changes = [c for c in self.plan if c.detail not in ("lines", "attributes")]
+        changes = [c for c in self.plan if c.detail not in ("lines", "attributes", "cache")]
         if not changes:
             return
         uses = _ImportTime(self.new_tree, self.future_annotations)
@@ -1060,6 +1116,36 @@ def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | b
     return False
 
 
+def _is_cache_decorator(node: ast.FunctionDef, module: types.ModuleType) -> bool:
+    """Whether the def's only decorator is functools.cache or functools.lru_cache (called with literals or not).
+
+    The name must be bound to functools' own in the live module, so that a
+    decorator of the user's that happens to be called `cache` never counts.
+    """
+    if len(node.decorator_list) != 1:
+        return False
+    decorator = node.decorator_list[0]
+    if isinstance(decorator, ast.Call):
+        arguments = [*decorator.args, *(k.value for k in decorator.keywords)]
+        if any(k.arg is None for k in decorator.keywords) or not all(_is_literal(a) for a in arguments):
+            return False
+        decorator = decorator.func
+    namespace = vars(module)
+    if isinstance(decorator, ast.Name):
+        return decorator.id in _CACHE_DECORATORS and namespace.get(decorator.id) is getattr(functools, decorator.id)
+    if isinstance(decorator, ast.Attribute) and isinstance(decorator.value, ast.Name):
+        return decorator.attr in _CACHE_DECORATORS and namespace.get(decorator.value.id) is functools
+    return False
+
+
+def _is_literal(node: ast.expr) -> bool:
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
 def _is_property(node: ast.FunctionDef) -> bool:
     return any(
         (isinstance(d, ast.Name) and d.id in ("property", "cached_property"))
@@ -1151,3 +1237,33 @@ def _shown_name(filename: str) -> str:
     if base == "__init__.py":
         return f"{os.path.basename(os.path.dirname(filename))}/{base}"
     return base
+
+
+def _parse_error(exc: BaseException, shown: str) -> str:
+    """A source that does not compile, as Python shows it: `SyntaxError: expected ':' (model.py, line 23)`."""
+    if isinstance(exc, SyntaxError):
+        where = f"{shown}, line {exc.lineno}" if exc.lineno else shown
+        return f"{type(exc).__name__}: {exc.msg} ({where})"
+    if isinstance(exc, RecursionError):
+        return f"RecursionError: the source is nested too deeply to compile ({shown})"
+    return f"{type(exc).__name__}: {exc} ({shown})"
+
+
+def decode_source(data: bytes, filename: str) -> tuple[str | None, str | None]:
+    """(text, None) for the bytes of a source file, or (None, reason) when Python could not read it either.
+
+    Decoded as an import decodes it (PEP 263 coding cookie, UTF-8 by
+    default, universal newlines); the reason names the file and the first
+    byte that does not decode, by line and column as an editor shows them.
+    """
+    shown = _shown_name(filename)
+    try:
+        return importlib.util.decode_source(data), None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        encoding = "UTF-8" if exc.encoding.replace("-", "").lower() == "utf8" else exc.encoding
+        return None, (f"{shown}: cannot be decoded as {encoding}: byte 0x{data[exc.start]:02x} at line {line}, "
+                      f"column {column} ({exc.reason})")
+    except (SyntaxError, LookupError) as exc:  # a coding cookie naming an unknown encoding
+        return None, f"{shown}: cannot be decoded: {getattr(exc, 'msg', None) or exc}"
