@@ -37,11 +37,11 @@ import re
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
-    "used_at_import",
+    "kept_old_code", "replaced_code", "star_exports", "used_at_import",
 ]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -242,17 +242,147 @@ def changed_names(decision: Decision) -> set[str]:
     return {c.qualname.split(".")[0] for c in decision.plan if c.detail in _BEHAVIOUR_DETAILS and c.qualname}
 
 
-def used_at_import(source: str, filename: str, module_name: str, names: set[str]) -> str | None:
+def replaced_code(edits: list[tuple[types.ModuleType, Decision]]) -> dict[int, tuple[types.CodeType, str]]:
+    """The code objects the plans are about to replace, by id: (code, dotted name of the function).
+
+    Call it before `apply_plans`. Code nested in a replaced function (inner
+    functions, lambdas, generator expressions) is included when it differs
+    from its new version: closures and generators made by the old code keep
+    running it after the patch.
+    """
+    found: dict[int, tuple[types.CodeType, str]] = {}
+    for module, decision in edits:
+        for change in decision.plan:
+            if change.action == "patch" and change.detail in _BEHAVIOUR_DETAILS and "__code__" in change.attrs:
+                dotted = f"{module.__name__}.{change.qualname}"
+                _pair_codes(change.target.__code__, change.attrs["__code__"], dotted, found)
+    return found
+
+
+def _pair_codes(old: types.CodeType, new: types.CodeType | None, dotted: str,
+                found: dict[int, tuple[types.CodeType, str]]) -> None:
+    if new is None or _code_key(old) != _code_key(new):
+        found[id(old)] = (old, dotted)
+    new_children: dict[str, list[types.CodeType]] = defaultdict(list)
+    for const in (new.co_consts if new is not None else ()):
+        if isinstance(const, types.CodeType):
+            new_children[const.co_name].append(const)
+    for const in old.co_consts:
+        if isinstance(const, types.CodeType):
+            twins = new_children.get(const.co_name)
+            _pair_codes(const, twins.pop(0) if twins else None, dotted, found)
+
+
+def _code_key(code: types.CodeType) -> tuple:
+    """What a code object does, where it sits in the file aside."""
+    consts = tuple(_code_key(c) if isinstance(c, types.CodeType) else (type(c), c) for c in code.co_consts)
+    return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_flags,
+            code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, consts)
+
+
+# How many items of a container or attributes of an object `kept_old_code`
+# looks at: the scan must stay cheap next to a patch (milliseconds).
+_SCAN_LIMIT = 1000
+
+
+def kept_old_code(namespace: dict[str, object], replaced: dict[int, tuple[types.CodeType, str]]) -> list[str]:
+    """Notes on the values in `namespace` that still run code a patch replaced.
+
+    A generator, coroutine or async generator created by a patched function
+    keeps its frame and the old code (also when another generator delegates
+    to it with `yield from`/`await`); a closure or lambda the old code made
+    keeps the old inner code. Each value is looked at one level deep: itself,
+    the items of a list, tuple, set or dict, the attributes of an object.
+    """
+    notes: list[str] = []
+    if not replaced:
+        return notes
+    for name, value in namespace.items():
+        for candidate in _one_level(value):
+            why = _runs_old_code(candidate, replaced)
+            if why:
+                notes.append(f"{name}: {why}")
+                break
+    return notes
+
+
+def _one_level(value: object) -> Iterator[object]:
+    yield value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items: object = value
+    elif isinstance(value, dict):
+        items = value.values()
+    elif isinstance(value, (type, types.ModuleType, types.FunctionType)):
+        return
+    else:
+        try:
+            items = vars(value).values()
+        except TypeError:
+            return
+    try:
+        for index, item in enumerate(items):  # type: ignore[arg-type]
+            if index >= _SCAN_LIMIT:
+                return
+            yield item
+    except RuntimeError:  # changed size during iteration (another thread)
+        return
+
+
+def _runs_old_code(obj: object, replaced: dict[int, tuple[types.CodeType, str]]) -> str | None:
+    if type(obj) is types.FunctionType:
+        hit = replaced.get(id(obj.__code__))
+        if hit is not None and hit[0] is obj.__code__:
+            return f"a function made by the old {hit[1]} keeps its old code"
+        return None
+    get_coro = getattr(obj, "get_coro", None)  # an asyncio Task runs a coroutine
+    if callable(get_coro) and not getattr(obj, "done", lambda: True)():
+        obj = get_coro()
+    depth = 0
+    while obj is not None and depth < 100:
+        for code_attr, frame_attr, inner_attr, word in _SUSPENDABLE:
+            if isinstance(obj, word[0]):
+                frame, code = getattr(obj, frame_attr), getattr(obj, code_attr)
+                if frame is None:
+                    return None  # finished: runs nothing any more
+                hit = replaced.get(id(code))
+                if hit is not None and hit[0] is code:
+                    return f"{word[1]} suspended in {hit[1]} keeps running the old body"
+                obj = getattr(obj, inner_attr)
+                break
+        else:
+            return None
+        depth += 1
+    return None
+
+
+# (code attribute, frame attribute, what it is delegating to, (type, words)) per kind of suspendable object.
+_SUSPENDABLE = (
+    ("gi_code", "gi_frame", "gi_yieldfrom", (types.GeneratorType, "a generator")),
+    ("cr_code", "cr_frame", "cr_await", (types.CoroutineType, "a coroutine")),
+    ("ag_code", "ag_frame", "ag_await", (types.AsyncGeneratorType, "an async generator")),
+)
+
+
+def used_at_import(
+    source: str, filename: str, module_name: str, names: set[str], *, package: str | None = None,
+    added: frozenset[str] | set[str] = frozenset(), exported: frozenset[str] | set[str] = frozenset(),
+) -> str | None:
     """Whether another module's import-time code may use `names` of `module_name`.
 
     A fresh process would import that other module again and so run the new
     code at its import (`X = a.helper()`); patching `a` in place would leave
-    the value computed by the old code. Returns a reason, or None.
+    the value computed by the old code. Functions the edit adds (`added`)
+    count too when the other module imports them by name at import time (a
+    `try: from a import new` that found nothing then), and `exported`, the
+    added names a star import binds, when it does `from a import *`: a fresh
+    import binds them there, a patch does not. `package` resolves the other
+    module's relative imports (its `__package__`). Returns a reason, or None.
     """
     try:
         tree = ast.parse(source, filename)
     except (SyntaxError, ValueError, RecursionError):
         return None
+    shown = _shown_name(filename)
     aliases: set[str] = set()  # names bound to the module itself (or its package root)
     imported: dict[str, str] = {}  # local name -> name in the module
     for node in ast.walk(tree):
@@ -262,12 +392,22 @@ def used_at_import(source: str, filename: str, module_name: str, names: set[str]
                     aliases.add(a.asname or a.name.split(".")[0])
                 elif module_name.startswith(a.name + ".") and a.asname is None:
                     aliases.add(a.name.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            source_module = _absolute_module(node, package)
             for a in node.names:
-                if node.module == module_name:
+                if source_module == module_name:
                     imported[a.asname or a.name] = a.name
-                elif f"{node.module}.{a.name}" == module_name:
+                elif f"{source_module}.{a.name}" == module_name:
                     aliases.add(a.asname or a.name)
+    if "*" in imported.values() and exported:
+        # A star import can only sit at module level: it ran at import.
+        return f"{shown}: from {module_name} import * would also bind the new {module_name}.{min(exported)}"
+    if added:
+        for node in _import_time_nodes(tree):
+            if isinstance(node, ast.ImportFrom) and _absolute_module(node, package) == module_name:
+                for a in node.names:
+                    if a.name in added:
+                        return f"{shown} imports the new {module_name}.{a.name} by name when it is imported"
     if not aliases and not imported:
         return None
     future = any(
@@ -275,7 +415,6 @@ def used_at_import(source: str, filename: str, module_name: str, names: set[str]
         for n in tree.body
     )
     mentioned = _ImportTime(tree, future).mentioned
-    shown = _shown_name(filename)
     for local, original in imported.items():
         if original in names and local in mentioned:
             return f"{shown} uses {module_name}.{original} when it is imported"
@@ -284,6 +423,40 @@ def used_at_import(source: str, filename: str, module_name: str, names: set[str]
             if isinstance(node, ast.Attribute) and node.attr in names and _root_name(node.value) == alias:
                 return f"{shown} uses {module_name}.{node.attr} when it is imported"
     return None
+
+
+def star_exports(module: types.ModuleType, names: set[str]) -> set[str]:
+    """Which of `names` (of `module`) `from module import *` binds: those in `__all__`, else the public ones."""
+    public = vars(module).get("__all__")
+    if public is not None:
+        try:
+            return names & set(public)
+        except TypeError:
+            return set(names)  # an odd __all__: assume the worst
+    return {n for n in names if not n.startswith("_")}
+
+
+def _absolute_module(node: ast.ImportFrom, package: str | None) -> str | None:
+    """The module a `from ... import` statement imports from, relative ones resolved against `package`."""
+    if node.level == 0:
+        return node.module
+    if not package:
+        return None
+    try:
+        return importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+    except (ImportError, ValueError):
+        return None
+
+
+def _import_time_nodes(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every node of the module that runs when it is imported: all but the insides of functions and lambdas."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
 
 
 def _apply_change(module: types.ModuleType, change: Change, undo: list[Callable[[], None]]) -> None:
