@@ -348,6 +348,7 @@ class Agent:
                 edits.append((mod, decision))
         if errors:
             return json.dumps({"kind": "error", "reasons": list(dict.fromkeys(errors))})
+        refused.extend(self._hashes_would_change(edits))
         refused = list(dict.fromkeys(refused))  # a file imported under two names says it once
         if refused and mode != "inplace":
             return json.dumps({"kind": "fresh", "reasons": refused})
@@ -423,6 +424,22 @@ class Agent:
                 notes.append(f"a cell ran `from {module.__name__} import *` before {names} existed: "
                              "run it again to bind the new names")
         return notes, cleared
+
+    def _hashes_would_change(self, edits: list[tuple[types.ModuleType, reload.Decision]]) -> list[str]:
+        """Reasons a `__hash__` or `__eq__` of the user's classes (modules and cells) calls a patched function."""
+        targets = {
+            id(c.target): f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan
+            if c.action == "patch" and c.detail in ("body", "signature") and isinstance(c.target, types.FunctionType)
+        }
+        if not targets:
+            return []
+        classes = []
+        for name in self.user_modules:
+            module = sys.modules.get(name)
+            if module is not None:
+                classes += [v for v in list(vars(module).values()) if isinstance(v, type) and v.__module__ == name]
+        classes += [v for v in list(self.shell.user_ns.values()) if isinstance(v, type) and v.__module__ == "__main__"]
+        return reload.data_hooks_reaching(classes, targets)
 
     def _user_caches(self) -> dict[int, tuple[Any, int]]:
         """The functools caches of the user's modules (module level and in their classes), by id: (wrapper, size)."""

@@ -41,7 +41,7 @@ from typing import Callable, Iterator
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
-    "kept_old_code", "replaced_code", "star_exports", "used_at_import",
+    "data_hooks_reaching", "kept_old_code", "replaced_code", "star_exports", "used_at_import",
 ]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -240,6 +240,70 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
 def changed_names(decision: Decision) -> set[str]:
     """Top-level names of the module whose behaviour an in-place plan changes."""
     return {c.qualname.split(".")[0] for c in decision.plan if c.detail in _BEHAVIOUR_DETAILS and c.qualname}
+
+
+def data_hooks_reaching(classes: list[type], targets: dict[int, str]) -> list[str]:
+    """Reasons some `__hash__`/`__eq__` (or ABC hook) of `classes` may call a function the plans patch.
+
+    `targets`: id of each live function about to be patched -> its dotted
+    name. A hash helper edited in place (`__hash__` returning `hash(key(self))`
+    with `key` patched) changes the hashes exactly as an edited `__hash__`
+    would, and dicts and sets already placed their keys by the old ones. The
+    walk follows, from the hook's code, the names it uses (and the code nested
+    in it), resolved in the function's globals, in the modules those hold, and
+    in the class and its bases; a name bound to a function there is followed
+    in turn. Calls through other objects (`self.items.norm()`) are not seen.
+    """
+    reasons: list[str] = []
+    for cls in classes:
+        for hook, why in _CACHED_BY_DATA.items():
+            start = _plain_function(cls.__dict__.get(hook))
+            if start is None:
+                continue
+            hit = _reaches(start, cls, targets)
+            if hit is not None:
+                where = f"{cls.__module__}.{cls.__qualname__}.{hook}"
+                reasons.append(f"{where} calls {hit}, which the edit changes: {why}")
+    return reasons
+
+
+def _plain_function(obj: object) -> types.FunctionType | None:
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    elif type(obj) is _LRU_WRAPPER:
+        obj = obj.__wrapped__
+    return obj if type(obj) is types.FunctionType else None
+
+
+def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str]) -> str | None:
+    seen: set[int] = set()
+    todo = [start]
+    while todo:
+        function = todo.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        if id(function) in targets:
+            return targets[id(function)]
+        names = _names_used(function.__code__)
+        scopes: list[dict] = [function.__globals__]
+        scopes += [vars(v) for n in names if isinstance(v := function.__globals__.get(n), types.ModuleType)]
+        scopes += [vars(c) for c in cls.__mro__ if c is not object]
+        for name in names:
+            for scope in scopes:
+                found = _plain_function(scope.get(name))
+                if found is not None and found.__code__.co_filename != "<frozen>":
+                    todo.append(found)
+    return None
+
+
+def _names_used(code: types.CodeType) -> set[str]:
+    """Global and attribute names a code object (and the code nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_used(const)
+    return names
 
 
 def replaced_code(edits: list[tuple[types.ModuleType, Decision]]) -> dict[int, tuple[types.CodeType, str]]:

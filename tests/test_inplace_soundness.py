@@ -29,7 +29,7 @@ class Project:
         self.pkg = f"frsound_{uuid.uuid4().hex[:8]}"  # unique: tests share one interpreter
         (root / self.pkg).mkdir()
         (root / self.pkg / "__init__.py").write_text("")
-        self.user_ns: dict[str, Any] = {"In": [""]}
+        self.user_ns: dict[str, Any] = {"In": [""], "__name__": "__main__"}
         kernel = SimpleNamespace(shell=SimpleNamespace(user_ns=self.user_ns, user_ns_hidden={"In": self.user_ns["In"]}),
                                  session=SimpleNamespace(key=b"test"))
         self.agent = Agent(kernel, str(root), [])
@@ -288,3 +288,44 @@ def test_an_import_of_the_package_used_at_import_goes_fresh(proj: Project) -> No
     answer = proj.edit(a="def helper():\n    return 2\n")
     assert answer["kind"] == "fresh"
     assert answer["reasons"] == [f"b.py uses {proj.name('a')}.helper when it is imported"]
+
+
+def test_a_hash_helper_patched_in_place_goes_fresh(proj: Project) -> None:
+    proj.write("keys", "def norm(s):\n    return s.lower()\n")
+    proj.write("model", """
+        from . import keys
+
+        def _hash(self):
+            return hash(keys.norm(self.name))
+
+        class Tag:
+            def __init__(self, name):
+                self.name = name
+
+            def key(self):
+                return keys.norm(self.name)
+
+            def __eq__(self, other):
+                return self.key() == other.key()
+
+            __hash__ = _hash
+        """)
+    proj.run_cell("from PKG import model; tags = {model.Tag('A'): 1}")
+    answer = proj.edit(keys="def norm(s):\n    return s.upper()\n")
+    assert answer["kind"] == "fresh"
+    tag = f"{proj.name('model')}.Tag"
+    norm = proj.name("keys.norm")
+    assert answer["reasons"] == [
+        f"{tag}.__hash__ calls {norm}, which the edit changes: dicts and sets already hold hashes from the old code",
+        f"{tag}.__eq__ calls {norm}, which the edit changes: dicts and sets already told their keys apart with the old code",
+    ]
+
+
+def test_a_cell_class_hashing_with_a_patched_function_goes_fresh(proj: Project) -> None:
+    proj.write("keys", "def norm(s):\n    return s.lower()\n\ndef unrelated():\n    return 1\n")
+    proj.run_cell("from PKG import keys\nclass Key:\n    def __init__(self, s):\n        self.s = s\n"
+                  "    def __hash__(self):\n        return hash(keys.norm(self.s))\nseen = {Key('A')}")
+    answer = proj.edit(keys="def norm(s):\n    return s.upper()\n\ndef unrelated():\n    return 1\n")
+    assert answer["kind"] == "fresh" and "Key.__hash__ calls" in answer["reasons"][0], answer
+    # A function the hooks never call stays in place.
+    answer = _inplace(proj.edit(keys="def norm(s):\n    return s.lower()\n\ndef unrelated():\n    return 2\n"))
