@@ -370,10 +370,11 @@ class Agent:
             if c.action == "patch" and c.detail in ("body", "signature")
         ]
         added = [f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan if c.action == "add"]
-        notes: list[str] = []
+        notes = [note for _m, d in edits for note in d.notes]
         cleared: dict[str, int] = {}
         if patched or added:
-            notes, cleared = self._after_patch(edits, replaced, caches)
+            more, cleared = self._after_patch(edits, replaced, caches)
+            notes += more
         return json.dumps(
             {
                 "kind": "partial" if refused else "inplace",
@@ -415,6 +416,7 @@ class Agent:
                 notes.append(f"{key}: kept its cache ({value.cache_info().currsize} entries, "
                              "which may hold results of the old code)")
         notes.extend(reload.kept_old_code(variables, replaced))
+        notes.extend(reload.threads_running_old_code(replaced))
         cells = "\n".join(str(c) for c in (user_ns.get("In") or [])[1:])
         for module, decision in edits:
             new_names = {c.qualname for c in decision.plan if c.action == "add" and "." not in c.qualname}

@@ -34,6 +34,9 @@ import inspect
 import linecache
 import os
 import re
+import reprlib
+import sys
+import threading
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +44,8 @@ from typing import Callable, Iterator
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
-    "data_hooks_reaching", "kept_old_code", "replaced_code", "star_exports", "used_at_import",
+    "data_hooks_reaching", "kept_old_code", "replaced_code", "star_exports", "threads_running_old_code",
+    "used_at_import",
 ]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
@@ -132,6 +136,7 @@ class Decision:
     module: str
     reasons: list[str] = field(default_factory=list)  # fresh/error: readable reasons, headline first
     plan: list[Change] = field(default_factory=list)  # noop/inplace: what apply_plan will do
+    notes: list[str] = field(default_factory=list)  # inplace: what the patch keeps that a fresh import would not
 
     def describe(self) -> str:
         """One short line for the user."""
@@ -191,7 +196,7 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
         return Decision("fresh", name, classifier.reasons)
     plan = classifier.plan
     kind = "inplace" if any(c.detail in _BEHAVIOUR_DETAILS for c in plan) else "noop"
-    return Decision(kind, name, [], plan)
+    return Decision(kind, name, [], plan, classifier.notes if kind == "inplace" else [])
 
 
 def apply_plan(module: types.ModuleType, decision: Decision) -> list[str]:
@@ -367,6 +372,26 @@ def kept_old_code(namespace: dict[str, object], replaced: dict[int, tuple[types.
             if why:
                 notes.append(f"{name}: {why}")
                 break
+    return notes
+
+
+def threads_running_old_code(replaced: dict[int, tuple[types.CodeType, str]]) -> list[str]:
+    """Notes on the other threads whose stack is inside code a patch replaced (they finish the old body)."""
+    notes: list[str] = []
+    if not replaced:
+        return notes
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        depth = 0
+        while frame is not None and depth < 200:
+            hit = replaced.get(id(frame.f_code))
+            if hit is not None and hit[0] is frame.f_code:
+                notes.append(f"thread {names.get(ident, ident)}: still inside {hit[1]}, it runs the old body "
+                             "until that call returns")
+                break
+            frame, depth = frame.f_back, depth + 1
     return notes
 
 
@@ -574,6 +599,7 @@ class _Classifier:
         )
         self.reasons: list[str] = []
         self.plan: list[Change] = []
+        self.notes: list[str] = []
 
     def fresh(self, text: str) -> None:
         self.reasons.append(f"{self.shown}: {text}")
@@ -801,6 +827,7 @@ class _Classifier:
             self.fresh(f"{what} {qualname} changed between a plain function and a generator or coroutine")
             return
         attrs: dict[str, object] = {"__code__": code}
+        self.note_mutated_defaults(old, new, live, qualname, cls)
         signature = not (_same(old.args, new.args) and _same(old.returns, new.returns))
         if signature:
             defaults = self.defaults(old, new, live, qualname, cls)
@@ -947,6 +974,36 @@ class _Classifier:
 
     def path(self, name: str, cls: str | None) -> tuple[str, ...]:
         return (cls, _mangle(name, cls)) if cls else (name,)
+
+    def note_mutated_defaults(
+        self, old: ast.FunctionDef, new: ast.FunctionDef, live: types.FunctionType, qualname: str, cls: str | None,
+    ) -> None:
+        """Note a default the patch keeps that no longer equals what its def made (`acc=[]` appended to).
+
+        A fresh import evaluates the def again; the patch keeps the live
+        value when the expression did not change, as it does for every
+        function the edit did not touch.
+        """
+        positional = [*old.args.posonlyargs, *old.args.args]
+        pairs = list(zip(positional[len(positional) - len(old.args.defaults):], old.args.defaults,
+                         live.__defaults__ or ()))
+        kwdefaults = live.__kwdefaults__ or {}
+        pairs += [(a, d, kwdefaults.get(_mangle(a.arg, cls), d)) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults)
+                  if d is not None]
+        new_exprs = {a.arg: d for a, d in zip([*new.args.posonlyargs, *new.args.args][::-1], new.args.defaults[::-1])}
+        new_exprs.update({a.arg: d for a, d in zip(new.args.kwonlyargs, new.args.kw_defaults) if d is not None})
+        for arg, expr, value in pairs:
+            if arg.arg not in new_exprs or not _same(expr, new_exprs[arg.arg]) or not isinstance(
+                    expr, (ast.List, ast.Dict, ast.Set, ast.Call)):
+                continue  # changed (then re-evaluated), or not a container that calls can fill
+            try:
+                differs = value != ast.literal_eval(expr)  # literal_eval accepts set()
+            except Exception:  # not a literal, or a comparison that raises: nothing to say for sure
+                continue
+            if differs:
+                shown = reprlib.repr(value)
+                self.notes.append(f"{self.module.__name__}.{qualname} keeps its default {arg.arg}={shown}, filled "
+                                  f"since import (a fresh import gives {ast.unparse(expr)})")
 
     # --- signatures -------------------------------------------------------
 

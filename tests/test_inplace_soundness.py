@@ -329,3 +329,22 @@ def test_a_cell_class_hashing_with_a_patched_function_goes_fresh(proj: Project) 
     assert answer["kind"] == "fresh" and "Key.__hash__ calls" in answer["reasons"][0], answer
     # A function the hooks never call stays in place.
     answer = _inplace(proj.edit(keys="def norm(s):\n    return s.lower()\n\ndef unrelated():\n    return 2\n"))
+
+
+def test_a_thread_inside_a_patched_function_is_named(proj: Project) -> None:
+    proj.write("m", "def wait(ev):\n    ev.wait(30)\n    return 1\n")
+    proj.run_cell("import threading\nfrom PKG import m\nev = threading.Event()\n"
+                  "t = threading.Thread(target=m.wait, args=(ev,), name='waiter'); t.start()")
+    try:
+        answer = _inplace(proj.edit(m="def wait(ev):\n    ev.wait(30)\n    return 2\n"))
+    finally:
+        proj.user_ns["ev"].set()
+        proj.user_ns["t"].join()
+    assert answer["notes"] == [f"thread waiter: still inside {proj.name('m.wait')}, it runs the old body until that call returns"]
+
+
+def test_a_default_filled_since_import_is_in_the_notes(proj: Project) -> None:
+    proj.write("m", "def log(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n")
+    proj.run_cell("from PKG import m; m.log(1)")
+    answer = _inplace(proj.edit(m="def log(x, seen=[]):\n    seen.append(x)\n    return -len(seen)\n"))
+    assert answer["notes"] == [f"{proj.name('m.log')} keeps its default seen=[1], filled since import (a fresh import gives [])"]

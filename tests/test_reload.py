@@ -664,3 +664,16 @@ def test_cache_cleared_only_after_every_patch_applied(load) -> None:
     with pytest.raises(PatchError):
         apply_plan(m, decision)
     assert m.square(2) == 4 and m.square.cache_info().currsize == 1  # rolled back, cache untouched
+
+
+def test_a_default_filled_since_import_is_noted(load) -> None:
+    v1 = "def log(x, seen=[], *, tags={}):\n    seen.append(x)\n    return seen\n\ndef other(k=[]):\n    return k\n"
+    m = load(v1)
+    m.log(1), m.log(2), m.other()
+    decision = edit(m, v1, v1.replace("return seen", "return list(seen)"))
+    assert decision.kind == "inplace"
+    assert decision.notes == [f"{m.__name__}.log keeps its default seen=[1, 2], filled since import "
+                              "(a fresh import gives [])"]
+    # A changed default is evaluated again: nothing kept, nothing to say.
+    decision = edit(m, v1, v1.replace("seen=[]", "seen=()").replace("seen.append(x)", "seen += (x,)"))
+    assert decision.kind == "inplace" and decision.notes == []
