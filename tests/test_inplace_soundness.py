@@ -348,3 +348,61 @@ def test_a_default_filled_since_import_is_in_the_notes(proj: Project) -> None:
     proj.run_cell("from PKG import m; m.log(1)")
     answer = _inplace(proj.edit(m="def log(x, seen=[]):\n    seen.append(x)\n    return -len(seen)\n"))
     assert answer["notes"] == [f"{proj.name('m.log')} keeps its default seen=[1], filled since import (a fresh import gives [])"]
+
+
+# --- end to end, through a session -------------------------------------------
+
+
+def test_session_hash_edit_goes_fresh_and_the_dict_works(project, make_session) -> None:
+    project.write("geo.py", """
+        class Point:
+            def __init__(self, x):
+                self.x = x
+            def __eq__(self, other):
+                return self.x == other.x
+            def __hash__(self):
+                return hash(self.x)
+        """)
+    s = make_session()
+    assert s.execute("import geo; seen = {geo.Point(1): 'one'}").status == "ok"
+    project.write("geo.py", """
+        class Point:
+            def __init__(self, x):
+                self.x = x
+            def __eq__(self, other):
+                return self.x == other.x
+            def __hash__(self):
+                return hash((self.x, 'v2'))
+        """)
+    r = s.execute("print(seen[geo.Point(1)])")
+    # Patched in place, the dict would hold the old hash and the lookup would raise KeyError.
+    assert r.status == "ok" and r.stdout == "one\n", r
+    assert r.reload.mode == "fresh"
+    assert r.reload.reason == "geo.py: geo.Point.__hash__ changed: dicts and sets already hold hashes from the old code"
+
+
+def test_session_cached_results_of_the_old_code_are_not_served(project, make_session) -> None:
+    project.write("prices.py", "def rate():\n    return 2\n")
+    project.write("report.py", "import functools\nimport prices\n\n@functools.cache\ndef total(n):\n    return n * prices.rate()\n")
+    s = make_session()
+    assert s.execute("import report; report.total(10)").status == "ok"
+    project.write("prices.py", "def rate():\n    return 3\n")
+    r = s.execute("print(report.total(10))")
+    assert r.stdout == "30\n", r
+    assert r.reload.mode == "inplace" and r.reload.patched == ["prices.rate"]
+
+
+def test_session_every_reason_and_python_s_syntax_error(project, make_session) -> None:
+    project.write("a.py", "K = 1\n")
+    project.write("b.py", "import os\n\ndef f():\n    return 1\n")
+    s = make_session()
+    s.execute("import a, b")
+    project.write("a.py", "K = 2\n")
+    project.write("b.py", "import os, sys\n\ndef f():\n    return 2\n")
+    r = s.execute("print(a.K, b.f())")
+    assert r.stdout == "2 2\n" and r.reload.mode == "fresh"
+    assert r.reload.reasons == ["a.py: module constant K changed", "b.py: import statements changed"]
+    project.write("b.py", "import os, sys\n\ndef f()\n    return 3\n")
+    r = s.execute("print(b.f())")
+    assert r.stdout == "2\n" and r.reload.ok is False
+    assert "SyntaxError: expected ':' (b.py, line 3)" in r.notice
