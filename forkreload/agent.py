@@ -466,10 +466,12 @@ class Agent:
         added = {c.qualname for c in decision.plan if c.action == "add" and "." not in c.qualname}
         exported = reload.star_exports(module, added)
         last = name.rpartition(".")[2].encode()
+        package = hasattr(module, "__path__")
         reasons = []
         for other, entry in self.user_modules.items():
-            # Only a module whose text names the edited one (or imports relatively) can use it.
-            if other == name or (last not in entry["source"] and b"from ." not in entry["source"]):
+            # Only a module whose text names the edited one can use it; a
+            # package's own __init__ can also be reached as `from . import x`.
+            if other == name or (last not in entry["source"] and not (package and b"from ." in entry["source"])):
                 continue
             importer = sys.modules.get(other)
             text, _why = reload.decode_source(entry["source"], entry["file"])

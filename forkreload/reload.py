@@ -366,8 +366,13 @@ def kept_old_code(namespace: dict[str, object], replaced: dict[int, tuple[types.
     notes: list[str] = []
     if not replaced:
         return notes
+    task = getattr(sys.modules.get("asyncio"), "Task", None)  # only asyncio's own tasks are looked into
+    kinds = (types.FunctionType, types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
     for name, value in namespace.items():
         for candidate in _one_level(value):
+            # Most values are numbers, strings and arrays: one type test each.
+            if type(candidate) not in kinds and not (task is not None and isinstance(candidate, task)):
+                continue
             why = _runs_old_code(candidate, replaced)
             if why:
                 notes.append(f"{name}: {why}")
@@ -423,9 +428,8 @@ def _runs_old_code(obj: object, replaced: dict[int, tuple[types.CodeType, str]])
         if hit is not None and hit[0] is obj.__code__:
             return f"a function made by the old {hit[1]} keeps its old code"
         return None
-    get_coro = getattr(obj, "get_coro", None)  # an asyncio Task runs a coroutine
-    if callable(get_coro) and not getattr(obj, "done", lambda: True)():
-        obj = get_coro()
+    if hasattr(obj, "get_coro"):  # an asyncio Task runs a coroutine
+        obj = None if obj.done() else obj.get_coro()
     depth = 0
     while obj is not None and depth < 100:
         for code_attr, frame_attr, inner_attr, word in _SUSPENDABLE:
@@ -467,14 +471,14 @@ def used_at_import(
     import binds them there, a patch does not. `package` resolves the other
     module's relative imports (its `__package__`). Returns a reason, or None.
     """
-    try:
-        tree = ast.parse(source, filename)
-    except (SyntaxError, ValueError, RecursionError):
+    parsed = _parsed_for_import(source, filename)
+    if parsed is None:
         return None
+    tree, mentioned, imports = parsed
     shown = _shown_name(filename)
     aliases: set[str] = set()  # names bound to the module itself (or its package root)
     imported: dict[str, str] = {}  # local name -> name in the module
-    for node in ast.walk(tree):
+    for node, _at_import in imports:
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name == module_name or a.name.startswith(module_name + "."):
@@ -492,18 +496,13 @@ def used_at_import(
         # A star import can only sit at module level: it ran at import.
         return f"{shown}: from {module_name} import * would also bind the new {module_name}.{min(exported)}"
     if added:
-        for node in _import_time_nodes(tree):
-            if isinstance(node, ast.ImportFrom) and _absolute_module(node, package) == module_name:
+        for node, at_import in imports:
+            if at_import and isinstance(node, ast.ImportFrom) and _absolute_module(node, package) == module_name:
                 for a in node.names:
                     if a.name in added:
                         return f"{shown} imports the new {module_name}.{a.name} by name when it is imported"
     if not aliases and not imported:
         return None
-    future = any(
-        isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
-        for n in tree.body
-    )
-    mentioned = _ImportTime(tree, future).mentioned
     for local, original in imported.items():
         if original in names and local in mentioned:
             return f"{shown} uses {module_name}.{original} when it is imported"
@@ -512,6 +511,25 @@ def used_at_import(
             if isinstance(node, ast.Attribute) and node.attr in names and _root_name(node.value) == alias:
                 return f"{shown} uses {module_name}.{node.attr} when it is imported"
     return None
+
+
+@functools.lru_cache(maxsize=128)
+def _parsed_for_import(
+    source: str, filename: str,
+) -> tuple[ast.Module, frozenset[str], tuple[tuple[ast.Import | ast.ImportFrom, bool], ...]] | None:
+    """What `used_at_import` needs of another module, the same for every edit: its tree, the names its
+    import-time code mentions, and its import statements (each with whether it runs at import)."""
+    try:
+        tree = ast.parse(source, filename)
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    future = any(
+        isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+        for n in tree.body
+    )
+    at_import = {id(n) for n in _import_time_nodes(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    imports = tuple((n, id(n) in at_import) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return tree, frozenset(_ImportTime(tree, future).mentioned), imports
 
 
 def star_exports(module: types.ModuleType, names: set[str]) -> set[str]:

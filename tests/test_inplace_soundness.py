@@ -406,3 +406,12 @@ def test_session_every_reason_and_python_s_syntax_error(project, make_session) -
     r = s.execute("print(b.f())")
     assert r.stdout == "2\n" and r.reload.ok is False
     assert "SyntaxError: expected ':' (b.py, line 3)" in r.notice
+
+
+def test_a_star_import_of_the_package_itself_goes_fresh_when_names_are_added(proj: Project) -> None:
+    proj.write("__init__", "def f():\n    return 1\n")
+    proj.write("user", "from . import *\n")
+    proj.run_cell("from PKG import user")
+    answer = proj.edit(__init__="def f():\n    return 1\n\ndef extra():\n    return 2\n")
+    assert answer["kind"] == "fresh"
+    assert answer["reasons"] == [f"user.py: from {proj.pkg} import * would also bind the new {proj.pkg}.extra"]
