@@ -8,17 +8,28 @@ is a `Decision`:
   plan only refreshes docstrings and line numbers so that `help()` and
   tracebacks match the file;
 - 'inplace': the edit only changes bodies, signatures or defaults of existing
-  functions and methods, or adds functions and methods; `apply_plan` patches
-  the live function objects, so every existing reference (`from m import f`
+  functions and methods (also of functions decorated with nothing but
+  functools.cache/lru_cache: patched through the cache wrapper, whose cache
+  is then cleared), or adds functions and methods; `apply_plan` patches the
+  live function objects, so every existing reference (`from m import f`
   elsewhere, bound methods of old instances, registered callbacks) runs the
   new code, and no top-level statement of the module runs again;
 - 'fresh': anything else; the reasons say why, and the caller moves to a fresh
-  worker that imports the new code;
-- 'error': the new source does not parse; the old code keeps running.
+  worker that imports the new code. This includes an edited `__hash__` or
+  `__eq__` (dicts and sets keep what the old ones computed) and ABC hooks;
+- 'error': the new source does not parse (the reason reads as Python shows
+  it); the old code keeps running.
 
 The rule is that 'noop' and 'inplace' are only given when the patched module
 behaves as a fresh import of the new source would (see "What is safe in place"
-in DESIGN.md); when in doubt the answer is 'fresh'.
+in DESIGN.md); when in doubt the answer is 'fresh'. The source alone cannot
+see everything the old code already did, so the caller (the worker's agent)
+also asks, across modules and the session's values: `used_at_import` (another
+module's import used a changed function, star-imported or imported by name an
+added one), `data_hooks_reaching` (a `__hash__`/`__eq__` calls a patched
+function), and after the patch `kept_old_code` and `threads_running_old_code`
+(generators, closures and threads still running replaced code, named in
+notes); `Decision.notes` names defaults filled since import.
 """
 
 from __future__ import annotations
