@@ -416,6 +416,11 @@ class Agent:
                 notes.append(f"{key}: kept its cache ({value.cache_info().currsize} entries, "
                              "which may hold results of the old code)")
         notes.extend(reload.kept_old_code(variables, replaced))
+        for name in self.user_modules:  # what a cell's call stored in a module (`m._stream = m.read()`)
+            module = sys.modules.get(name)
+            if module is not None and replaced:
+                own = {f"{name}.{k}": v for k, v in list(vars(module).items()) if not k.startswith("__")}
+                notes.extend(reload.kept_old_code(own, replaced))
         notes.extend(reload.threads_running_old_code(replaced))
         cells = "\n".join(str(c) for c in (user_ns.get("In") or [])[1:])
         for module, decision in edits:

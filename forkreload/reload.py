@@ -485,7 +485,7 @@ def used_at_import(
     parsed = _parsed_for_import(source, filename)
     if parsed is None:
         return None
-    tree, mentioned, imports = parsed
+    tree, mentioned, imports, strings = parsed
     shown = _shown_name(filename)
     aliases: set[str] = set()  # names bound to the module itself (or its package root)
     imported: dict[str, str] = {}  # local name -> name in the module
@@ -514,6 +514,9 @@ def used_at_import(
                         return f"{shown} imports the new {module_name}.{a.name} by name when it is imported"
     if not aliases and not imported:
         return None
+    if added & strings:
+        # `getattr(m, "new", None)`, `hasattr(m, "new")` at import found nothing then.
+        return f"{shown} names the new {module_name}.{min(added & strings)} in code that runs when it is imported"
     for local, original in imported.items():
         if original in names and local in mentioned:
             return f"{shown} uses {module_name}.{original} when it is imported"
@@ -527,9 +530,10 @@ def used_at_import(
 @functools.lru_cache(maxsize=128)
 def _parsed_for_import(
     source: str, filename: str,
-) -> tuple[ast.Module, frozenset[str], tuple[tuple[ast.Import | ast.ImportFrom, bool], ...]] | None:
+) -> tuple[ast.Module, frozenset[str], tuple[tuple[ast.Import | ast.ImportFrom, bool], ...], frozenset[str]] | None:
     """What `used_at_import` needs of another module, the same for every edit: its tree, the names its
-    import-time code mentions, and its import statements (each with whether it runs at import)."""
+    import-time code mentions, its import statements (each with whether it runs at import), and the
+    identifier-like strings its import-time code holds."""
     try:
         tree = ast.parse(source, filename)
     except (SyntaxError, ValueError, RecursionError):
@@ -538,9 +542,15 @@ def _parsed_for_import(
         isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
         for n in tree.body
     )
-    at_import = {id(n) for n in _import_time_nodes(tree) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    at_import: set[int] = set()
+    strings: set[str] = set()
+    for node in _import_time_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            at_import.add(id(node))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            strings.add(node.value)
     imports = tuple((n, id(n) in at_import) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
-    return tree, frozenset(_ImportTime(tree, future).mentioned), imports
+    return tree, frozenset(_ImportTime(tree, future).mentioned), imports, frozenset(strings)
 
 
 def star_exports(module: types.ModuleType, names: set[str]) -> set[str]:

@@ -415,3 +415,20 @@ def test_a_star_import_of_the_package_itself_goes_fresh_when_names_are_added(pro
     answer = proj.edit(__init__="def f():\n    return 1\n\ndef extra():\n    return 2\n")
     assert answer["kind"] == "fresh"
     assert answer["reasons"] == [f"user.py: from {proj.pkg} import * would also bind the new {proj.pkg}.extra"]
+
+
+def test_an_added_function_looked_up_by_name_at_import_goes_fresh(proj: Project) -> None:
+    proj.write("m", "def f():\n    return 1\n")
+    proj.write("user", "from . import m\n\nFAST = getattr(m, 'extra', None)\n")
+    proj.run_cell("from PKG import user")
+    answer = proj.edit(m="def f():\n    return 1\n\ndef extra():\n    return 2\n")
+    assert answer["reasons"] == [f"user.py names the new {proj.name('m.extra')} in code that runs when it is imported"]
+
+
+def test_a_generator_kept_in_a_module_is_named(proj: Project) -> None:
+    proj.write("m", "def count():\n    yield from range(10)\n\ndef start():\n    global STREAM\n    STREAM = count()\n    next(STREAM)\n")
+    proj.run_cell("from PKG import m; m.start()")
+    answer = _inplace(proj.edit(m="def count():\n    yield from range(3)\n\ndef start():\n    global STREAM\n"
+                                  "    STREAM = count()\n    next(STREAM)\n"))
+    assert answer["notes"] == [
+        f"{proj.name('m.STREAM')}: a generator suspended in {proj.name('m.count')} keeps running the old body"]
