@@ -313,6 +313,7 @@ class Agent:
         refused: list[str] = []
         errors: list[str] = []
         new_sources: dict[str, bytes] = {}
+        classes: list[type] = []  # the user's classes, found once when a patch needs them
         for path in files:
             try:
                 with open(path, "rb") as f:
@@ -341,14 +342,13 @@ class Agent:
                 if decision.kind == "fresh":
                     refused.extend(decision.reasons)
                     continue
-                elsewhere = self._used_elsewhere(name, decision)
+                elsewhere = self._used_elsewhere(name, decision) + self._hashes_would_change(decision, classes)
                 if elsewhere:
-                    refused.extend(elsewhere)
+                    refused.extend(elsewhere)  # in mode 'inplace' this module is left as it is
                     continue
                 edits.append((mod, decision))
         if errors:
             return json.dumps({"kind": "error", "reasons": list(dict.fromkeys(errors))})
-        refused.extend(self._hashes_would_change(edits))
         refused = list(dict.fromkeys(refused))  # a file imported under two names says it once
         if refused and mode != "inplace":
             return json.dumps({"kind": "fresh", "reasons": refused})
@@ -432,15 +432,17 @@ class Agent:
                              "run it again to bind the new names")
         return notes, cleared
 
-    def _hashes_would_change(self, edits: list[tuple[types.ModuleType, reload.Decision]]) -> list[str]:
-        """Reasons a `__hash__` or `__eq__` of the user's classes (modules and cells) calls a patched function."""
+    def _hashes_would_change(self, decision: reload.Decision, classes: list[type]) -> list[str]:
+        """Reasons a `__hash__` or `__eq__` of the user's classes (modules and cells) calls a function the
+        decision patches. `classes` is filled on first use and reused for the other modules of the edit."""
         targets = {
-            id(c.target): f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan
+            id(c.target): f"{decision.module}.{c.qualname}" for c in decision.plan
             if c.action == "patch" and c.detail in ("body", "signature") and isinstance(c.target, types.FunctionType)
         }
         if not targets:
             return []
-        classes = []
+        if classes:
+            return reload.data_hooks_reaching(classes, targets)
         for name in self.user_modules:
             module = sys.modules.get(name)
             if module is not None:
