@@ -432,3 +432,15 @@ def test_a_generator_kept_in_a_module_is_named(proj: Project) -> None:
                                   "    STREAM = count()\n    next(STREAM)\n"))
     assert answer["notes"] == [
         f"{proj.name('m.STREAM')}: a generator suspended in {proj.name('m.count')} keeps running the old body"]
+
+
+def test_mode_inplace_leaves_a_hash_helper_unpatched(proj: Project) -> None:
+    proj.write("keys", "def norm(s):\n    return s.lower()\n")
+    proj.write("other", "def g():\n    return 1\n")
+    proj.run_cell("from PKG import keys, other\nclass Key:\n    def __init__(self, s):\n        self.s = s\n"
+                  "    def __hash__(self):\n        return hash(keys.norm(self.s))\nseen = {Key('A')}")
+    paths = [str(proj.write("keys", "def norm(s):\n    return s.upper()\n")), str(proj.write("other", "def g():\n    return 2\n"))]
+    answer = json.loads(proj.agent.call("reload", paths, "inplace"))
+    assert answer["kind"] == "partial" and answer["patched"] == [proj.name("other.g")]
+    assert "Key.__hash__ calls" in answer["reasons"][0]
+    assert sys.modules[proj.name("keys")].norm("A") == "a"  # left as it was
