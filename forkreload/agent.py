@@ -10,6 +10,7 @@ results come back in `user_expressions`: no history entry, no count change.
 
 from __future__ import annotations
 
+import builtins
 import functools
 import hashlib
 import hmac
@@ -373,6 +374,10 @@ class Agent:
         notes = [note for _m, d in edits for note in d.notes]
         cleared: dict[str, int] = {}
         if patched or added:
+            # A function added under a new name changes what no existing code
+            # runs, unless it shadows a builtin or an inherited method.
+            if not patched and not any(self._shadows(c) for _m, d in edits for c in d.plan if c.action == "add"):
+                caches = {}
             more, cleared = self._after_patch(edits, replaced, caches)
             notes += more
         return json.dumps(
@@ -394,9 +399,10 @@ class Agent:
     ) -> tuple[list[str], dict[str, int]]:
         """What differs from a fresh process once the patch is in: cleared caches, and notes on what was kept.
 
-        Every functools cache of the user's modules is emptied, as a fresh
-        import would leave it: any of them may hold results of the patched
-        code (a cached function calling it, or handed it as an argument).
+        Every functools cache of the user's modules in `caches` is emptied,
+        as a fresh import would leave it: any of them may hold results of the
+        patched code (a cached function calling it, or handed it as an
+        argument).
         Caches of functions defined in cells are values of the session: kept
         and named. Generators and closures in the user's variables that run
         replaced code, and cells that star-imported a module that gained
@@ -449,6 +455,14 @@ class Agent:
                 classes += [v for v in list(vars(module).values()) if isinstance(v, type) and v.__module__ == name]
         classes += [v for v in list(self.shell.user_ns.values()) if isinstance(v, type) and v.__module__ == "__main__"]
         return reload.data_hooks_reaching(classes, targets)
+
+    @staticmethod
+    def _shadows(change: reload.Change) -> bool:
+        """Whether an added function or method takes the place of a builtin or an inherited attribute."""
+        key = change.path[-1]
+        if isinstance(change.target, type):
+            return any(key in vars(base) for base in change.target.__mro__[1:])
+        return key in vars(builtins)
 
     def _user_caches(self) -> dict[int, tuple[Any, int]]:
         """The functools caches of the user's modules (module level and in their classes), by id: (wrapper, size)."""

@@ -444,3 +444,16 @@ def test_mode_inplace_leaves_a_hash_helper_unpatched(proj: Project) -> None:
     assert answer["kind"] == "partial" and answer["patched"] == [proj.name("other.g")]
     assert "Key.__hash__ calls" in answer["reasons"][0]
     assert sys.modules[proj.name("keys")].norm("A") == "a"  # left as it was
+
+
+@pytest.mark.parametrize("added, cleared", [
+    ("def extra():\n    return 2\n", False),  # nothing ran it before: the cached results stand
+    ("def len(x):\n    return 0\n", True),  # shadows a builtin that base() calls
+])
+def test_caches_are_cleared_when_an_added_function_can_change_results(proj: Project, added: str, cleared: bool) -> None:
+    v1 = "import functools\n\n@functools.cache\ndef base(x):\n    return len(x)\n\n"
+    proj.write("m", v1)
+    proj.run_cell("from PKG import m; m.base('abc')")
+    answer = _inplace(proj.edit(m=v1 + added))
+    assert answer["cleared"] == ({proj.name("m.base"): 1} if cleared else {})
+    assert sys.modules[proj.name("m")].base("abc") == (0 if cleared else 3)
