@@ -376,9 +376,8 @@ class Agent:
         if patched or added:
             # A function added under a new name changes what no existing code
             # runs, unless it shadows a builtin or an inherited method.
-            if not patched and not any(self._shadows(c) for _m, d in edits for c in d.plan if c.action == "add"):
-                caches = {}
-            more, cleared = self._after_patch(edits, replaced, caches)
+            changes_results = bool(patched) or any(self._shadows(c) for _m, d in edits for c in d.plan if c.action == "add")
+            more, cleared = self._after_patch(edits, replaced, caches if changes_results else None)
             notes += more
         return json.dumps(
             {
@@ -395,21 +394,21 @@ class Agent:
 
     def _after_patch(
         self, edits: list[tuple[types.ModuleType, reload.Decision]], replaced: dict[int, tuple[types.CodeType, str]],
-        caches: dict[int, tuple[Any, int]],
+        caches: dict[int, tuple[Any, int]] | None,
     ) -> tuple[list[str], dict[str, int]]:
         """What differs from a fresh process once the patch is in: cleared caches, and notes on what was kept.
 
-        Every functools cache of the user's modules in `caches` is emptied,
-        as a fresh import would leave it: any of them may hold results of the
-        patched code (a cached function calling it, or handed it as an
-        argument).
+        Every functools cache of the user's modules in `caches` (None: the
+        edit changes no existing code's results) is emptied, as a fresh
+        import would leave it: any of them may hold results of the patched
+        code (a cached function calling it, or handed it as an argument).
         Caches of functions defined in cells are values of the session: kept
         and named. Generators and closures in the user's variables that run
         replaced code, and cells that star-imported a module that gained
         names, are named.
         """
         cleared: dict[str, int] = {}
-        for wrapper, size in caches.values():
+        for wrapper, size in (caches or {}).values():
             wrapper.cache_clear()
             if size:
                 cleared[f"{wrapper.__module__}.{wrapper.__qualname__}"] = size
@@ -417,7 +416,7 @@ class Agent:
                  for k, v in cleared.items()]
         user_ns = self.shell.user_ns
         variables = {k: user_ns[k] for k in user_variable_names(self.shell) if k in user_ns}
-        for key, value in variables.items():
+        for key, value in variables.items() if caches is not None else ():
             if type(value) is functools._lru_cache_wrapper and id(value) not in caches and value.cache_info().currsize:
                 notes.append(f"{key}: kept its cache ({value.cache_info().currsize} entries, "
                              "which may hold results of the old code)")
