@@ -447,13 +447,13 @@ class Agent:
         if not targets:
             return []
         if classes:
-            return reload.data_hooks_reaching(classes, targets)
+            return reload.data_hooks_reaching(classes, targets, {*self.user_modules, "__main__"})
         for name in self.user_modules:
             module = sys.modules.get(name)
             if module is not None:
                 classes += [v for v in list(vars(module).values()) if isinstance(v, type) and v.__module__ == name]
         classes += [v for v in list(self.shell.user_ns.values()) if isinstance(v, type) and v.__module__ == "__main__"]
-        return reload.data_hooks_reaching(classes, targets)
+        return reload.data_hooks_reaching(classes, targets, {*self.user_modules, "__main__"})
 
     @staticmethod
     def _shadows(change: reload.Change) -> bool:

@@ -258,7 +258,7 @@ def changed_names(decision: Decision) -> set[str]:
     return {c.qualname.split(".")[0] for c in decision.plan if c.detail in _BEHAVIOUR_DETAILS and c.qualname}
 
 
-def data_hooks_reaching(classes: list[type], targets: dict[int, str]) -> list[str]:
+def data_hooks_reaching(classes: list[type], targets: dict[int, str], modules: set[str]) -> list[str]:
     """Reasons some `__hash__`/`__eq__` (or ABC hook) of `classes` may call a function the plans patch.
 
     `targets`: id of each live function about to be patched -> its dotted
@@ -267,8 +267,9 @@ def data_hooks_reaching(classes: list[type], targets: dict[int, str]) -> list[st
     would, and dicts and sets already placed their keys by the old ones. The
     walk follows, from the hook's code, the names it uses (and the code nested
     in it), resolved in the function's globals, in the modules those hold, and
-    in the class and its bases; a name bound to a function there is followed
-    in turn. Calls through other objects (`self.items.norm()`) are not seen.
+    in the class and its bases; a name bound to a function of `modules` (the
+    user's, and `__main__` for cells) there is followed in turn, library code
+    is not. Calls through other objects (`self.items.norm()`) are not seen.
     """
     reasons: list[str] = []
     for cls in classes:
@@ -276,7 +277,7 @@ def data_hooks_reaching(classes: list[type], targets: dict[int, str]) -> list[st
             start = _plain_function(cls.__dict__.get(hook))
             if start is None:
                 continue
-            hit = _reaches(start, cls, targets)
+            hit = _reaches(start, cls, targets, modules)
             if hit is not None:
                 where = f"{cls.__module__}.{cls.__qualname__}.{hook}"
                 reasons.append(f"{where} calls {hit}, which the edit changes: {why}")
@@ -291,7 +292,7 @@ def _plain_function(obj: object) -> types.FunctionType | None:
     return obj if type(obj) is types.FunctionType else None
 
 
-def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str]) -> str | None:
+def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str], modules: set[str]) -> str | None:
     seen: set[int] = set()
     todo = [start]
     while todo:
@@ -308,7 +309,7 @@ def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str]) -> s
         for name in names:
             for scope in scopes:
                 found = _plain_function(scope.get(name))
-                if found is not None and found.__code__.co_filename != "<frozen>":
+                if found is not None and found.__module__ in modules:
                     todo.append(found)
     return None
 
