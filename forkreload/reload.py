@@ -42,6 +42,7 @@ import enum
 import functools
 import importlib.util
 import inspect
+import itertools
 import linecache
 import os
 import re
@@ -379,12 +380,8 @@ def kept_old_code(namespace: dict[str, object], replaced: dict[int, tuple[types.
     if not replaced:
         return notes
     task = getattr(sys.modules.get("asyncio"), "Task", None)  # only asyncio's own tasks are looked into
-    kinds = (types.FunctionType, types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)
     for name, value in namespace.items():
-        for candidate in _one_level(value):
-            # Most values are numbers, strings and arrays: one type test each.
-            if type(candidate) not in kinds and not (task is not None and isinstance(candidate, task)):
-                continue
+        for candidate in _one_level(value, task):
             why = _runs_old_code(candidate, replaced)
             if why:
                 notes.append(f"{name}: {why}")
@@ -412,26 +409,35 @@ def threads_running_old_code(replaced: dict[int, tuple[types.CodeType, str]]) ->
     return notes
 
 
-def _one_level(value: object) -> Iterator[object]:
-    yield value
-    if isinstance(value, (list, tuple, set, frozenset)):
+# What may run old code: one type test per value keeps the scan cheap (most
+# values are numbers, strings and arrays).
+_MAY_RUN_CODE = frozenset({types.FunctionType, types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType})
+_CONTAINERS = frozenset({list, tuple, set, frozenset})
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+
+
+def _one_level(value: object, task: type | None) -> list[object]:
+    """`value` and what it holds directly (at most _SCAN_LIMIT), those of them that may run code."""
+    kind = type(value)
+    if kind in _CONTAINERS:
         items: object = value
-    elif isinstance(value, dict):
-        items = value.values()
-    elif isinstance(value, (type, types.ModuleType, types.FunctionType)):
-        return
+    elif kind is dict:
+        items = value.values()  # type: ignore[attr-defined]
+    elif isinstance(value, _OPAQUE):
+        items = ()
     else:
         try:
             items = vars(value).values()
         except TypeError:
-            return
+            items = ()
     try:
-        for index, item in enumerate(items):  # type: ignore[arg-type]
-            if index >= _SCAN_LIMIT:
-                return
-            yield item
+        found = [v for v in itertools.islice(items, _SCAN_LIMIT)  # type: ignore[call-overload]
+                 if type(v) in _MAY_RUN_CODE or (task is not None and isinstance(v, task))]
     except RuntimeError:  # changed size during iteration (another thread)
-        return
+        found = []
+    if kind in _MAY_RUN_CODE or (task is not None and isinstance(value, task)):
+        found.insert(0, value)
+    return found
 
 
 def _runs_old_code(obj: object, replaced: dict[int, tuple[types.CodeType, str]]) -> str | None:
