@@ -12,6 +12,8 @@ call answers plain data (the TypedDicts in `protocol`).
 
 from __future__ import annotations
 
+import builtins
+import functools
 import hashlib
 import hmac
 import importlib
@@ -311,9 +313,19 @@ class Agent:
     def reload(self, files: list[str], mode: str) -> protocol.ReloadAnswer:
         """Decide, for the edited files, in place or fresh; patch when in place.
 
-        Answers kind 'inplace' (patched, added, files: path -> new sha),
-        'fresh' or 'error' (reasons), 'partial' in mode 'inplace' when some
-        modules could not be patched (they are left as they are).
+        Answers (`protocol.ReloadAnswer`):
+        - kind 'error': some file does not parse or decode; `reasons` has
+          each such error (as Python shows it, naming the file); nothing
+          was changed, the old code keeps running;
+        - kind 'fresh': `reasons`, every reason of every module and file
+          that rules out in place (the controller folds them for display);
+        - kind 'inplace', or 'partial' in mode 'inplace' when some modules
+          could not be patched (left as they are, `reasons` says why):
+          `patched` and `added` (dotted names, every module), `files` (path
+          -> new sha), `seconds`, `notes` (what a fresh process would not
+          have kept: generators and closures still running old code, cell
+          star imports that miss added names, caches) and `cleared`
+          (dotted name -> entries dropped from functools caches).
         """
         t0 = time.perf_counter()
         by_file: dict[str, list[str]] = {}
@@ -321,7 +333,9 @@ class Agent:
             by_file.setdefault(entry["file"], []).append(name)
         edits: list[tuple[types.ModuleType, reload.Decision]] = []
         refused: list[str] = []
+        errors: list[str] = []
         new_sources: dict[str, bytes] = {}
+        classes: list[type] = []  # the user's classes, found once when a patch needs them
         for path in files:
             try:
                 with open(path, "rb") as f:
@@ -330,25 +344,38 @@ class Agent:
                 refused.append(f"{os.path.basename(path)}: file removed")
                 continue
             new_sources[path] = data
+            text, undecodable = reload.decode_source(data, path)
+            if text is None:
+                errors.append(str(undecodable))
+                continue
             for name in by_file.get(path, []):
                 mod = sys.modules.get(name)
                 if mod is None:
                     refused.append(f"{name}: no longer imported")
                     continue
-                old = importlib.util.decode_source(self.user_modules[name]["source"])
-                decision = reload.classify(mod, old, importlib.util.decode_source(data))
-                if decision.kind == "error":
-                    return {"kind": "error", "reasons": decision.reasons}
-                if decision.kind == "fresh":
-                    refused.append(decision.reasons[0])
+                old, _why = reload.decode_source(self.user_modules[name]["source"], path)
+                if old is None:
+                    refused.append(f"{os.path.basename(path)}: the source {name} was imported from cannot be read")
                     continue
-                why = self._used_elsewhere(name, decision)
-                if why:
-                    refused.append(why)
+                decision = reload.classify(mod, old, text)
+                if decision.kind == "error":
+                    errors.extend(decision.reasons)
+                    break  # the same file under another module name: the same error
+                if decision.kind == "fresh":
+                    refused.extend(decision.reasons)
+                    continue
+                elsewhere = self._used_elsewhere(name, decision) + self._hashes_would_change(decision, classes)
+                if elsewhere:
+                    refused.extend(elsewhere)  # in mode 'inplace' this module is left as it is
                     continue
                 edits.append((mod, decision))
+        if errors:
+            return {"kind": "error", "reasons": list(dict.fromkeys(errors))}
+        refused = list(dict.fromkeys(refused))  # a file imported under two names says it once
         if refused and mode != "inplace":
             return {"kind": "fresh", "reasons": refused}
+        replaced = reload.replaced_code(edits)  # before the patch swaps them out
+        caches = self._user_caches()  # sizes before the plans clear some
         try:
             reload.apply_plans(edits)
         except reload.PatchError as exc:
@@ -365,28 +392,137 @@ class Agent:
             if c.action == "patch" and c.detail in ("body", "signature")
         ]
         added = [f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan if c.action == "add"]
+        notes = [note for _m, d in edits for note in d.notes]
+        cleared: dict[str, int] = {}
+        if patched or added:
+            # A function added under a new name changes what no existing code
+            # runs, unless it shadows a builtin or an inherited method.
+            changes_results = bool(patched) or any(self._shadows(c) for _m, d in edits for c in d.plan if c.action == "add")
+            more, cleared = self._after_patch(edits, replaced, caches if changes_results else None)
+            notes += more
         return {
             "kind": "partial" if refused else "inplace",
             "reasons": refused,
             "patched": patched,
             "added": added,
             "files": applied_files,
+            "notes": notes,
+            "cleared": cleared,
             "seconds": round(time.perf_counter() - t0, 5),
         }
 
-    def _used_elsewhere(self, name: str, decision: reload.Decision) -> str | None:
+    def _after_patch(
+        self, edits: list[tuple[types.ModuleType, reload.Decision]], replaced: dict[int, tuple[types.CodeType, str]],
+        caches: dict[int, tuple[Any, int]] | None,
+    ) -> tuple[list[str], dict[str, int]]:
+        """What differs from a fresh process once the patch is in: cleared caches, and notes on what was kept.
+
+        Every functools cache of the user's modules in `caches` (None: the
+        edit changes no existing code's results) is emptied, as a fresh
+        import would leave it: any of them may hold results of the patched
+        code (a cached function calling it, or handed it as an argument).
+        Caches of functions defined in cells are values of the session: kept
+        and named. Generators and closures in the user's variables that run
+        replaced code, and cells that star-imported a module that gained
+        names, are named.
+        """
+        cleared: dict[str, int] = {}
+        for wrapper, size in (caches or {}).values():
+            wrapper.cache_clear()
+            if size:
+                cleared[f"{wrapper.__module__}.{wrapper.__qualname__}"] = size
+        notes = [f"cleared the cache of {k} ({v} {'entry' if v == 1 else 'entries'} computed before the edit)"
+                 for k, v in cleared.items()]
+        user_ns = self.shell.user_ns
+        variables = {k: user_ns[k] for k in user_variable_names(self.shell) if k in user_ns}
+        for key, value in variables.items() if caches is not None else ():
+            if type(value) is functools._lru_cache_wrapper and id(value) not in caches and value.cache_info().currsize:
+                notes.append(f"{key}: kept its cache ({value.cache_info().currsize} entries, "
+                             "which may hold results of the old code)")
+        notes.extend(reload.kept_old_code(variables, replaced))
+        for name in self.user_modules:  # what a cell's call stored in a module (`m._stream = m.read()`)
+            module = sys.modules.get(name)
+            if module is not None and replaced:
+                own = {f"{name}.{k}": v for k, v in list(vars(module).items()) if not k.startswith("__")}
+                notes.extend(reload.kept_old_code(own, replaced))
+        notes.extend(reload.threads_running_old_code(replaced))
+        cells = "\n".join(str(c) for c in (user_ns.get("In") or [])[1:])
+        for module, decision in edits:
+            new_names = {c.qualname for c in decision.plan if c.action == "add" and "." not in c.qualname}
+            exported = sorted(reload.star_exports(module, new_names))
+            if exported and re.search(rf"^\s*from\s+{re.escape(module.__name__)}\s+import\s+\*", cells, re.M):
+                names = ", ".join(f"{module.__name__}.{n}" for n in exported)
+                notes.append(f"a cell ran `from {module.__name__} import *` before {names} existed: "
+                             "run it again to bind the new names")
+        return notes, cleared
+
+    def _hashes_would_change(self, decision: reload.Decision, classes: list[type]) -> list[str]:
+        """Reasons a `__hash__` or `__eq__` of the user's classes (modules and cells) calls a function the
+        decision patches. `classes` is filled on first use and reused for the other modules of the edit."""
+        targets = {
+            id(c.target): f"{decision.module}.{c.qualname}" for c in decision.plan
+            if c.action == "patch" and c.detail in ("body", "signature") and isinstance(c.target, types.FunctionType)
+        }
+        if not targets:
+            return []
+        if classes:
+            return reload.data_hooks_reaching(classes, targets, {*self.user_modules, "__main__"})
+        for name in self.user_modules:
+            module = sys.modules.get(name)
+            if module is not None:
+                classes += [v for v in list(vars(module).values()) if isinstance(v, type) and v.__module__ == name]
+        classes += [v for v in list(self.shell.user_ns.values()) if isinstance(v, type) and v.__module__ == "__main__"]
+        return reload.data_hooks_reaching(classes, targets, {*self.user_modules, "__main__"})
+
+    @staticmethod
+    def _shadows(change: reload.Change) -> bool:
+        """Whether an added function or method takes the place of a builtin or an inherited attribute."""
+        key = change.path[-1]
+        if isinstance(change.target, type):
+            return any(key in vars(base) for base in change.target.__mro__[1:])
+        return key in vars(builtins)
+
+    def _user_caches(self) -> dict[int, tuple[Any, int]]:
+        """The functools caches of the user's modules (module level and in their classes), by id: (wrapper, size)."""
+        caches: dict[int, tuple[Any, int]] = {}
+        for name in self.user_modules:
+            module = sys.modules.get(name)
+            if module is None:
+                continue
+            for value in list(vars(module).values()):
+                own_class = isinstance(value, type) and value.__module__ == name
+                for member in list(vars(value).values()) if own_class else [value]:
+                    if type(member) is functools._lru_cache_wrapper and id(member) not in caches:
+                        caches[id(member)] = (member, member.cache_info().currsize)
+        return caches
+
+    def _used_elsewhere(self, name: str, decision: reload.Decision) -> list[str]:
+        """Reasons another user module's import already used what the edit changes or adds (see used_at_import)."""
         names = reload.changed_names(decision)
         if not names:
-            return None
-        root = name.split(".")[0].encode()
+            return []
+        module = sys.modules[name]
+        added = {c.qualname for c in decision.plan if c.action == "add" and "." not in c.qualname}
+        exported = reload.star_exports(module, added)
+        last = name.rpartition(".")[2].encode()
+        package = hasattr(module, "__path__")
+        reasons = []
         for other, entry in self.user_modules.items():
-            # Only a module whose text names the edited one can use it.
-            if other == name or root not in entry["source"]:
+            # Only a module whose text names the edited one can use it; a
+            # package's own __init__ can also be reached as `from . import x`.
+            if other == name or (last not in entry["source"] and not (package and b"from ." in entry["source"])):
                 continue
-            why = reload.used_at_import(importlib.util.decode_source(entry["source"]), entry["file"], name, names)
+            importer = sys.modules.get(other)
+            text, _why = reload.decode_source(entry["source"], entry["file"])
+            if text is None:
+                continue
+            why = reload.used_at_import(
+                text, entry["file"], name, names, package=getattr(importer, "__package__", None),
+                added=added, exported=exported,
+            )
             if why:
-                return why
-        return None
+                reasons.append(why)
+        return reasons
 
     # -- %forkreload -----------------------------------------------------------
 

@@ -143,6 +143,7 @@ class ReloadAnswer(TypedDict, total=False):
     patched: list[str]
     added: list[str]
     notes: list[str]  # what the patch kept that a fresh process would not have
+    cleared: dict[str, int]  # functools caches emptied (dotted name -> entries dropped)
     files: dict[str, str]  # path -> sha now running
     seconds: float
     ok: bool  # False with error: the agent failed

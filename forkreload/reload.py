@@ -8,17 +8,28 @@ is a `Decision`:
   plan only refreshes docstrings and line numbers so that `help()` and
   tracebacks match the file;
 - 'inplace': the edit only changes bodies, signatures or defaults of existing
-  functions and methods, or adds functions and methods; `apply_plan` patches
-  the live function objects, so every existing reference (`from m import f`
+  functions and methods (also of functions decorated with nothing but
+  functools.cache/lru_cache: patched through the cache wrapper, whose cache
+  is then cleared), or adds functions and methods; `apply_plan` patches the
+  live function objects, so every existing reference (`from m import f`
   elsewhere, bound methods of old instances, registered callbacks) runs the
   new code, and no top-level statement of the module runs again;
 - 'fresh': anything else; the reasons say why, and the caller moves to a fresh
-  worker that imports the new code;
-- 'error': the new source does not parse; the old code keeps running.
+  worker that imports the new code. This includes an edited `__hash__` or
+  `__eq__` (dicts and sets keep what the old ones computed) and ABC hooks;
+- 'error': the new source does not parse (the reason reads as Python shows
+  it); the old code keeps running.
 
 The rule is that 'noop' and 'inplace' are only given when the patched module
-behaves as a fresh import of the new source would (see "What is safe in place"
-in ARCHITECTURE.md and README); when in doubt the answer is 'fresh'.
+behaves as a fresh import of the new source would (see README's in-place and fresh lists
+and ARCHITECTURE.md); when in doubt the answer is 'fresh'. The source alone cannot
+see everything the old code already did, so the caller (the worker's agent)
+also asks, across modules and the session's values: `used_at_import` (another
+module's import used a changed function, star-imported or imported by name an
+added one), `data_hooks_reaching` (a `__hash__`/`__eq__` calls a patched
+function), and after the patch `kept_old_code` and `threads_running_old_code`
+(generators, closures and threads still running replaced code, named in
+notes); `Decision.notes` names defaults filled since import.
 """
 
 from __future__ import annotations
@@ -29,16 +40,25 @@ import copy
 import dis
 import enum
 import functools
+import importlib.util
 import inspect
+import itertools
 import linecache
 import os
 import re
+import reprlib
+import sys
+import threading
 import types
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
-__all__ = ["Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "used_at_import"]
+__all__ = [
+    "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
+    "data_hooks_reaching", "kept_old_code", "replaced_code", "star_exports", "threads_running_old_code",
+    "used_at_import",
+]
 
 _FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
 _DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -48,6 +68,11 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 # Decorators a patched or added method may carry: the live class attribute is
 # then this wrapper around the plain function.
 _WRAPPERS: dict[str, type] = {"staticmethod": staticmethod, "classmethod": classmethod}
+# What functools.cache and functools.lru_cache return: a function decorated
+# with one of them (and nothing else) is patched through `__wrapped__`, and
+# its cache cleared, which is all a fresh import would differ in.
+_LRU_WRAPPER: type = functools._lru_cache_wrapper
+_CACHE_DECORATORS = frozenset({"cache", "lru_cache"})
 # Methods that type() wraps on its own when it creates the class.
 _IMPLICIT_WRAPPERS: dict[str, type] = {
     "__new__": staticmethod,
@@ -60,6 +85,20 @@ _IMPLICIT_WRAPPERS: dict[str, type] = {
 _CLASS_CREATION_HOOKS = frozenset(
     {"__init_subclass__", "__set_name__", "__class_getitem__", "__prepare__", "__mro_entries__"}
 )
+# Special methods whose old results the interpreter keeps in existing data:
+# a dict or set placed its keys by the old __hash__ and told them apart with
+# the old __eq__ (a fresh process rebuilds them when the values are
+# unpickled), and ABCMeta caches the answers of __subclasshook__ (and of
+# __instancecheck__/__subclasscheck__ of metaclasses built on it). Ordering
+# methods (__lt__ & co) are not here: no built-in container keeps an order
+# computed by them (a sorted list is a value, migrated as it is).
+_CACHED_BY_DATA = {
+    "__hash__": "dicts and sets already hold hashes from the old code",
+    "__eq__": "dicts and sets already told their keys apart with the old code",
+    "__subclasshook__": "isinstance() and issubclass() already cached answers from the old code",
+    "__instancecheck__": "isinstance() and issubclass() already cached answers from the old code",
+    "__subclasscheck__": "isinstance() and issubclass() already cached answers from the old code",
+}
 # Flags that make a call return a generator/coroutine instead of running the
 # body: old call sites and callers would be wrong if these changed.
 _KIND_FLAGS = (
@@ -85,13 +124,16 @@ class Change:
     """One step of a plan: set attributes of a live object, or bind a new function.
 
     action 'patch' sets `attrs` on `target`, the live function, class or
-    module found at `path`; action 'add' binds `value` under `path[-1]` in
-    `target`, the live module or class found at `path[:-1]`.
+    module found at `path` (through the cache wrapper of a function decorated
+    with functools.cache/lru_cache); action 'add' binds `value` under
+    `path[-1]` in `target`, the live module or class found at `path[:-1]`;
+    action 'clear' empties `target`, such a cache wrapper, after every other
+    change of the plans was applied.
     """
 
-    action: str  # 'patch' | 'add'
+    action: str  # 'patch' | 'add' | 'clear'
     qualname: str  # 'area', 'Greeter.greet', 'Greeter' (class attributes), '' (module docstring)
-    detail: str  # 'body' | 'signature' | 'new' | 'docstring' | 'lines' | 'attributes'
+    detail: str  # 'body' | 'signature' | 'new' | 'docstring' | 'lines' | 'attributes' | 'cache'
     path: tuple[str, ...]  # dict keys from the module namespace down to the object (names mangled)
     target: object = field(repr=False)
     attrs: dict[str, object] = field(default_factory=dict, repr=False)
@@ -106,6 +148,7 @@ class Decision:
     module: str
     reasons: list[str] = field(default_factory=list)  # fresh/error: readable reasons, headline first
     plan: list[Change] = field(default_factory=list)  # noop/inplace: what apply_plan will do
+    notes: list[str] = field(default_factory=list)  # inplace: what the patch keeps that a fresh import would not
 
     def describe(self) -> str:
         """One short line for the user."""
@@ -149,9 +192,7 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
         # what a fresh import would create.
         new_code = compile(new_tree, filename, "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError) as exc:
-        where = f"line {exc.lineno}: " if getattr(exc, "lineno", None) else ""
-        detail = exc.msg if isinstance(exc, SyntaxError) else str(exc) or type(exc).__name__
-        return Decision("error", name, [f"{shown}: does not parse: {where}{detail}"])
+        return Decision("error", name, [_parse_error(exc, shown)])
     cached = _last_parsed.get(filename)
     _last_parsed[filename] = (new_source, new_tree)
     if cached is not None and cached[0] == old_source:
@@ -167,7 +208,7 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
         return Decision("fresh", name, classifier.reasons)
     plan = classifier.plan
     kind = "inplace" if any(c.detail in _BEHAVIOUR_DETAILS for c in plan) else "noop"
-    return Decision(kind, name, [], plan)
+    return Decision(kind, name, [], plan, classifier.notes if kind == "inplace" else [])
 
 
 def apply_plan(module: types.ModuleType, decision: Decision) -> list[str]:
@@ -187,9 +228,13 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
     for module, decision in edits:
         if decision.kind not in ("noop", "inplace") or decision.module != module.__name__:
             raise ValueError(f"cannot apply a {decision.kind!r} decision for {decision.module} to {module.__name__}")
+    clears: list[Change] = []
     for module, decision in edits:
         for change in decision.plan:
             dotted = ".".join(filter(None, (module.__name__, change.qualname)))
+            if change.action == "clear":
+                clears.append(change)
+                continue
             try:
                 _apply_change(module, change, undo)
             except Exception as exc:
@@ -197,6 +242,9 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
                     restore()
                 raise PatchError(f"could not {change.action} {dotted}: {exc}") from exc
             done.append(dotted)
+    # Only once every patch is in: a cleared cache cannot be restored.
+    for change in clears:
+        change.target.cache_clear()
     for module, _decision in edits:
         # Tracebacks read lines through linecache; drop the stale copy so they
         # show the file as it is now (checkcache alone misses an edit that
@@ -211,40 +259,271 @@ def changed_names(decision: Decision) -> set[str]:
     return {c.qualname.split(".")[0] for c in decision.plan if c.detail in _BEHAVIOUR_DETAILS and c.qualname}
 
 
-def used_at_import(source: str, filename: str, module_name: str, names: set[str]) -> str | None:
+def data_hooks_reaching(classes: list[type], targets: dict[int, str], modules: set[str]) -> list[str]:
+    """Reasons some `__hash__`/`__eq__` (or ABC hook) of `classes` may call a function the plans patch.
+
+    `targets`: id of each live function about to be patched -> its dotted
+    name. A hash helper edited in place (`__hash__` returning `hash(key(self))`
+    with `key` patched) changes the hashes exactly as an edited `__hash__`
+    would, and dicts and sets already placed their keys by the old ones. The
+    walk follows, from the hook's code, the names it uses (and the code nested
+    in it), resolved in the function's globals, in the modules those hold, and
+    in the class and its bases; a name bound to a function of `modules` (the
+    user's, and `__main__` for cells) there is followed in turn, library code
+    is not. Calls through other objects (`self.items.norm()`) are not seen.
+    """
+    reasons: list[str] = []
+    for cls in classes:
+        for hook, why in _CACHED_BY_DATA.items():
+            start = _plain_function(cls.__dict__.get(hook))
+            if start is None:
+                continue
+            hit = _reaches(start, cls, targets, modules)
+            if hit is not None:
+                where = f"{cls.__module__}.{cls.__qualname__}.{hook}"
+                reasons.append(f"{where} calls {hit}, which the edit changes: {why}")
+    return reasons
+
+
+def _plain_function(obj: object) -> types.FunctionType | None:
+    if isinstance(obj, (staticmethod, classmethod)):
+        obj = obj.__func__
+    elif type(obj) is _LRU_WRAPPER:
+        obj = obj.__wrapped__
+    return obj if type(obj) is types.FunctionType else None
+
+
+def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str], modules: set[str]) -> str | None:
+    seen: set[int] = set()
+    todo = [start]
+    while todo:
+        function = todo.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        if id(function) in targets:
+            return targets[id(function)]
+        names = _names_used(function.__code__)
+        scopes: list[dict] = [function.__globals__]
+        scopes += [vars(v) for n in names if isinstance(v := function.__globals__.get(n), types.ModuleType)]
+        scopes += [vars(c) for c in cls.__mro__ if c is not object]
+        for name in names:
+            for scope in scopes:
+                found = _plain_function(scope.get(name))
+                if found is not None and found.__module__ in modules:
+                    todo.append(found)
+    return None
+
+
+def _names_used(code: types.CodeType) -> set[str]:
+    """Global and attribute names a code object (and the code nested in it) uses."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_used(const)
+    return names
+
+
+def replaced_code(edits: list[tuple[types.ModuleType, Decision]]) -> dict[int, tuple[types.CodeType, str]]:
+    """The code objects the plans are about to replace, by id: (code, dotted name of the function).
+
+    Call it before `apply_plans`. Code nested in a replaced function (inner
+    functions, lambdas, generator expressions) is included when it differs
+    from its new version: closures and generators made by the old code keep
+    running it after the patch.
+    """
+    found: dict[int, tuple[types.CodeType, str]] = {}
+    for module, decision in edits:
+        for change in decision.plan:
+            if change.action == "patch" and change.detail in _BEHAVIOUR_DETAILS and "__code__" in change.attrs:
+                dotted = f"{module.__name__}.{change.qualname}"
+                _pair_codes(change.target.__code__, change.attrs["__code__"], dotted, found)
+    return found
+
+
+def _pair_codes(old: types.CodeType, new: types.CodeType | None, dotted: str,
+                found: dict[int, tuple[types.CodeType, str]]) -> None:
+    if new is None or _code_key(old) != _code_key(new):
+        found[id(old)] = (old, dotted)
+    new_children: dict[str, list[types.CodeType]] = defaultdict(list)
+    for const in (new.co_consts if new is not None else ()):
+        if isinstance(const, types.CodeType):
+            new_children[const.co_name].append(const)
+    for const in old.co_consts:
+        if isinstance(const, types.CodeType):
+            twins = new_children.get(const.co_name)
+            _pair_codes(const, twins.pop(0) if twins else None, dotted, found)
+
+
+def _code_key(code: types.CodeType) -> tuple:
+    """What a code object does, where it sits in the file aside."""
+    consts = tuple(_code_key(c) if isinstance(c, types.CodeType) else (type(c), c) for c in code.co_consts)
+    return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_flags,
+            code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, consts)
+
+
+# How many items of a container or attributes of an object `kept_old_code`
+# looks at: the scan must stay cheap next to a patch (milliseconds).
+_SCAN_LIMIT = 1000
+
+
+def kept_old_code(namespace: dict[str, object], replaced: dict[int, tuple[types.CodeType, str]]) -> list[str]:
+    """Notes on the values in `namespace` that still run code a patch replaced.
+
+    A generator, coroutine or async generator created by a patched function
+    keeps its frame and the old code (also when another generator delegates
+    to it with `yield from`/`await`); a closure or lambda the old code made
+    keeps the old inner code. Each value is looked at one level deep: itself,
+    the items of a list, tuple, set or dict, the attributes of an object.
+    """
+    notes: list[str] = []
+    if not replaced:
+        return notes
+    task = getattr(sys.modules.get("asyncio"), "Task", None)  # only asyncio's own tasks are looked into
+    for name, value in namespace.items():
+        for candidate in _one_level(value, task):
+            why = _runs_old_code(candidate, replaced)
+            if why:
+                notes.append(f"{name}: {why}")
+                break
+    return notes
+
+
+def threads_running_old_code(replaced: dict[int, tuple[types.CodeType, str]]) -> list[str]:
+    """Notes on the other threads whose stack is inside code a patch replaced (they finish the old body)."""
+    notes: list[str] = []
+    if not replaced:
+        return notes
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue
+        depth = 0
+        while frame is not None and depth < 200:
+            hit = replaced.get(id(frame.f_code))
+            if hit is not None and hit[0] is frame.f_code:
+                notes.append(f"thread {names.get(ident, ident)}: still inside {hit[1]}, it runs the old body "
+                             "until that call returns")
+                break
+            frame, depth = frame.f_back, depth + 1
+    return notes
+
+
+# What may run old code: one type test per value keeps the scan cheap (most
+# values are numbers, strings and arrays).
+_MAY_RUN_CODE = frozenset({types.FunctionType, types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType})
+_CONTAINERS = frozenset({list, tuple, set, frozenset})
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+
+
+def _one_level(value: object, task: type | None) -> list[object]:
+    """`value` and what it holds directly (at most _SCAN_LIMIT), those of them that may run code."""
+    kind = type(value)
+    if kind in _CONTAINERS:
+        items: object = value
+    elif kind is dict:
+        items = value.values()  # type: ignore[attr-defined]
+    elif isinstance(value, _OPAQUE):
+        items = ()
+    else:
+        try:
+            items = vars(value).values()
+        except TypeError:
+            items = ()
+    try:
+        found = [v for v in itertools.islice(items, _SCAN_LIMIT)  # type: ignore[call-overload]
+                 if type(v) in _MAY_RUN_CODE or (task is not None and isinstance(v, task))]
+    except RuntimeError:  # changed size during iteration (another thread)
+        found = []
+    if kind in _MAY_RUN_CODE or (task is not None and isinstance(value, task)):
+        found.insert(0, value)
+    return found
+
+
+def _runs_old_code(obj: object, replaced: dict[int, tuple[types.CodeType, str]]) -> str | None:
+    if type(obj) is types.FunctionType:
+        hit = replaced.get(id(obj.__code__))
+        if hit is not None and hit[0] is obj.__code__:
+            return f"a function made by the old {hit[1]} keeps its old code"
+        return None
+    if hasattr(obj, "get_coro"):  # an asyncio Task runs a coroutine
+        obj = None if obj.done() else obj.get_coro()
+    depth = 0
+    while obj is not None and depth < 100:
+        for code_attr, frame_attr, inner_attr, word in _SUSPENDABLE:
+            if isinstance(obj, word[0]):
+                frame, code = getattr(obj, frame_attr), getattr(obj, code_attr)
+                if frame is None:
+                    return None  # finished: runs nothing any more
+                hit = replaced.get(id(code))
+                if hit is not None and hit[0] is code:
+                    return f"{word[1]} suspended in {hit[1]} keeps running the old body"
+                obj = getattr(obj, inner_attr)
+                break
+        else:
+            return None
+        depth += 1
+    return None
+
+
+# (code attribute, frame attribute, what it is delegating to, (type, words)) per kind of suspendable object.
+_SUSPENDABLE = (
+    ("gi_code", "gi_frame", "gi_yieldfrom", (types.GeneratorType, "a generator")),
+    ("cr_code", "cr_frame", "cr_await", (types.CoroutineType, "a coroutine")),
+    ("ag_code", "ag_frame", "ag_await", (types.AsyncGeneratorType, "an async generator")),
+)
+
+
+def used_at_import(
+    source: str, filename: str, module_name: str, names: set[str], *, package: str | None = None,
+    added: frozenset[str] | set[str] = frozenset(), exported: frozenset[str] | set[str] = frozenset(),
+) -> str | None:
     """Whether another module's import-time code may use `names` of `module_name`.
 
     A fresh process would import that other module again and so run the new
     code at its import (`X = a.helper()`); patching `a` in place would leave
-    the value computed by the old code. Returns a reason, or None.
+    the value computed by the old code. Functions the edit adds (`added`)
+    count too when the other module imports them by name at import time (a
+    `try: from a import new` that found nothing then), and `exported`, the
+    added names a star import binds, when it does `from a import *`: a fresh
+    import binds them there, a patch does not. `package` resolves the other
+    module's relative imports (its `__package__`). Returns a reason, or None.
     """
-    try:
-        tree = ast.parse(source, filename)
-    except (SyntaxError, ValueError, RecursionError):
+    parsed = _parsed_for_import(source, filename)
+    if parsed is None:
         return None
+    tree, mentioned, imports, strings = parsed
+    shown = _shown_name(filename)
     aliases: set[str] = set()  # names bound to the module itself (or its package root)
     imported: dict[str, str] = {}  # local name -> name in the module
-    for node in ast.walk(tree):
+    for node, _at_import in imports:
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name == module_name or a.name.startswith(module_name + "."):
                     aliases.add(a.asname or a.name.split(".")[0])
                 elif module_name.startswith(a.name + ".") and a.asname is None:
                     aliases.add(a.name.split(".")[0])
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom):
+            source_module = _absolute_module(node, package)
             for a in node.names:
-                if node.module == module_name:
+                if source_module == module_name:
                     imported[a.asname or a.name] = a.name
-                elif f"{node.module}.{a.name}" == module_name:
+                elif f"{source_module}.{a.name}" == module_name:
                     aliases.add(a.asname or a.name)
+    if "*" in imported.values() and exported:
+        # A star import can only sit at module level: it ran at import.
+        return f"{shown}: from {module_name} import * would also bind the new {module_name}.{min(exported)}"
+    if added:
+        for node, at_import in imports:
+            if at_import and isinstance(node, ast.ImportFrom) and _absolute_module(node, package) == module_name:
+                for a in node.names:
+                    if a.name in added:
+                        return f"{shown} imports the new {module_name}.{a.name} by name when it is imported"
     if not aliases and not imported:
         return None
-    future = any(
-        isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
-        for n in tree.body
-    )
-    mentioned = _ImportTime(tree, future).mentioned
-    shown = _shown_name(filename)
+    if added & strings:
+        # `getattr(m, "new", None)`, `hasattr(m, "new")` at import found nothing then.
+        return f"{shown} names the new {module_name}.{min(added & strings)} in code that runs when it is imported"
     for local, original in imported.items():
         if original in names and local in mentioned:
             return f"{shown} uses {module_name}.{original} when it is imported"
@@ -253,6 +532,66 @@ def used_at_import(source: str, filename: str, module_name: str, names: set[str]
             if isinstance(node, ast.Attribute) and node.attr in names and _root_name(node.value) == alias:
                 return f"{shown} uses {module_name}.{node.attr} when it is imported"
     return None
+
+
+@functools.lru_cache(maxsize=128)
+def _parsed_for_import(
+    source: str, filename: str,
+) -> tuple[ast.Module, frozenset[str], tuple[tuple[ast.Import | ast.ImportFrom, bool], ...], frozenset[str]] | None:
+    """What `used_at_import` needs of another module, the same for every edit: its tree, the names its
+    import-time code mentions, its import statements (each with whether it runs at import), and the
+    identifier-like strings its import-time code holds."""
+    try:
+        tree = ast.parse(source, filename)
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    future = any(
+        isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+        for n in tree.body
+    )
+    at_import: set[int] = set()
+    strings: set[str] = set()
+    for node in _import_time_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            at_import.add(id(node))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            strings.add(node.value)
+    imports = tuple((n, id(n) in at_import) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
+    return tree, frozenset(_ImportTime(tree, future).mentioned), imports, frozenset(strings)
+
+
+def star_exports(module: types.ModuleType, names: set[str]) -> set[str]:
+    """Which of `names` (of `module`) `from module import *` binds: those in `__all__`, else the public ones."""
+    public = vars(module).get("__all__")
+    if public is not None:
+        try:
+            return names & set(public)
+        except TypeError:
+            return set(names)  # an odd __all__: assume the worst
+    return {n for n in names if not n.startswith("_")}
+
+
+def _absolute_module(node: ast.ImportFrom, package: str | None) -> str | None:
+    """The module a `from ... import` statement imports from, relative ones resolved against `package`."""
+    if node.level == 0:
+        return node.module
+    if not package:
+        return None
+    try:
+        return importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+    except (ImportError, ValueError):
+        return None
+
+
+def _import_time_nodes(tree: ast.Module) -> Iterator[ast.AST]:
+    """Every node of the module that runs when it is imported: all but the insides of functions and lambdas."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
 
 
 def _apply_change(module: types.ModuleType, change: Change, undo: list[Callable[[], None]]) -> None:
@@ -269,6 +608,8 @@ def _apply_change(module: types.ModuleType, change: Change, undo: list[Callable[
     live = _resolve(module, change.path)
     if isinstance(live, (staticmethod, classmethod)):
         live = live.__func__
+    elif type(live) is _LRU_WRAPPER and live is not change.target:
+        live = live.__wrapped__
     if live is not change.target:
         raise PatchError(f"it was replaced by {type(live).__name__} {live!r:.60} after the edit was classified")
     for attr, value in change.attrs.items():
@@ -304,6 +645,7 @@ class _Classifier:
         )
         self.reasons: list[str] = []
         self.plan: list[Change] = []
+        self.notes: list[str] = []
 
     def fresh(self, text: str) -> None:
         self.reasons.append(f"{self.shown}: {text}")
@@ -489,7 +831,8 @@ class _Classifier:
             self.fresh(f"decorators of {what} {qualname} changed")
             return
         wrapper = _expected_wrapper(new, cls)
-        if wrapper is False:
+        cached = wrapper is False and _is_cache_decorator(new, self.module)
+        if wrapper is False and not cached:
             decorator = ast.unparse(new.decorator_list[0])
             if _is_property(new):
                 self.fresh(f"property {qualname} changed (properties are only reloaded by a fresh import)")
@@ -502,7 +845,18 @@ class _Classifier:
         if cls and new.name in _CLASS_CREATION_HOOKS:
             self.fresh(f"method {qualname} runs while classes are created; its change needs a fresh import")
             return
-        live = self.live_function(new, cls, wrapper)
+        if cls and new.name in _CACHED_BY_DATA and not (
+            _same(old.args, new.args) and self.same(_without_docstring(old.body), _without_docstring(new.body))
+        ):
+            self.fresh(f"{self.module.__name__}.{qualname} changed: {_CACHED_BY_DATA[new.name]}")
+            return
+        cache = None
+        if cached:
+            cache = self.live_attribute(new.name, cls)
+            live = cache.__wrapped__ if type(cache) is _LRU_WRAPPER else None
+            live = live if self.is_own_function(live, new, cls) else None
+        else:
+            live = self.live_function(new, cls, wrapper)
         if live is None:
             self.fresh(f"{what} {qualname} in the live module is not the function defined in {self.shown} "
                        "(replaced or wrapped at run time)")
@@ -519,6 +873,7 @@ class _Classifier:
             self.fresh(f"{what} {qualname} changed between a plain function and a generator or coroutine")
             return
         attrs: dict[str, object] = {"__code__": code}
+        self.note_mutated_defaults(old, new, live, qualname, cls)
         signature = not (_same(old.args, new.args) and _same(old.returns, new.returns))
         if signature:
             defaults = self.defaults(old, new, live, qualname, cls)
@@ -536,7 +891,16 @@ class _Classifier:
             detail = "body"
         else:
             detail = "docstring"
-        self.plan.append(Change("patch", qualname, detail, self.path(new.name, cls), live, attrs))
+        path = self.path(new.name, cls)
+        self.plan.append(Change("patch", qualname, detail, path, live, attrs))
+        if cache is not None:
+            # update_wrapper copied these onto the cache wrapper when the def ran.
+            copied = {k: v for k, v in attrs.items() if k in ("__doc__", "__annotations__")}
+            if copied:
+                self.plan.append(Change("patch", qualname, "attributes", path, cache, copied))
+            if detail != "docstring":
+                # A fresh import starts with an empty cache; the old results are the old code's.
+                self.plan.append(Change("clear", qualname, "cache", path, cache))
 
     def refresh_lines(self, old: ast.FunctionDef | None, node: ast.FunctionDef, cls: str | None) -> None:
         """Unchanged function: give the live one the new code if only its line numbers moved.
@@ -549,6 +913,8 @@ class _Classifier:
         raw = self.live_attribute(node.name, cls)
         if isinstance(raw, (staticmethod, classmethod)):
             raw = raw.__func__
+        elif type(raw) is _LRU_WRAPPER:
+            raw = raw.__wrapped__
         live = raw if self.is_own_function(raw, node, cls) else None
         code = self.new_function_code(node, cls) if live is not None else None
         if code is None or code.co_freevars != live.__code__.co_freevars:
@@ -654,6 +1020,36 @@ class _Classifier:
 
     def path(self, name: str, cls: str | None) -> tuple[str, ...]:
         return (cls, _mangle(name, cls)) if cls else (name,)
+
+    def note_mutated_defaults(
+        self, old: ast.FunctionDef, new: ast.FunctionDef, live: types.FunctionType, qualname: str, cls: str | None,
+    ) -> None:
+        """Note a default the patch keeps that no longer equals what its def made (`acc=[]` appended to).
+
+        A fresh import evaluates the def again; the patch keeps the live
+        value when the expression did not change, as it does for every
+        function the edit did not touch.
+        """
+        positional = [*old.args.posonlyargs, *old.args.args]
+        pairs = list(zip(positional[len(positional) - len(old.args.defaults):], old.args.defaults,
+                         live.__defaults__ or ()))
+        kwdefaults = live.__kwdefaults__ or {}
+        pairs += [(a, d, kwdefaults.get(_mangle(a.arg, cls), d)) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults)
+                  if d is not None]
+        new_exprs = {a.arg: d for a, d in zip([*new.args.posonlyargs, *new.args.args][::-1], new.args.defaults[::-1])}
+        new_exprs.update({a.arg: d for a, d in zip(new.args.kwonlyargs, new.args.kw_defaults) if d is not None})
+        for arg, expr, value in pairs:
+            if arg.arg not in new_exprs or not _same(expr, new_exprs[arg.arg]) or not isinstance(
+                    expr, (ast.List, ast.Dict, ast.Set, ast.Call)):
+                continue  # changed (then re-evaluated), or not a container that calls can fill
+            try:
+                differs = value != ast.literal_eval(expr)  # literal_eval accepts set()
+            except Exception:  # not a literal, or a comparison that raises: nothing to say for sure
+                continue
+            if differs:
+                shown = reprlib.repr(value)
+                self.notes.append(f"{self.module.__name__}.{qualname} keeps its default {arg.arg}={shown}, filled "
+                                  f"since import (a fresh import gives {ast.unparse(expr)})")
 
     # --- signatures -------------------------------------------------------
 
@@ -793,7 +1189,7 @@ class _Classifier:
         method of a class instantiated at import, or a function a metaclass
         calls, produced state that a patch cannot redo.
         """
-        changes = [c for c in self.plan if c.detail not in ("lines", "attributes")]
+        changes = [c for c in self.plan if c.detail not in ("lines", "attributes", "cache")]
         if not changes:
             return
         uses = _ImportTime(self.new_tree, self.future_annotations)
@@ -1060,6 +1456,36 @@ def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | b
     return False
 
 
+def _is_cache_decorator(node: ast.FunctionDef, module: types.ModuleType) -> bool:
+    """Whether the def's only decorator is functools.cache or functools.lru_cache (called with literals or not).
+
+    The name must be bound to functools' own in the live module, so that a
+    decorator of the user's that happens to be called `cache` never counts.
+    """
+    if len(node.decorator_list) != 1:
+        return False
+    decorator = node.decorator_list[0]
+    if isinstance(decorator, ast.Call):
+        arguments = [*decorator.args, *(k.value for k in decorator.keywords)]
+        if any(k.arg is None for k in decorator.keywords) or not all(_is_literal(a) for a in arguments):
+            return False
+        decorator = decorator.func
+    namespace = vars(module)
+    if isinstance(decorator, ast.Name):
+        return decorator.id in _CACHE_DECORATORS and namespace.get(decorator.id) is getattr(functools, decorator.id)
+    if isinstance(decorator, ast.Attribute) and isinstance(decorator.value, ast.Name):
+        return decorator.attr in _CACHE_DECORATORS and namespace.get(decorator.value.id) is functools
+    return False
+
+
+def _is_literal(node: ast.expr) -> bool:
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
 def _is_property(node: ast.FunctionDef) -> bool:
     return any(
         (isinstance(d, ast.Name) and d.id in ("property", "cached_property"))
@@ -1151,3 +1577,33 @@ def _shown_name(filename: str) -> str:
     if base == "__init__.py":
         return f"{os.path.basename(os.path.dirname(filename))}/{base}"
     return base
+
+
+def _parse_error(exc: BaseException, shown: str) -> str:
+    """A source that does not compile, as Python shows it: `SyntaxError: expected ':' (model.py, line 23)`."""
+    if isinstance(exc, SyntaxError):
+        where = f"{shown}, line {exc.lineno}" if exc.lineno else shown
+        return f"{type(exc).__name__}: {exc.msg} ({where})"
+    if isinstance(exc, RecursionError):
+        return f"RecursionError: the source is nested too deeply to compile ({shown})"
+    return f"{type(exc).__name__}: {exc} ({shown})"
+
+
+def decode_source(data: bytes, filename: str) -> tuple[str | None, str | None]:
+    """(text, None) for the bytes of a source file, or (None, reason) when Python could not read it either.
+
+    Decoded as an import decodes it (PEP 263 coding cookie, UTF-8 by
+    default, universal newlines); the reason names the file and the first
+    byte that does not decode, by line and column as an editor shows them.
+    """
+    shown = _shown_name(filename)
+    try:
+        return importlib.util.decode_source(data), None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        encoding = "UTF-8" if exc.encoding.replace("-", "").lower() == "utf8" else exc.encoding
+        return None, (f"{shown}: cannot be decoded as {encoding}: byte 0x{data[exc.start]:02x} at line {line}, "
+                      f"column {column} ({exc.reason})")
+    except (SyntaxError, LookupError) as exc:  # a coding cookie naming an unknown encoding
+        return None, f"{shown}: cannot be decoded: {getattr(exc, 'msg', None) or exc}"

@@ -133,7 +133,7 @@ def test_execution_count_history_and_random_state_continue(project, make_session
 
 @pytest.mark.parametrize(
     "mode, says",
-    [("auto", "ops.py: does not parse: line 1"), ("fresh", "ops.py, line 1")],
+    [("auto", "SyntaxError: invalid syntax (ops.py, line 1)"), ("fresh", "ops.py, line 1")],
 )
 def test_syntax_error_keeps_old_code_then_fix_reloads(project, make_session, mode, says):
     project.write("ops.py", "def f():\n    return 'v1'\n")

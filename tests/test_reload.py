@@ -332,8 +332,20 @@ FRESH = [
      "import enum\nclass C(enum.Enum):\n    A = 1\n    def __init__(self, v):\n        self.w = v * 2\n",
      "runs while the members are created"),
     ("decorator added", BASE, BASE.replace("def area(r):", "@staticmethod\ndef area(r):"), "decorators of function area changed"),
-    ("decorated function body", "import functools\n@functools.lru_cache\ndef f(x):\n    return x\n",
-     "import functools\n@functools.lru_cache\ndef f(x):\n    return x + 1\n", "decorated with @functools.lru_cache"),
+    ("decorated function body", "import functools\n@functools.wraps(len)\ndef f(x):\n    return x\n",
+     "import functools\n@functools.wraps(len)\ndef f(x):\n    return x + 1\n", "decorated with @functools.wraps(len)"),
+    ("cache decorator that is not functools'", "def cache(f):\n    return f\n@cache\ndef f(x):\n    return x\n",
+     "def cache(f):\n    return f\n@cache\ndef f(x):\n    return x + 1\n", "decorated with @cache"),
+    ("lru_cache with a non-literal argument", "import functools\nN = 8\n@functools.lru_cache(N)\ndef f(x):\n    return x\n",
+     "import functools\nN = 8\n@functools.lru_cache(N)\ndef f(x):\n    return x + 1\n", "decorated with @functools.lru_cache(N)"),
+    ("__hash__ body", "class P:\n    def __hash__(self):\n        return 1\n",
+     "class P:\n    def __hash__(self):\n        return 2\n", "P.__hash__ changed: dicts and sets already hold hashes from the old code"),
+    ("__eq__ body", "class P:\n    def __eq__(self, o):\n        return True\n    __hash__ = object.__hash__\n",
+     "class P:\n    def __eq__(self, o):\n        return False\n    __hash__ = object.__hash__\n",
+     "P.__eq__ changed: dicts and sets already told their keys apart with the old code"),
+    ("__subclasshook__ body", "import abc\nclass A(abc.ABC):\n    @classmethod\n    def __subclasshook__(cls, C):\n        return NotImplemented\n",
+     "import abc\nclass A(abc.ABC):\n    @classmethod\n    def __subclasshook__(cls, C):\n        return True\n",
+     "A.__subclasshook__ changed: isinstance() and issubclass() already cached answers"),
     ("property", "class P:\n    @property\n    def a(self):\n        return 1\n",
      "class P:\n    @property\n    def a(self):\n        return 2\n", "property P.a changed"),
     ("property with setter", "class P:\n    @property\n    def a(self):\n        return 1\n    @a.setter\n    def a(self, v):\n        pass\n",
@@ -443,9 +455,31 @@ def test_syntax_error_is_an_error_with_line(load) -> None:
     decision = edit(m, BASE, v2)
     assert decision.kind == "error"
     line = v2.splitlines().index("def scale(x, k=2, *, offset=0)") + 1
-    assert decision.reasons[0].startswith(f"{Path(m.__file__).name}: does not parse: line {line}: ")
+    # As Python itself shows it.
+    assert decision.reasons == [f"SyntaxError: expected ':' ({Path(m.__file__).name}, line {line})"]
     assert "not reloaded" in decision.describe()
     assert m.area(1) == pytest.approx(3.14159, rel=1e-3)  # old code keeps running
+
+
+@pytest.mark.parametrize("v2, reason", [
+    ("if True:\nx = 1\n", "IndentationError: expected an indented block after 'if' statement on line 1 ({}, line 2)"),
+    ("x = (1,\n", "SyntaxError: '(' was never closed ({}, line 1)"),
+    ("x = 1\0\n", "SyntaxError: source code string cannot contain null bytes ({})"),
+])
+def test_parse_errors_read_as_python_shows_them(load, v2: str, reason: str) -> None:
+    m = load("x = 1\n")
+    decision = edit(m, "x = 1\n", v2)
+    assert decision.kind == "error"
+    assert decision.reasons == [reason.format(Path(m.__file__).name)]
+
+
+def test_undecodable_source_names_the_file_and_the_byte() -> None:
+    from forkreload.reload import decode_source
+
+    assert decode_source("x = 'é'\r\n".encode(), "/p/model.py") == ("x = 'é'\n", None)
+    assert decode_source(b"x = 1\n# caf\xe9\n", "/p/model.py") == (
+        None, "model.py: cannot be decoded as UTF-8: byte 0xe9 at line 2, column 6 (invalid continuation byte)")
+    assert decode_source(b"# coding: nope\n", "/p/pkg/__init__.py")[1] == "pkg/__init__.py: cannot be decoded: unknown encoding: nope"
 
 
 def test_rollback_restores_everything(load) -> None:
@@ -526,3 +560,120 @@ def test_successive_edits(load) -> None:
     apply_plan(m, decision)
     assert area(2) == 8
     assert area.__code__.co_firstlineno == v3.splitlines().index("def area(r):") + 1
+
+
+# --- in place only where a fresh import would agree (issue 9) ---------------
+
+
+def test_hash_docstring_only_stays_in_place(load) -> None:
+    v1 = "class P:\n    def __hash__(self):\n        return 1\n"
+    m = load(v1)
+    decision = edit(m, v1, v1.replace("def __hash__(self):\n", 'def __hash__(self):\n        """Doc."""\n'))
+    assert decision.kind == "noop", decision.reasons
+
+
+def test_hash_edit_goes_fresh_and_names_the_method(load) -> None:
+    v1 = "class Point:\n    def __init__(self, x):\n        self.x = x\n    def __hash__(self):\n        return hash(self.x)\n"
+    m = load(v1)
+    decision = edit(m, v1, v1.replace("hash(self.x)", "hash(self.x) + 1"))
+    assert decision.kind == "fresh"
+    assert decision.reasons == [
+        f"{m.__name__}.py: {m.__name__}.Point.__hash__ changed: dicts and sets already hold hashes from the old code"
+    ]
+
+
+CACHED = src('''
+    import functools
+    from functools import lru_cache
+
+    calls = []
+
+    @functools.lru_cache(maxsize=None)
+    def square(x):
+        """Square."""
+        calls.append(x)
+        return x * x
+
+    @lru_cache
+    def cube(x):
+        return x ** 3
+
+    class Grid:
+        @functools.cache
+        def cell(self, i):
+            return i
+    ''')
+
+
+def test_lru_cache_body_is_patched_and_its_cache_cleared(load) -> None:
+    m = load(CACHED)
+    square, cube, cell = m.square, m.cube, m.Grid.cell
+    grid = m.Grid()
+    assert (square(3), cube(2), grid.cell(4)) == (9, 8, 4)
+    v2 = CACHED.replace("return x * x", "return x * x + 1").replace("return x ** 3", "return x ** 3 + 1").replace(
+        "return i", "return -i")
+    decision = edit(m, CACHED, v2)
+    assert decision.kind == "inplace", decision.reasons
+    assert [(c.action, c.qualname) for c in decision.plan if c.detail != "lines"] == [
+        ("patch", "square"), ("clear", "square"), ("patch", "cube"), ("clear", "cube"),
+        ("patch", "Grid.cell"), ("clear", "Grid.cell"),
+    ]
+    apply_plan(m, decision)
+    # A fresh import would compute again with the new code: no stale cached answers.
+    assert (square(3), cube(2), grid.cell(4)) == (10, 9, -4)
+    assert m.square is square and m.cube is cube and m.Grid.cell is cell
+    assert square.cache_info().currsize == 1 and m.calls == [3, 3]
+    assert decision.describe() == f"{m.__name__}: in place: patched square, cube, Grid.cell"
+
+
+def test_lru_cache_signature_and_docstring_reach_the_wrapper(load) -> None:
+    m = load(CACHED)
+    v2 = CACHED.replace('def square(x):\n    """Square."""', 'def square(x: int, k=2) -> int:\n    """Square, k times."""')
+    decision = edit(m, CACHED, v2)
+    assert decision.kind == "inplace", decision.reasons
+    apply_plan(m, decision)
+    # What functools.update_wrapper would have copied at a fresh import.
+    assert m.square.__doc__ == "Square, k times."
+    assert m.square.__annotations__ == {"x": int, "return": int} == m.square.__wrapped__.__annotations__
+    assert m.square.__wrapped__.__defaults__ == (2,)
+
+
+def test_lru_cache_docstring_only_keeps_the_cache(load) -> None:
+    m = load(CACHED)
+    m.square(5)
+    decision = edit(m, CACHED, CACHED.replace('"""Square."""', '"""Squared."""'))
+    assert decision.kind == "noop", decision.reasons
+    apply_plan(m, decision)
+    assert m.square.__doc__ == "Squared." and m.square.cache_info().currsize == 1
+
+
+def test_lru_cache_replaced_at_run_time_goes_fresh(load) -> None:
+    m = load(CACHED)
+    m.square = __import__("functools").lru_cache(lambda x: x)
+    decision = edit(m, CACHED, CACHED.replace("return x * x", "return x * x + 1"))
+    assert decision.kind == "fresh"
+    assert "function square in the live module is not the function defined in" in decision.reasons[0]
+
+
+def test_cache_cleared_only_after_every_patch_applied(load) -> None:
+    m = load(CACHED)
+    m.square(2)
+    v2 = CACHED.replace("return x * x", "return x * x + 1").replace("return x ** 3", "return 0")
+    decision = edit(m, CACHED, v2)
+    m.cube = "replaced meanwhile"
+    with pytest.raises(PatchError):
+        apply_plan(m, decision)
+    assert m.square(2) == 4 and m.square.cache_info().currsize == 1  # rolled back, cache untouched
+
+
+def test_a_default_filled_since_import_is_noted(load) -> None:
+    v1 = "def log(x, seen=[], *, tags={}):\n    seen.append(x)\n    return seen\n\ndef other(k=[]):\n    return k\n"
+    m = load(v1)
+    m.log(1), m.log(2), m.other()
+    decision = edit(m, v1, v1.replace("return seen", "return list(seen)"))
+    assert decision.kind == "inplace"
+    assert decision.notes == [f"{m.__name__}.log keeps its default seen=[1, 2], filled since import "
+                              "(a fresh import gives [])"]
+    # A changed default is evaluated again: nothing kept, nothing to say.
+    decision = edit(m, v1, v1.replace("seen=[]", "seen=()").replace("seen.append(x)", "seen += (x,)"))
+    assert decision.kind == "inplace" and decision.notes == []
