@@ -97,6 +97,9 @@ class Controller:
         self.deferred_control: list[tuple[Frames, Verified]] = []
         self.stop_on_error: set[str] = set()  # cells whose error aborts the cells queued behind
         self.comms: set[str] = set()  # comm ids open in the current worker
+        # Requests the controller itself said busy for (a swap before the
+        # cell): the worker's own busy for them is not repeated.
+        self.busy_sent: set[str] = set()
         self._progress_shown = False
         self.running = False
         self._waiting = False
@@ -230,12 +233,14 @@ class Controller:
         if parent is None or (self.settings.quiet and not error):
             return
         self.clear_progress(parent)
+        self.status_message(parent, "busy")  # busy comes before any output of a request
         self._stream(parent, text, TAG_NOTICE, "stderr" if error else "stdout")
 
     def progress(self, parent: dict[str, Any] | None, text: str) -> None:
         """A status line while a swap runs; cleared before the notice."""
         if parent is None or self.settings.quiet:
             return
+        self.status_message(parent, "busy")
         self._stream(parent, text, TAG_PROGRESS)
         self._progress_shown = True
 
@@ -249,6 +254,12 @@ class Controller:
         self._stream(parent, text, TAG_COMMAND)
 
     def status_message(self, parent: dict[str, Any], state: str) -> None:
+        """Publish busy/idle for a request; each request gets one of each."""
+        msg_id = parent.get("msg_id", "")
+        if state == "busy":
+            if msg_id in self.busy_sent:
+                return
+            self.busy_sent.add(msg_id)
         self.session.send(self.fe_iopub, "status", {"execution_state": state}, parent=parent, ident=b"status")
 
     def close_comms(self, parent: dict[str, Any] | None) -> None:
@@ -263,7 +274,9 @@ class Controller:
 
     def fail_inflight(self, w: WorkerHandle, why: str) -> None:
         """The worker died: every request it had is answered with why."""
-        for idents, header in list(w.inflight.values()):
+        for msg_id, (idents, header) in list(w.inflight.items()):
+            if msg_id not in w.busy_for:
+                self.status_message(header, "busy")  # it died before saying busy
             self._reply_dead(idents, header, why)
         w.inflight.clear()
 
@@ -276,6 +289,7 @@ class Controller:
             self.session.send(self.fe_iopub, "error", {k: content[k] for k in ("ename", "evalue", "traceback")}, parent=header, ident=b"error")
         self.session.send(self.fe_shell, reply_type, content, parent=header, ident=idents)
         self.status_message(header, "idle")
+        self.busy_sent.discard(header.get("msg_id", ""))
 
     # -- messages from the current worker ----------------------------------------------
 
@@ -299,10 +313,14 @@ class Controller:
             return
         if msg_type == "status":
             state = _json(parts[4]).get("execution_state")
+            msg_id = parent.get("msg_id", "")
             if state == "busy":
-                w.busy_for.add(parent.get("msg_id", ""))
+                w.busy_for.add(msg_id)
+                if msg_id in self.busy_sent:
+                    return  # the controller said busy already, before its swap
             elif state == "idle":
-                w.busy_for.discard(parent.get("msg_id", ""))
+                w.busy_for.discard(msg_id)
+                self.busy_sent.discard(msg_id)
         self.fe_iopub.send_multipart(frames)
 
     def _on_agent_event(self, msg_type: str, parent: dict[str, Any], content: dict[str, Any]) -> None:
@@ -387,6 +405,7 @@ class Controller:
         try:
             w = self.swapper.ensure_worker()
         except (WorkerDied, ControllerError) as exc:
+            self.status_message(header, "busy")
             self._reply_dead(idents, header, f"no worker could be started: {exc}")
             return
         content = _json(parts[4]) if msg_type == "execute_request" else {}
@@ -443,6 +462,7 @@ class Controller:
             status = {"status": "aborted"}
             self.session.send(self.fe_shell, "execute_reply", status, parent=header, ident=idents, metadata=dict(status))
             self.status_message(header, "idle")
+            self.busy_sent.discard(header.get("msg_id", ""))
         self.held = kept
 
     @staticmethod

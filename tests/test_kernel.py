@@ -321,6 +321,43 @@ def test_interrupt_keeps_state(project, specs, spec_name: str, mode: str) -> Non
             assert after.result == f"([1, 2], {round_ + 1})"
 
 
+def _one_busy_one_idle(cell: Cell) -> None:
+    states = cell.statuses
+    assert states == ["busy", "idle"], states
+    assert cell.iopub[0]["msg_type"] == "status" and cell.iopub[0]["content"]["execution_state"] == "busy"
+    assert cell.iopub[-1]["msg_type"] == "status" and cell.iopub[-1]["content"]["execution_state"] == "idle"
+
+
+def test_one_busy_and_one_idle_whatever_happens_before_the_cell(project, specs) -> None:
+    # Protocol exactness: a cell that swaps, fails to swap, is reminded of
+    # stale code, goes back, or crashes publishes one busy first and one idle last.
+    project.write("m.py", "K = 1\n")
+    with kernel(project.root) as (km, kc):
+        _one_busy_one_idle(ok(kc, "import m, os; v = [1]"))
+        project.write("m.py", "K = 2\n")
+        swapped = run(kc, "m.K", settle=0.3)
+        assert "fresh worker" in swapped.notice and swapped.result == "2"
+        _one_busy_one_idle(swapped)
+        project.write("m.py", "K = (\n")
+        failed = run(kc, "m.K", settle=0.3)
+        assert "kept the old code" in failed.notice and failed.result == "2"
+        _one_busy_one_idle(failed)
+        reminded = run(kc, "m.K", settle=0.3)
+        assert "still running the old code" in reminded.notice
+        _one_busy_one_idle(reminded)
+        project.write("m.py", "K = 3\n")
+        _one_busy_one_idle(run(kc, "m.K", settle=0.3))
+        back = run(kc, "%forkreload back", settle=0.3)
+        assert "back to the previous worker" in back.notice
+        _one_busy_one_idle(back)
+        crashed = run(kc, "os.kill(os.getpid(), 9)", settle=0.3)
+        assert crashed.content["status"] == "error" and crashed.content["ename"] == "WorkerDied"
+        _one_busy_one_idle(crashed)
+        after = run(kc, "1 + 1", settle=0.3)
+        assert "its variables were lost" in after.notice
+        _one_busy_one_idle(after)
+
+
 # -- 5. front-end restarts --------------------------------------------------------
 
 

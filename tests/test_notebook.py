@@ -126,7 +126,7 @@ def test_notebook_syntax_error_keeps_old_code_until_fixed(project, kernelspec_pr
     assert len(err.splitlines()) <= 6, err
     assert text(c3) == "[2, 4, 6] {'runs': 2}\n"
     # the same broken file is not retried, but each cell says it runs the old code
-    assert text(c4, "stderr").startswith("forkreload: still running the old code of stats.py (stats.py: does not parse")
+    assert text(c4, "stderr").startswith("forkreload: still running the old code of stats.py (SyntaxError: expected ':' (stats.py, line 4))")
     assert len(text(c4, "stderr").splitlines()) == 1 and text(c4) == "2 {'runs': 2}\n"
     # fixed: the new code with the values kept
     out = text(c6)
