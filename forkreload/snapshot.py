@@ -205,7 +205,51 @@ def _reap(chan: Channel) -> None:
             return
 
 
+def _project_modules() -> list[str]:
+    """Modules imported from the project directory while this process started.
+
+    `python -m forkreload.snapshot` puts the current directory (the project)
+    first on sys.path, and importing the forkreload package imports much of
+    the standard library: a project file named like one of those modules
+    (csv.py) would be executed here and break the preloads.
+    """
+    here = {os.getcwd(), os.path.realpath(os.getcwd())}
+    found = []
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if "." in name or not isinstance(file, str) or name == "forkreload":
+            continue
+        folder = os.path.dirname(file)
+        if os.path.basename(file).startswith("__init__."):
+            folder = os.path.dirname(folder)
+        if folder in here:
+            found.append(name)
+    return found
+
+
+def _restart_without_project_path() -> None:
+    """Start this snapshot again with the project directory off sys.path (never returns)."""
+    cwd = {os.getcwd(), os.path.realpath(os.getcwd())}
+    path = [p for p in sys.path if p not in ("", ".") and p not in cwd and os.path.realpath(p) not in cwd]
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if pkg_root in cwd:
+        path.append(pkg_root)  # forkreload runs from its checkout: last, behind the standard library
+    code = (
+        "import sys; sys.path[:] = " + repr(path) + "; "
+        "import forkreload.snapshot as s; s.main()"
+    )
+    os.environ[_RESTARTED] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", code])
+
+
+_RESTARTED = "FORKRELOAD_SNAPSHOT_RESTARTED"
+
+
 def main() -> None:
+    if os.environ.pop(_RESTARTED, None) is None and _project_modules():
+        _restart_without_project_path()
     cfg = json.loads(sys.stdin.readline())
     key = cfg["key"].encode()
     set_parent_death_signal(signal.SIGKILL)

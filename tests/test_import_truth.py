@@ -1,0 +1,154 @@
+"""What a module's import really did: the source it executed, the functions it
+ran, the state it left, the order cells asked for modules, and project files
+that shadow library modules (issue 9).
+
+The agent's new answer fields (`notes`, `reset`) are checked by calling the
+agent from a cell in a session whose mode is 'off', so the controller itself
+stays out of the way.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+
+def test_edit_saved_while_the_importing_cell_runs_is_picked_up(project, make_session):
+    project.write("train.py", "def f():\n    return 'old'\n")
+    s = make_session()
+    marker = project.root / "imported"
+
+    def edit_after_import() -> None:
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        project.write("train.py", "def f():\n    return 'new'\n")
+
+    t = threading.Thread(target=edit_after_import)
+    t.start()
+    try:
+        r = s.execute("import train, time, pathlib; print(train.f()); pathlib.Path('imported').touch(); time.sleep(1.5)")
+    finally:
+        t.join()
+    assert r.stdout == "old\n", r
+    r = s.execute("print(train.f())")
+    assert r.stdout == "new\n", r
+    assert r.reload is not None and r.reload.mode == "inplace" and r.reload.patched == ["train.f"]
+
+
+def test_a_stale_pyc_is_never_used(project, make_session):
+    import os
+    import py_compile
+
+    path = project.write("m.py", "def f():\n    return 'new'\n")
+    # A .pyc of another source, claiming the current file's mtime and size.
+    other = project.write("other_src.py", "def f():\n    return 'old'\n")
+    st = os.stat(path)
+    os.utime(other, ns=(st.st_mtime_ns, st.st_mtime_ns))
+    import importlib.util
+
+    py_compile.compile(str(other), cfile=importlib.util.cache_from_source(str(path)), dfile=str(path))
+    s = make_session()
+    assert s.execute("import m; print(m.f())").stdout == "new\n"
+
+
+CHAIN = {
+    "a.py": "import b\n\nLIMIT = b.helper()\n",
+    "b.py": "import c\n\ndef helper():\n    return c.g() + 1\n",
+    "c.py": "def g():\n    return 1\n",
+}
+
+
+def test_value_computed_at_import_through_another_module_needs_a_fresh_worker(project, make_session):
+    for name, src in CHAIN.items():
+        project.write(name, src)
+    s = make_session()
+    assert s.execute("import a; print(a.LIMIT)").stdout == "2\n"
+    project.write("c.py", "def g():\n    return 10\n")
+    r = s.execute("print(a.LIMIT)")
+    assert r.stdout == "11\n", r
+    assert r.reload.mode == "fresh" and "a.py's import ran c.g" in r.reload.reason, r.reload
+
+
+def test_a_function_that_did_not_run_at_import_is_still_patched_in_place(project, make_session):
+    for name, src in CHAIN.items():
+        project.write(name, src)
+    project.write("c.py", "def g():\n    return 1\n\ndef unused():\n    return 'u1'\n")
+    s = make_session()
+    s.execute("import a")
+    project.write("c.py", "def g():\n    return 1\n\ndef unused():\n    return 'u2'\n")
+    r = s.execute("import c; print(c.unused())")
+    assert r.stdout == "u2\n" and r.reload.mode == "inplace", r.reload
+
+
+def test_nested_import_names_the_module_whose_top_level_ran_it(project, make_session):
+    # d's import runs e.h (through a class body and a method), inside a's import.
+    project.write("a.py", "import d\n")
+    project.write("d.py", "import e\n\nclass K:\n    v = e.Box().get()\n")
+    project.write("e.py", "def h():\n    return 1\n\nclass Box:\n    def get(self):\n        return h()\n")
+    s = make_session()
+    assert s.execute("import a; print(a.d.K.v)").stdout == "1\n"
+    project.write("e.py", "def h():\n    return 5\n\nclass Box:\n    def get(self):\n        return h()\n")
+    r = s.execute("print(a.d.K.v)")
+    assert r.stdout == "5\n"
+    assert r.reload.mode == "fresh" and "d.py's import ran e." in r.reload.reason, r.reload
+
+
+def _agent(s, call: str) -> dict:
+    r = s.execute(f"import json as _j; print(_j.dumps(__forkreload__.{call}))")
+    assert r.status == "ok", r
+    return json.loads(json.loads(r.stdout))
+
+
+def test_inplace_answer_notes_containers_filled_by_the_old_code(project, make_session):
+    src = "_CACHE = {}\nSEEN = []\n\ndef feat(x):\n    if x not in _CACHE:\n        _CACHE[x] = x * 2\n    return _CACHE[x]\n"
+    path = project.write("features.py", src)
+    s = make_session(mode="off")
+    s.execute("import features; [features.feat(i) for i in range(12)]")
+    project.write("features.py", src.replace("x * 2", "x * 3"))
+    res = _agent(s, f"reload([{str(path)!r}], 'auto')")
+    assert res["kind"] == "inplace", res
+    assert res["notes"] == ["kept features._CACHE (12 entries computed by the old code)"], res
+
+
+def test_export_answer_names_module_state_a_fresh_worker_resets(project, make_session, tmp_path):
+    project.write("metrics.py", "METRICS = {'a': 1}\nflag = False\nSMALL = [1, 2]\n\ndef record(k):\n    METRICS[k] = 1\n")
+    project.write("m.py", "import metrics\n")
+    s = make_session(mode="off")
+    s.execute("import m, metrics; metrics.record('b'); m.flag = True; metrics.flag = True")
+    dump = tmp_path / "dump"
+    res = _agent(s, f"export({str(dump)!r})")
+    assert sorted(res["reset"]) == [
+        "reset m.flag (attribute set from a cell)",
+        "reset metrics.METRICS (1 entry added from a cell)",
+        "reset metrics.flag (attribute set from a cell)",
+    ], res
+
+
+def test_circular_import_introduced_by_an_edit_fails_like_a_fresh_process(project, make_session):
+    # A cell asked for a; a imports b. After the edit, b imports a and reads
+    # a.X at its top level: `python -c "import a"` fails there.
+    project.write("a.py", "import b\n\nX = 1\n")
+    project.write("b.py", "Y = 2\n")
+    s = make_session()
+    assert s.execute("import a; print(a.b.Y)").stdout == "2\n"
+    project.write("b.py", "import a\n\nY = a.X\n")
+    r = s.execute("print(a.b.Y)")
+    assert r.reload is not None and not r.reload.ok, r.reload
+    assert "partially initialized module 'a'" in (r.reload.error or ""), r.reload
+
+
+def test_project_file_named_like_a_stdlib_module(project, make_session):
+    # Importing pandas needs the standard library's csv; this one has nothing.
+    project.write("csv.py", "MINE = True\n")
+    s = make_session(preload=["pandas"])
+    r = s.execute("import os; print(1)")
+    assert r.stdout == "1\n" and "shadows" not in r.stderr
+    r = s.execute("import pandas, csv\nprint(hasattr(csv, 'reader'), hasattr(pandas, 'read_csv'))")
+    assert r.stdout == "True True\n", r
+    assert r.stderr == "forkreload: csv.py in your project shadows the standard library's csv module\n", r
+    r = s.execute("import csv")
+    assert r.stderr == ""
+    r = s.execute("%forkreload status")
+    assert "failed" not in r.stdout, r.stdout
