@@ -141,6 +141,9 @@ _CONTAINERS = (dict, list, set, collections.deque)
 # Standard library names that projects use for their own files and that
 # nothing else imports: shadowing them is harmless.
 _HARMLESS_SHADOWS = frozenset({"test", "this", "antigravity"})
+# Code objects name their class and enclosing functions from 3.11 on; before,
+# only the bare name is known and is matched as such (more conservative).
+_BARE_NAMES = sys.version_info < (3, 11)
 
 
 def _value_state(value: object) -> tuple:
@@ -158,7 +161,7 @@ def _value_state(value: object) -> tuple:
                     items = hash(frozenset(map(id, value)))
                 else:
                     items = hash(tuple(map(id, value)))
-        except (RuntimeError, TypeError):  # resized by another thread, or a len() that fails
+        except Exception:  # resized by another thread, or a subclass whose len() or items() fails
             return ("id", id(value))
         return ("c", id(value), n, items)
     return ("id", id(value))
@@ -417,9 +420,12 @@ class Agent:
         name = module.__name__
         main = threading.get_ident() == self._main_thread
         traced = False
+        before: dict[str, dict[str, tuple]] | None = None
         if main:
-            if self._depth == 0 and name not in self.requested:
-                self.requested.append(name)
+            if self._depth == 0:
+                if name not in self.requested:
+                    self.requested.append(name)
+                before = self._current_states()
             self._depth += 1
             traced = self.trace.enter(name)
         try:
@@ -431,6 +437,8 @@ class Agent:
                 self.trace.leave()
             if main:
                 self._depth -= 1
+                if before is not None:
+                    self._absorb_import_changes(before)
         read = self._read.pop(name, None)
         if read is not None:
             real, data = read
@@ -443,18 +451,37 @@ class Agent:
         for file, qualname in ran:
             self.import_ran.setdefault(file, {}).setdefault(qualname, name)
 
+    def _current_states(self) -> dict[str, dict[str, tuple]]:
+        return {n: module_state(sys.modules[n]) for n in self.states if n in sys.modules}
+
+    def _absorb_import_changes(self, before: dict[str, dict[str, tuple]]) -> None:
+        """What an import changed in other user modules (a plugin registering
+        itself) a fresh import does too: it becomes their baseline, unless a
+        cell had changed them already. Cost: two fingerprints of every user
+        module per import a cell asks for (not per module imported)."""
+        for name, now in self._current_states().items():
+            pre = before.get(name)
+            if pre is None or (now != pre and pre == self.states[name]):
+                self.states[name] = now
+
     def _ran_at_import(self, name: str, decision: reload.Decision) -> str | None:
         """Why an in-place patch of `name` is not enough: a changed function ran at some import."""
+        changed = [c.qualname for c in decision.plan if c.action == "patch" and c.detail in ("body", "signature")]
+        if not changed:
+            return None
+        if self.untraced:
+            # Rare (the user profiled an import): what that import ran is unknown.
+            other = sorted(self.untraced)[0]
+            file = self.user_modules.get(other, {}).get("file") or other
+            return f"{_shown_file(file)} was imported under another profiler: what its import ran is unknown"
         ran = self.import_ran.get(self.user_modules[name]["file"])
         if not ran:
             return None
-        changed = [c.qualname for c in decision.plan if c.action == "patch" and c.detail in ("body", "signature")]
         for qualname in changed:
             last = qualname.rpartition(".")[2]
             for ran_name, importer in ran.items():
-                # A function nested in the changed one ran too ('f.<locals>.g'),
-                # or (3.10, bare names) one of the same name.
-                if ran_name == qualname or ran_name.startswith(qualname + ".") or ran_name == last:
+                # A function nested in the changed one ran too ('f.<locals>.g').
+                if ran_name == qualname or ran_name.startswith(qualname + ".") or (_BARE_NAMES and ran_name == last):
                     file = self.user_modules.get(importer, {}).get("file") or importer
                     return f"{_shown_file(file)}'s import ran {name}.{qualname}"
         return None
@@ -500,13 +527,13 @@ class Agent:
                 continue
             for entry in entries:
                 name, ext = os.path.splitext(entry)
+                if name in self._shadows or name in _HARMLESS_SHADOWS or (name not in stdlib and name not in preloaded):
+                    continue
                 if ext == ".py":
                     shown = entry
                 elif not ext and os.path.isfile(os.path.join(d, entry, "__init__.py")):
                     shown = entry + "/"
                 else:
-                    continue
-                if name in self._shadows or name in _HARMLESS_SHADOWS:
                     continue
                 if name in stdlib:
                     self._shadows[name] = f"forkreload: {shown} in your project shadows the standard library's {name} module"
@@ -521,7 +548,7 @@ class Agent:
             hit = any(m["name"].partition(".")[0] == name for m in found)
             if not hit and name in cell:
                 hit = re.search(
-                    rf"(?m)^[ \t]*(?:from[ \t]+{name}\b|import[ \t]+(?:[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*,[ \t]*)*{name}\b)",
+                    rf"(?m)^[ \t]*(?:from[ \t]+{re.escape(name)}\b|import[ \t]+(?:[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*,[ \t]*)*{re.escape(name)}\b)",
                     cell,
                 ) is not None
             if hit:

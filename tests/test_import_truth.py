@@ -152,3 +152,16 @@ def test_project_file_named_like_a_stdlib_module(project, make_session):
     assert r.stderr == ""
     r = s.execute("%forkreload status")
     assert "failed" not in r.stdout, r.stdout
+
+
+def test_registry_filled_by_later_imports_is_not_reset_but_a_cell_registration_is(project, make_session, tmp_path):
+    project.write("registry.py", "PLUGINS = {}\n\ndef register(name):\n    PLUGINS[name] = True\n")
+    project.write("plug_a.py", "import registry\n\nregistry.register('a')\n")
+    project.write("plug_b.py", "import registry\nregistry.PLUGINS['b'] = True\n")
+    s = make_session(mode="off")
+    s.execute("import plug_a")
+    s.execute("import plug_b")
+    assert _agent(s, f"export({str(tmp_path / 'd1')!r})")["reset"] == []
+    s.execute("import registry; registry.register('mine')")
+    res = _agent(s, f"export({str(tmp_path / 'd2')!r})")
+    assert res["reset"] == ["reset registry.PLUGINS (1 entry added from a cell)"], res
