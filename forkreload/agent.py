@@ -12,7 +12,12 @@ for the user's directories), so the agent knows what each import really did:
 the exact source it executed (read once, compiled from source, never from a
 `.pyc`), the functions of the user's files that ran while its top level ran,
 the module's state right after it, and the order in which cells first asked
-for the user's modules.
+for the user's modules. An in-place reload then refuses an edit to a
+function that ran at some import and notes the module state it keeps that
+the old code computed; an export names the module state a fresh worker will
+not have; a fresh worker imports the modules in the order the cells asked.
+A project file named like a standard or preloaded module is warned about,
+once, in the cell that imports that name.
 """
 
 from __future__ import annotations
@@ -586,7 +591,11 @@ class Agent:
     # -- migration: the old worker's side ----------------------------------
 
     def export(self, path: str) -> str:
-        """Dump the user's namespace and session state next to `path`."""
+        """Dump the user's namespace and session state next to `path`.
+
+        The answer's `reset` names the user modules' state that differs from
+        what their import produced, which a fresh worker will not have.
+        """
         t0 = time.perf_counter()
         self.scan()
         ns = self.shell.user_ns
@@ -639,8 +648,9 @@ class Agent:
             pass
         sys.path[:] = meta["sys_path"]
         for file in changed_files:
-            # A .pyc written within the same second as the edit, at the same
-            # size, would pass the mtime check and load the stale code.
+            # The agent's loader never reads a .pyc, but a plain `python` run
+            # here would: one written within the same second as the edit, at
+            # the same size, passes its mtime check and loads stale code.
             try:
                 os.unlink(importlib.util.cache_from_source(file))
             except (OSError, ValueError, NotImplementedError):
@@ -686,9 +696,10 @@ class Agent:
     def reload(self, files: list[str], mode: str) -> str:
         """Decide, for the edited files, in place or fresh; patch when in place.
 
-        Returns JSON: kind 'inplace' (patched, added, files: path -> new sha),
-        'fresh' or 'error' (reasons), 'partial' in mode 'inplace' when some
-        modules could not be patched (they are left as they are).
+        Returns JSON: kind 'inplace' (patched, added, files: path -> new sha,
+        notes: module state kept that the old code computed), 'fresh' or
+        'error' (reasons), 'partial' in mode 'inplace' when some modules could
+        not be patched (they are left as they are).
         """
         t0 = time.perf_counter()
         by_file: dict[str, list[str]] = {}

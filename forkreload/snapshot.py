@@ -5,7 +5,10 @@ controller's sockets, keys or threads). It imports the preload set and the
 kernel machinery a worker needs, freezes the heap so the pages stay shared,
 and then does one thing: fork a worker on request. It never imports the
 user's modules, never starts a Python thread or a zmq context, and checks
-before each fork that it is still single-threaded.
+before each fork that it is still single-threaded. Its preloads are imported
+with the project directory off sys.path; if its own start-up imported a
+project file (a csv.py in the project shadows the standard library's csv),
+it starts itself again without the project directory on sys.path.
 """
 
 from __future__ import annotations
