@@ -143,9 +143,9 @@ def _user_traceback(exc: BaseException) -> str:
 _SMALL = 256
 _SCALARS = (int, float, complex, bool, type(None), str, bytes)
 _CONTAINERS = (dict, list, set, collections.deque)
-# Standard library names that projects use for their own files and that
-# nothing else imports: shadowing them is harmless.
-_HARMLESS_SHADOWS = frozenset({"test", "this", "antigravity"})
+# Module names that projects use for their own files (a package's __main__.py,
+# a test.py) and that nothing else imports: shadowing them is harmless.
+_HARMLESS_SHADOWS = frozenset({"test", "this", "antigravity", "__main__"})
 # Code objects name their class and enclosing functions from 3.11 on; before,
 # only the bare name is known and is matched as such (more conservative).
 _BARE_NAMES = sys.version_info < (3, 11)
