@@ -169,3 +169,26 @@ def test_registry_filled_by_later_imports_is_not_reset_but_a_cell_registration_i
     s.execute("import registry; registry.register('mine')")
     res = _agent(s, f"export({str(tmp_path / 'd2')!r})")
     assert res["reset"] == ["reset registry.PLUGINS (1 entry added from a cell)"], res
+
+
+def test_a_failing_import_shows_the_users_line_and_leaves_no_tracer(project, make_session):
+    project.write("m.py", "X = 1\nraise ValueError('bad module')\n")
+    s = make_session()
+    r = s.execute("import m")
+    assert r.error == ("ValueError", "bad module")
+    plain = "\n".join(r.traceback)
+    assert "m.py" in plain and "forkreload" not in plain, plain
+    project.write("m.py", "X = 2\n")
+    r = s.execute("import sys, m; print(m.X, sys.getprofile())")
+    assert r.stdout == "2 None\n", r
+
+
+def test_package_import_runs_a_submodule_function(project, make_session):
+    project.write("pkg/__init__.py", "from . import tools\n\nDEFAULT = tools.make()\n")
+    project.write("pkg/tools.py", "def make():\n    return 'v1'\n")
+    s = make_session()
+    assert s.execute("import pkg; print(pkg.DEFAULT)").stdout == "v1\n"
+    project.write("pkg/tools.py", "def make():\n    return 'v2'\n")
+    r = s.execute("print(pkg.DEFAULT)")
+    assert r.stdout == "v2\n"
+    assert r.reload.mode == "fresh", r.reload
