@@ -343,7 +343,7 @@ class Agent:
         self.trace = _ImportTrace(self._code_files)
         # real path -> qualified name -> the module whose top level ran it
         self.import_ran: dict[str, dict[str, str]] = {}
-        self.untraced: set[str] = set()  # imports that ran under another profiler
+        self.untraced: set[str] = set()  # imports not traced (another profiler, another thread)
         self.states: dict[str, dict[str, tuple]] = {}  # name -> module_state() right after its import
         self.requested: list[str] = []  # user modules the cells asked for, in order
         self._depth = 0  # user module imports in progress (main thread)
@@ -475,10 +475,11 @@ class Agent:
         if not changed:
             return None
         if self.untraced:
-            # Rare (the user profiled an import): what that import ran is unknown.
+            # Rare (an import under the user's profiler, or in another thread):
+            # what that import ran is unknown, so nothing can be ruled out.
             other = sorted(self.untraced)[0]
             file = self.user_modules.get(other, {}).get("file") or other
-            return f"{_shown_file(file)} was imported under another profiler: what its import ran is unknown"
+            return f"what {_shown_file(file)}'s import ran is unknown (another profiler or thread was active)"
         ran = self.import_ran.get(self.user_modules[name]["file"])
         if not ran:
             return None

@@ -192,3 +192,20 @@ def test_package_import_runs_a_submodule_function(project, make_session):
     r = s.execute("print(pkg.DEFAULT)")
     assert r.stdout == "v2\n"
     assert r.reload.mode == "fresh", r.reload
+
+
+def test_an_import_under_another_profiler_rules_out_in_place(project, make_session):
+    # Only where the agent traces through sys.setprofile (before 3.12) can a
+    # profiler the user runs hide what an import ran.
+    if sys.version_info >= (3, 12):
+        import pytest
+
+        pytest.skip("sys.monitoring traces alongside other profilers")
+    for name, src in CHAIN.items():
+        project.write(name, src)
+    s = make_session()
+    s.execute("import sys; sys.setprofile(lambda *a: None); import a; sys.setprofile(None)")
+    project.write("c.py", "def g():\n    return 10\n")
+    r = s.execute("print(a.LIMIT)")
+    assert r.stdout == "11\n" and r.reload.mode == "fresh", r.reload
+    assert "what a.py's import ran is unknown" in r.reload.reason, r.reload
