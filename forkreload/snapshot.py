@@ -28,7 +28,7 @@ from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
 
-__all__ = ["main", "native_threads", "KERNEL_MODULES"]
+__all__ = ["main", "command", "native_threads", "KERNEL_MODULES"]
 
 # What a forked worker needs to start its kernel quickly. ipykernel.debugger
 # pulls in debugpy lazily (~60 ms on the first execute) unless imported here.
@@ -230,21 +230,31 @@ def _project_modules() -> list[str]:
     return found
 
 
-def _restart_without_project_path() -> None:
-    """Start this snapshot again with the project directory off sys.path (never returns)."""
-    cwd = {os.getcwd(), os.path.realpath(os.getcwd())}
-    path = [p for p in sys.path if p not in ("", ".") and p not in cwd and os.path.realpath(p) not in cwd]
+def command(python: str = sys.executable) -> list[str]:
+    """The command line that starts a snapshot in the project directory.
+
+    Unlike `python -m forkreload.snapshot`, it takes the project directory off
+    sys.path before anything is imported, so no project file (a csv.py) runs
+    in the snapshot.
+    """
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if pkg_root in cwd:
-        path.append(pkg_root)  # forkreload runs from its checkout: last, behind the standard library
     code = (
-        "import sys; sys.path[:] = " + repr(path) + "; "
+        "import os, sys; here = {os.getcwd(), os.path.realpath(os.getcwd())}; "
+        "sys.path[:] = [p for p in sys.path if p not in ('', '.') and os.path.realpath(p) not in here]; "
+        # forkreload running from its own checkout: last, behind the standard library
+        f"sys.path.append({pkg_root!r}) if {pkg_root!r} in here else None; "
         "import forkreload.snapshot as s; s.main()"
     )
+    return [python, "-c", code]
+
+
+def _restart_without_project_path() -> None:
+    """Start this snapshot again with the project directory off sys.path (never returns)."""
     os.environ[_RESTARTED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-c", code])
+    argv = command()
+    os.execv(argv[0], argv)
 
 
 _RESTARTED = "FORKRELOAD_SNAPSHOT_RESTARTED"
