@@ -22,6 +22,7 @@ once, in the cell that imports that name.
 
 from __future__ import annotations
 
+import _imp
 import collections
 import hashlib
 import hmac
@@ -29,6 +30,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import json
+import marshal
 import os
 import re
 import site
@@ -149,6 +151,8 @@ _HARMLESS_SHADOWS = frozenset({"test", "this", "antigravity", "__main__"})
 # Code objects name their class and enclosing functions from 3.11 on; before,
 # only the bare name is known and is matched as such (more conservative).
 _BARE_NAMES = sys.version_info < (3, 11)
+# The flags of a .pyc checked against its source's hash (PEP 552).
+_HASH_PYC = (0b11).to_bytes(4, "little")
 
 
 def _value_state(value: object) -> tuple:
@@ -307,12 +311,40 @@ class _UserSourceLoader(importlib.machinery.SourceFileLoader):
     agent: Agent
 
     def get_code(self, fullname: str) -> types.CodeType:
-        # Read once and compile that: the bytes recorded are the bytes that
-        # run, and a stale .pyc (same mtime and size) is never used.
+        # Read once and run that: the bytes recorded are the bytes that run.
+        # A timestamp .pyc (stale at the same mtime and size) is never used;
+        # a hash-checked one (PEP 552) of these very bytes is, as compiling
+        # a large project again at every fresh worker would cost seconds.
+        __tracebackhide__ = True
         path = self.get_filename(fullname)
         data = self.get_data(path)
         self.agent._source_read(fullname, path, data)
-        return self.source_to_code(data, path)
+        source_hash = importlib.util.source_hash(data)
+        try:
+            cached = importlib.util.cache_from_source(path)
+        except (NotImplementedError, ValueError):
+            cached = None
+        if cached is not None:
+            try:
+                pyc = self.get_data(cached)
+            except OSError:
+                pyc = b""
+            # magic, flags (hash-based | check source), the source's hash, the code
+            if pyc[:4] == importlib.util.MAGIC_NUMBER and pyc[4:8] == _HASH_PYC and pyc[8:16] == source_hash:
+                try:
+                    code = marshal.loads(pyc[16:])
+                except (ValueError, EOFError, TypeError):
+                    code = None
+                if isinstance(code, types.CodeType):
+                    _imp._fix_co_filename(code, path)  # as importlib does: the path it was found at
+                    return code
+        code = self.source_to_code(data, path)
+        if cached is not None and not sys.dont_write_bytecode:
+            try:
+                self.set_data(cached, importlib.util.MAGIC_NUMBER + _HASH_PYC + source_hash + marshal.dumps(code))
+            except (OSError, NotImplementedError):
+                pass
+        return code
 
     def exec_module(self, module: types.ModuleType) -> None:
         __tracebackhide__ = True  # IPython leaves this frame out of the user's tracebacks

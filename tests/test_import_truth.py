@@ -10,6 +10,7 @@ stays out of the way.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -209,3 +210,24 @@ def test_an_import_under_another_profiler_rules_out_in_place(project, make_sessi
     r = s.execute("print(a.LIMIT)")
     assert r.stdout == "11\n" and r.reload.mode == "fresh", r.reload
     assert "what a.py's import ran is unknown" in r.reload.reason, r.reload
+
+
+def test_a_hash_checked_pyc_of_the_same_source_is_reused(project, make_session):
+    import importlib.util
+    import marshal
+
+    path = project.write("m.py", "def f():\n    return 'src'\n")
+    # A hash-checked .pyc (PEP 552) carrying the hash of m.py's bytes: the
+    # loader trusts it (its code says 'pyc', to show that it ran).
+    code = compile("def f():\n    return 'pyc'\n", str(path), "exec")
+    pyc = importlib.util.cache_from_source(str(path))
+    os.makedirs(os.path.dirname(pyc), exist_ok=True)
+    with open(pyc, "wb") as f:
+        f.write(importlib.util.MAGIC_NUMBER + (3).to_bytes(4, "little") + importlib.util.source_hash(path.read_bytes()) + marshal.dumps(code))
+    s = make_session()
+    assert s.execute("import m; print(m.f(), m.f.__code__.co_filename == m.__file__)").stdout == "pyc True\n"
+    # The hash no longer matches once the file changes: compiled from source.
+    project.write("m.py", "def f():\n    return 'new'\n")
+    r = s.execute("%forkreload fresh")
+    assert r.reload.ok, r.reload
+    assert s.execute("print(m.f())").stdout == "new\n"
