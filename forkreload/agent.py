@@ -8,22 +8,38 @@ The controller calls it with `forkreload_request` shell messages of its own
 (see `protocol`): they run between cells like an execute would, without
 IPython's cell machinery, so no history entry and no count change; each
 call answers plain data (the TypedDicts in `protocol`).
+The user's modules are imported through the agent's own loader (a path hook
+for the user's directories), so the agent knows what each import really did:
+the exact source it executed (read once, compiled from source, never from a
+`.pyc`), the functions of the user's files that ran while its top level ran,
+the module's state right after it, and the order in which cells first asked
+for the user's modules. An in-place reload then refuses an edit to a
+function that ran at some import and notes the module state it keeps that
+the old code computed; an export names the module state a fresh worker will
+not have; a fresh worker imports the modules in the order the cells asked.
+A project file named like a standard or preloaded module is warned about,
+once, in the cell that imports that name.
 """
 
 from __future__ import annotations
 
+import _imp
 import builtins
+import collections
 import functools
 import hashlib
 import hmac
 import importlib
+import importlib.machinery
 import importlib.util
 import json
+import marshal
 import os
 import re
 import site
 import sys
 import sysconfig
+import threading
 import time
 import traceback
 import types
@@ -136,6 +152,222 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(lines).rstrip()
 
 
+# -- what an import did ---------------------------------------------------------
+
+# Module state is fingerprinted right after a module's import and compared
+# before a reload. Per module-level name: the value itself for small scalars,
+# else its identity; for dicts, lists, sets and deques also their length and,
+# up to _SMALL items, the identities of their items. The cost is bounded by
+# (number of module-level names) + _SMALL per container: no deep hashing.
+_SMALL = 256
+_SCALARS = (int, float, complex, bool, type(None), str, bytes)
+_CONTAINERS = (dict, list, set, collections.deque)
+# Module names that projects use for their own files (a package's __main__.py,
+# a test.py) and that nothing else imports: shadowing them is harmless.
+_HARMLESS_SHADOWS = frozenset({"test", "this", "antigravity", "__main__"})
+# Code objects name their class and enclosing functions from 3.11 on; before,
+# only the bare name is known and is matched as such (more conservative).
+_BARE_NAMES = sys.version_info < (3, 11)
+# The flags of a .pyc checked against its source's hash (PEP 552).
+_HASH_PYC = (0b11).to_bytes(4, "little")
+
+
+def _value_state(value: object) -> tuple[Any, ...]:
+    t = type(value)
+    if t in _SCALARS and (t not in (str, bytes) or len(value) <= _SMALL):  # type: ignore[arg-type]
+        return ("=", t, value)
+    if isinstance(value, _CONTAINERS):
+        try:
+            n = len(value)
+            items = None
+            if n <= _SMALL:
+                if isinstance(value, dict):
+                    items = hash(tuple((id(k), id(v)) for k, v in value.items()))
+                elif isinstance(value, set):
+                    items = hash(frozenset(map(id, value)))
+                else:
+                    items = hash(tuple(map(id, value)))
+        except Exception:  # resized by another thread, or a subclass whose len() or items() fails
+            return ("id", id(value))
+        return ("c", id(value), n, items)
+    return ("id", id(value))
+
+
+def module_state(mod: types.ModuleType) -> dict[str, tuple[Any, ...]]:
+    """A cheap fingerprint of the module's top-level names and mutable state."""
+    out = {}
+    for k, v in list(vars(mod).items()):
+        if not (k.startswith("__") and k.endswith("__")):
+            out[k] = _value_state(v)
+    return out
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
+
+
+def state_changes(mod: types.ModuleType, before: dict[str, tuple[Any, ...]]) -> list[tuple[str, str]]:
+    """(name, what happened) for the module's state that differs from its import.
+
+    Names a fresh import would not change are left out: submodules bound by
+    later imports, functions and classes the module itself defines (added
+    in place).
+    """
+    name = mod.__name__
+    now = vars(mod)
+    out = []
+    for k, v in list(now.items()):
+        if k.startswith("__") and k.endswith("__"):
+            continue
+        old = before.get(k)
+        if old is None:
+            if isinstance(v, types.ModuleType) and v.__name__.startswith(name + "."):
+                continue
+            if isinstance(v, (types.FunctionType, type)) and getattr(v, "__module__", None) == name:
+                continue
+            out.append((k, "attribute set from a cell"))
+            continue
+        new = _value_state(v)
+        if new == old:
+            continue
+        if old[0] == "c" and new[0] == "c" and old[1] == new[1]:
+            grown = new[2] - old[2]
+            if grown > 0:
+                out.append((k, f"{_entries(grown)} added from a cell"))
+            elif grown < 0:
+                out.append((k, f"{_entries(-grown)} removed from a cell"))
+            else:
+                out.append((k, "entries changed from a cell"))
+        else:
+            out.append((k, "attribute set from a cell"))
+    for k in before:
+        if k not in now:
+            out.append((k, "deleted from a cell"))
+    return out
+
+
+def _shown_file(path: str) -> str:
+    base = os.path.basename(path)
+    if base == "__init__.py":
+        return os.path.join(os.path.basename(os.path.dirname(path)), base)
+    return base
+
+
+class _ImportTrace:
+    """Which functions of the user's files ran while each user module's top level ran.
+
+    On Python 3.12+ through sys.monitoring (PY_START, disabled at once for
+    every code object that is not the user's, so a library imported by a user
+    module costs next to nothing after its first call); before that through
+    sys.setprofile. Only the main thread is traced, and only while a user
+    module's import is running.
+    """
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files  # co_filename of code compiled by the agent -> real path
+        self.stack: list[str] = []  # user modules whose top level is running, innermost last
+        self.ran: dict[str, set[types.CodeType]] = {}
+        self.tool: int | None = None
+        self._profiling = False
+        mon = getattr(sys, "monitoring", None)
+        if mon is not None:
+            for tool in (4, 3):  # the ids no standard tool claims
+                if mon.get_tool(tool) is None:
+                    mon.use_tool_id(tool, "forkreload")
+                    mon.register_callback(tool, mon.events.PY_START, self._py_start)
+                    self.tool = tool
+                    break
+
+    def _py_start(self, code: types.CodeType, offset: int) -> Any:
+        if code.co_filename in self.files:
+            if self.stack:
+                self.ran[self.stack[-1]].add(code)
+            return None
+        return sys.monitoring.DISABLE  # type: ignore[attr-defined]
+
+    def _profile(self, frame: types.FrameType, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename in self.files:
+            self.ran[self.stack[-1]].add(frame.f_code)
+
+    def enter(self, name: str) -> bool:
+        """Trace `name`'s top level; False when it cannot be traced (another profiler)."""
+        if not self.stack:
+            if self.tool is not None:
+                sys.monitoring.set_events(self.tool, sys.monitoring.events.PY_START)  # type: ignore[attr-defined]
+            elif sys.getprofile() is None:
+                sys.setprofile(self._profile)
+                self._profiling = True
+            else:
+                return False
+        elif self.tool is None and not self._profiling:
+            return False
+        self.stack.append(name)
+        self.ran[name] = set()
+        return True
+
+    def leave(self) -> None:
+        self.stack.pop()
+        if not self.stack:
+            if self.tool is not None:
+                sys.monitoring.set_events(self.tool, 0)  # type: ignore[attr-defined]
+            elif self._profiling:
+                sys.setprofile(None)
+                self._profiling = False
+
+    def take(self, name: str) -> set[tuple[str, str]]:
+        """(real file, qualified name) of what ran during `name`'s top level."""
+        codes = self.ran.pop(name, set())
+        # co_qualname is 3.11+; on 3.10 the bare name is matched, which can
+        # only make the answer more conservative.
+        return {(self.files[c.co_filename], getattr(c, "co_qualname", c.co_name)) for c in codes}
+
+
+class _UserSourceLoader(importlib.machinery.SourceFileLoader):
+    """The loader of the user's modules: always from the source, recorded by the agent."""
+
+    agent: Agent
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        # Read once and run that: the bytes recorded are the bytes that run.
+        # A timestamp .pyc (stale at the same mtime and size) is never used;
+        # a hash-checked one (PEP 552) of these very bytes is, as compiling
+        # a large project again at every fresh worker would cost seconds.
+        __tracebackhide__ = True
+        path = self.get_filename(fullname)
+        data = self.get_data(path)
+        self.agent._source_read(fullname, path, data)
+        source_hash = importlib.util.source_hash(data)
+        try:
+            cached = importlib.util.cache_from_source(path)
+        except (NotImplementedError, ValueError):
+            cached = None
+        if cached is not None:
+            try:
+                pyc = self.get_data(cached)
+            except OSError:
+                pyc = b""
+            # magic, flags (hash-based | check source), the source's hash, the code
+            if pyc[:4] == importlib.util.MAGIC_NUMBER and pyc[4:8] == _HASH_PYC and pyc[8:16] == source_hash:
+                try:
+                    code = marshal.loads(pyc[16:])
+                except (ValueError, EOFError, TypeError):
+                    code = None
+                if isinstance(code, types.CodeType):
+                    _imp._fix_co_filename(code, path)  # type: ignore[attr-defined]  # as importlib does: the path it was found at
+                    return code
+        code = self.source_to_code(data, path)
+        if cached is not None and not sys.dont_write_bytecode:
+            try:
+                self.set_data(cached, importlib.util.MAGIC_NUMBER + _HASH_PYC + source_hash + marshal.dumps(code))
+            except (OSError, NotImplementedError):
+                pass
+        return code
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        __tracebackhide__ = True  # IPython leaves this frame out of the user's tracebacks
+        self.agent._run_import(module, super().exec_module)
+
+
 class Agent:
     """State and entry points of forkreload inside one worker."""
 
@@ -152,6 +384,20 @@ class Agent:
         # name -> {"file", "sha", "source"}: the source as it was executed
         self.user_modules: dict[str, dict[str, Any]] = {}
         self._new_third_party: list[str] = []
+        # Filled by the agent's loader as the user's modules are imported.
+        self._main_thread = threading.get_ident()
+        self._read: dict[str, tuple[str, bytes]] = {}  # name -> (real path, bytes) compiled, not yet run
+        self._imported: dict[str, dict[str, Any]] = {}  # imports finished since the last scan
+        self._code_files: dict[str, str] = {}  # co_filename of the user's code -> real path
+        self.trace = _ImportTrace(self._code_files)
+        # real path -> qualified name -> the module whose top level ran it
+        self.import_ran: dict[str, dict[str, str]] = {}
+        self.untraced: set[str] = set()  # imports not traced (another profiler, another thread)
+        self.states: dict[str, dict[str, tuple[Any, ...]]] = {}  # name -> module_state() right after its import
+        self.requested: list[str] = []  # user modules the cells asked for, in order
+        self._depth = 0  # user module imports in progress (main thread)
+        self._shadows: dict[str, str] = {}  # module name -> the warning its project file deserves
+        self._warned: set[str] = set()
 
     # -- module tracking -------------------------------------------------
 
@@ -161,9 +407,17 @@ class Agent:
 
     def scan(self) -> list[dict[str, Any]]:
         """Record modules imported since the last scan; return new user modules."""
-        if len(sys.modules) == self._nmods:
+        if not self._imported and len(sys.modules) == self._nmods:
             return []
         found = []
+        if self._imported:
+            done, self._imported = self._imported, {}
+            for name, entry in done.items():
+                if name not in sys.modules:  # an importer failed and took it out
+                    continue
+                self.seen.add(name)
+                self.user_modules[name] = entry
+                found.append({k: entry[k] for k in ("name", "file", "sha")})
         for name in [n for n in list(sys.modules) if n not in self.seen]:
             self.seen.add(name)
             mod = sys.modules.get(name)
@@ -174,6 +428,9 @@ class Agent:
                 if self._is_third_party(name, mod):
                     self._new_third_party.append(name)
                 continue
+            # Not imported through the agent's loader (spec_from_file_location,
+            # an import from another thread before install): the file now is
+            # the best record there is.
             try:
                 with open(path, "rb") as f:
                     data = f.read()
@@ -185,6 +442,174 @@ class Agent:
         self._nmods = len(sys.modules)
         return found
 
+    # -- the agent's loader ------------------------------------------------------
+
+    def _user_dir(self, path: str) -> bool:
+        real = os.path.realpath(path) + os.sep
+        if real.startswith(_FORKRELOAD_DIR + os.sep):
+            return False
+        return _under(real, self.watch) or not _under(real, self.libs)
+
+    def _path_hook(self, path: str) -> importlib.machinery.FileFinder:
+        """sys.path_hooks entry: the user's directories load through the agent."""
+        where = path or os.getcwd()
+        if not os.path.isdir(where) or not self._user_dir(where):
+            raise ImportError("not one of the user's directories")
+        m = importlib.machinery
+        return m.FileFinder(
+            path,
+            (m.ExtensionFileLoader, m.EXTENSION_SUFFIXES),
+            (_UserSourceLoader, m.SOURCE_SUFFIXES),
+            (m.SourcelessFileLoader, m.BYTECODE_SUFFIXES),
+        )
+
+    def _source_read(self, name: str, path: str, data: bytes) -> None:
+        real = self._code_files.get(path) or os.path.realpath(path)
+        self._code_files[path] = real
+        self._read[name] = (real, data)
+
+    def _run_import(self, module: types.ModuleType, run: Any) -> None:
+        """Run a user module's top level, recording what it ran and left."""
+        __tracebackhide__ = True
+        name = module.__name__
+        main = threading.get_ident() == self._main_thread
+        traced = False
+        before: dict[str, dict[str, tuple[Any, ...]]] | None = None
+        if main:
+            if self._depth == 0:
+                if name not in self.requested:
+                    self.requested.append(name)
+                before = self._current_states()
+            self._depth += 1
+            traced = self.trace.enter(name)
+        try:
+            run(module)
+        finally:
+            ran = None
+            if traced:
+                ran = self.trace.take(name)
+                self.trace.leave()
+            if main:
+                self._depth -= 1
+                if before is not None:
+                    self._absorb_import_changes(before)
+        read = self._read.pop(name, None)
+        if read is not None:
+            real, data = read
+            self._imported[name] = {"name": name, "file": real, "sha": hashlib.sha256(data).hexdigest(), "source": data}
+        self.states[name] = module_state(module)
+        if ran is None:
+            self.untraced.add(name)
+            return
+        self.untraced.discard(name)
+        for file, qualname in ran:
+            self.import_ran.setdefault(file, {}).setdefault(qualname, name)
+
+    def _current_states(self) -> dict[str, dict[str, tuple[Any, ...]]]:
+        return {n: module_state(sys.modules[n]) for n in self.states if n in sys.modules}
+
+    def _absorb_import_changes(self, before: dict[str, dict[str, tuple[Any, ...]]]) -> None:
+        """What an import changed in other user modules (a plugin registering
+        itself) a fresh import does too: it becomes their baseline, unless a
+        cell had changed them already. Cost: two fingerprints of every user
+        module per import a cell asks for (not per module imported)."""
+        for name, now in self._current_states().items():
+            pre = before.get(name)
+            if pre is None or (now != pre and pre == self.states[name]):
+                self.states[name] = now
+
+    def _ran_at_import(self, name: str, decision: reload.Decision) -> str | None:
+        """Why an in-place patch of `name` is not enough: a changed function ran at some import."""
+        changed = [c.qualname for c in decision.plan if c.action == "patch" and c.detail in ("body", "signature")]
+        if not changed:
+            return None
+        if self.untraced:
+            # Rare (an import under the user's profiler, or in another thread):
+            # what that import ran is unknown, so nothing can be ruled out.
+            other = sorted(self.untraced)[0]
+            file = self.user_modules.get(other, {}).get("file") or other
+            return f"what {_shown_file(file)}'s import ran is unknown (another profiler or thread was active)"
+        ran = self.import_ran.get(self.user_modules[name]["file"])
+        if not ran:
+            return None
+        for qualname in changed:
+            last = qualname.rpartition(".")[2]
+            for ran_name, importer in ran.items():
+                # A function nested in the changed one ran too ('f.<locals>.g').
+                if ran_name == qualname or ran_name.startswith(qualname + ".") or (_BARE_NAMES and ran_name == last):
+                    file = self.user_modules.get(importer, {}).get("file") or importer
+                    return f"{_shown_file(file)}'s import ran {name}.{qualname}"
+        return None
+
+    def _state_notes(self, names: list[str]) -> list[str]:
+        """What an in-place patch of these modules keeps that the old code computed."""
+        notes = []
+        for name in names:
+            mod, before = sys.modules.get(name), self.states.get(name)
+            if mod is None or before is None:
+                continue
+            for attr, _what in state_changes(mod, before):
+                value = vars(mod).get(attr)
+                if isinstance(value, _CONTAINERS) and len(value):
+                    notes.append(f"kept {name}.{attr} ({_entries(len(value))} computed by the old code)")
+        return notes
+
+    def _state_reset(self) -> list[str]:
+        """Module state a fresh import will not have: set, filled or deleted since the import."""
+        out: list[str] = []
+        for name in self.user_modules:
+            mod, before = sys.modules.get(name), self.states.get(name)
+            if mod is None or before is None:
+                continue
+            out.extend(f"reset {name}.{attr} ({what})" for attr, what in state_changes(mod, before))
+        return out
+
+    # -- project files named like library modules --------------------------------
+
+    def _find_shadows(self) -> None:
+        """The user's files named like a standard or preloaded module."""
+        stdlib: frozenset[str] = getattr(sys, "stdlib_module_names", frozenset())
+        preloaded = {n.partition(".")[0] for n in self.seen} - stdlib
+        dirs = []
+        for p in sys.path:
+            where = os.path.realpath(p or os.getcwd())
+            if where not in dirs and os.path.isdir(where) and self._user_dir(where):
+                dirs.append(where)
+        for d in dirs:
+            try:
+                entries = os.listdir(d)
+            except OSError:
+                continue
+            for entry in entries:
+                name, ext = os.path.splitext(entry)
+                if name in self._shadows or name in _HARMLESS_SHADOWS or (name not in stdlib and name not in preloaded):
+                    continue
+                if ext == ".py":
+                    shown = entry
+                elif not ext and os.path.isfile(os.path.join(d, entry, "__init__.py")):
+                    shown = entry + "/"
+                else:
+                    continue
+                if name in stdlib:
+                    self._shadows[name] = f"forkreload: {shown} in your project shadows the standard library's {name} module"
+                elif name in preloaded:
+                    self._shadows[name] = f"forkreload: {shown} in your project shadows the preloaded {name} module"
+
+    def _warn_shadows(self, found: list[dict[str, Any]], cell: str) -> None:
+        """Once per name: the cell imported a name that one of the project's files shadows."""
+        for name, text in self._shadows.items():
+            if name in self._warned:
+                continue
+            hit = any(m["name"].partition(".")[0] == name for m in found)
+            if not hit and name in cell:
+                hit = re.search(
+                    rf"(?m)^[ \t]*(?:from[ \t]+{re.escape(name)}\b|import[ \t]+(?:[\w.]+(?:[ \t]+as[ \t]+\w+)?[ \t]*,[ \t]*)*{re.escape(name)}\b)",
+                    cell,
+                ) is not None
+            if hit:
+                self._warned.add(name)
+                print(text, file=sys.stderr)
+
     @staticmethod
     def _is_third_party(name: str, mod: types.ModuleType) -> bool:
         """A top-level, non-stdlib library: worth preloading next time."""
@@ -194,6 +619,8 @@ class Agent:
 
     def _post_run_cell(self, result: Any = None) -> None:
         found = self.scan()
+        if self._shadows and len(self._warned) < len(self._shadows):
+            self._warn_shadows(found, getattr(getattr(result, "info", None), "raw_cell", None) or "")
         third, self._new_third_party = self._new_third_party, []
         if found or third:
             self._tell_controller(protocol.MODULES_EVENT, {"modules": found, "third_party": third})
@@ -212,7 +639,11 @@ class Agent:
     # -- migration: the old worker's side ----------------------------------
 
     def export(self, path: str) -> protocol.ExportAnswer:
-        """Dump the user's namespace and session state next to `path`."""
+        """Dump the user's namespace and session state next to `path`.
+
+        The answer's `reset` names the user modules' state that differs from
+        what their import produced, which a fresh worker will not have.
+        """
         t0 = time.perf_counter()
         self.scan()
         ns = self.shell.user_ns
@@ -227,6 +658,7 @@ class Agent:
             "sys_path": list(sys.path),
             "environ": dict(os.environ),
             "modules": list(self.user_modules),
+            "requested": [n for n in self.requested if n in self.user_modules],
         }
         data = json.dumps(meta).encode()
         with open(os.open(path + ".meta", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
@@ -238,6 +670,7 @@ class Agent:
             "groups": [g for g in dump.groups if len(g) > 1],
             "inband_bytes": dump.inband_bytes,
             "buffer_bytes": dump.buffer_bytes,
+            "reset": self._state_reset(),
             "seconds": round(time.perf_counter() - t0, 4),
         }
 
@@ -248,7 +681,8 @@ class Agent:
             mac, _, data = f.read().partition(b"\n")
         if not hmac.compare_digest(mac.decode(), _sign(self.key, data)):
             raise migrate.ForgedPayload("session state with a bad signature")
-        return json.loads(data)
+        meta: dict[str, Any] = json.loads(data)
+        return meta
 
     def load(self, path: str, changed_files: list[str]) -> protocol.LoadAnswer:
         """Become the session: restore cwd, sys.path and environment, import
@@ -271,15 +705,20 @@ class Agent:
             pass
         sys.path[:] = meta["sys_path"]
         for file in changed_files:
-            # A .pyc written within the same second as the edit, at the same
-            # size, would pass the mtime check and load the stale code.
+            # The agent's loader never reads a .pyc, but a plain `python` run
+            # here would: one written within the same second as the edit, at
+            # the same size, passes its mtime check and loads stale code.
             try:
                 os.unlink(importlib.util.cache_from_source(file))
             except (OSError, ValueError, NotImplementedError):
                 pass
         importlib.invalidate_caches()
         gone = []
-        for name in meta["modules"]:
+        # In the order the cells first asked for them, as a fresh process
+        # running the cells would (a circular import then fails as it would
+        # there); their own imports follow from them.
+        order = list(dict.fromkeys(meta.get("requested", []) + meta["modules"]))
+        for name in order:
             if name in sys.modules:
                 continue
             if not _findable(name):
@@ -310,7 +749,7 @@ class Agent:
 
     # -- in place ------------------------------------------------------------
 
-    def reload(self, files: list[str], mode: str) -> protocol.ReloadAnswer:
+    def inplace(self, files: list[str], mode: str) -> protocol.ReloadAnswer:
         """Decide, for the edited files, in place or fresh; patch when in place.
 
         Answers (`protocol.ReloadAnswer`):
@@ -324,7 +763,8 @@ class Agent:
           `patched` and `added` (dotted names, every module), `files` (path
           -> new sha), `seconds`, `notes` (what a fresh process would not
           have kept: generators and closures still running old code, cell
-          star imports that miss added names, caches) and `cleared`
+          star imports that miss added names, caches, module state the old
+          code computed) and `cleared`
           (dotted name -> entries dropped from functools caches).
         """
         t0 = time.perf_counter()
@@ -364,7 +804,8 @@ class Agent:
                 if decision.kind == "fresh":
                     refused.extend(decision.reasons)
                     continue
-                elsewhere = self._used_elsewhere(name, decision) + self._hashes_would_change(decision, classes)
+                ran = self._ran_at_import(name, decision)
+                elsewhere = self._used_elsewhere(name, decision) + ([ran] if ran else []) + self._hashes_would_change(decision, classes)
                 if elsewhere:
                     refused.extend(elsewhere)  # in mode 'inplace' this module is left as it is
                     continue
@@ -393,11 +834,12 @@ class Agent:
         ]
         added = [f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan if c.action == "add"]
         notes = [note for _m, d in edits for note in d.notes]
+        notes += self._state_notes([m.__name__ for m, d in edits if d.kind == "inplace"])
         cleared: dict[str, int] = {}
         if patched or added:
             # A function added under a new name changes what no existing code
             # runs, unless it shadows a builtin or an inherited method.
-            changes_results = bool(patched) or any(self._shadows(c) for _m, d in edits for c in d.plan if c.action == "add")
+            changes_results = bool(patched) or any(self._shadows_existing(c) for _m, d in edits for c in d.plan if c.action == "add")
             more, cleared = self._after_patch(edits, replaced, caches if changes_results else None)
             notes += more
         return {
@@ -436,7 +878,7 @@ class Agent:
         user_ns = self.shell.user_ns
         variables = {k: user_ns[k] for k in user_variable_names(self.shell) if k in user_ns}
         for key, value in variables.items() if caches is not None else ():
-            if type(value) is functools._lru_cache_wrapper and id(value) not in caches and value.cache_info().currsize:
+            if type(value) is functools._lru_cache_wrapper and caches is not None and id(value) not in caches and value.cache_info().currsize:
                 notes.append(f"{key}: kept its cache ({value.cache_info().currsize} entries, "
                              "which may hold results of the old code)")
         notes.extend(reload.kept_old_code(variables, replaced))
@@ -475,7 +917,7 @@ class Agent:
         return reload.data_hooks_reaching(classes, targets, {*self.user_modules, "__main__"})
 
     @staticmethod
-    def _shadows(change: reload.Change) -> bool:
+    def _shadows_existing(change: reload.Change) -> bool:
         """Whether an added function or method takes the place of a builtin or an inherited attribute."""
         key = change.path[-1]
         if isinstance(change.target, type):
@@ -561,6 +1003,15 @@ def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     """Create the agent and hook it into the kernel's shell."""
     agent = Agent(kernel, cwd, watch)
     shell = kernel.shell
+    # The user's modules load through the agent from now on (none is imported
+    # yet: the snapshot never imports them). Finders cached for the user's
+    # directories during kernel start would bypass it.
+    _UserSourceLoader.agent = agent
+    sys.path_hooks.insert(0, agent._path_hook)
+    for path in list(sys.path_importer_cache):
+        if agent._user_dir(path or os.getcwd()):
+            del sys.path_importer_cache[path]
+    agent._find_shadows()
     shell.user_ns["__forkreload__"] = agent
     shell.user_ns_hidden["__forkreload__"] = agent
     shell.events.register("post_run_cell", agent._post_run_cell)

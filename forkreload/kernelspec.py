@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+from .command import python_command
 
 __all__ = ["install", "uninstall", "list_specs", "make_spec", "PROVISIONER"]
 
@@ -23,7 +24,7 @@ PROVISIONER = "forkreload-provisioner"
 
 def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | None = None) -> dict[str, Any]:
     """The kernel.json contents."""
-    argv = [sys.executable, "-m", "forkreload", "kernel", "-f", "{connection_file}"]
+    argv = python_command("forkreload", ["kernel", "-f", "{connection_file}"])
     if preload:
         argv += ["--preload", ",".join(preload)]
     return {
@@ -32,6 +33,7 @@ def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | 
         "language": "python",
         "interrupt_mode": "signal",
         "metadata": {
+            "forkreload": {"kernel": True},
             "debugger": False,
             "kernel_provisioner": {"provisioner_name": PROVISIONER},
         },
@@ -76,7 +78,8 @@ def list_specs() -> dict[str, str]:
     ksm = KernelSpecManager()
     found = {}
     for name, info in ksm.get_all_specs().items():
-        argv = info.get("spec", {}).get("argv", [])
-        if "forkreload" in argv:
+        spec = info.get("spec", {})
+        # Marked in its metadata; older specs ran `python -m forkreload`.
+        if "forkreload" in spec.get("metadata", {}) or "forkreload" in spec.get("argv", []):
             found[name] = info["resource_dir"]
     return found

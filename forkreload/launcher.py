@@ -11,13 +11,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 
 from jupyter_client.connect import write_connection_file
 
 from .channel import make_private_dir
+from .command import python_command
 
 __all__ = ["LaunchSettings", "Launched", "launch_controller"]
 
@@ -75,6 +75,6 @@ def launch_controller(settings: LaunchSettings, env: dict[str, str] | None = Non
     directory = make_private_dir("forkreload-client-")
     cf = os.path.join(directory, "kernel.json")
     write_connection_file(cf, transport="ipc", ip=os.path.join(directory, "k"), key=uuid.uuid4().hex.encode())
-    cmd = [sys.executable, "-m", "forkreload", "kernel", "-f", cf, *settings.argv()]
+    cmd = python_command("forkreload", ["kernel", "-f", cf, *settings.argv()])
     proc = subprocess.Popen(cmd, env=env, start_new_session=new_session)
     return Launched(proc, cf, directory)

@@ -17,7 +17,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import zmq
 
 from .channel import Channel
 from .config import Settings
+from .snapshot import command as snapshot_command
 from .watch import SourceWatch
 from .worker import worker_connection
 
@@ -126,7 +126,7 @@ class WorkerPool:
         # debugpy (pre-imported for fast worker start) warns about frozen modules.
         env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forkreload.snapshot"],
+            snapshot_command(),
             stdin=subprocess.PIPE,
             cwd=self.settings.cwd,
             env=env,

@@ -65,8 +65,8 @@ INTERNAL_IDENT = b"forkreload-internal"
 MODULES_EVENT = "forkreload_modules"
 COMMAND_EVENT = "forkreload_command"
 
-AgentCall = Literal["modules", "export", "load", "reload"]
-AGENT_CALLS: frozenset[str] = frozenset({"modules", "export", "load", "reload"})
+AgentCall = Literal["modules", "export", "load", "inplace"]
+AGENT_CALLS: frozenset[str] = frozenset({"modules", "export", "load", "inplace"})
 
 
 class AgentRequest(TypedDict):
@@ -136,7 +136,7 @@ class LoadAnswer(TypedDict, total=False):
 
 
 class ReloadAnswer(TypedDict, total=False):
-    """`reload(files, mode)`: the in-place decision, patched when in place."""
+    """`inplace(files, mode)`: the in-place decision, patched when in place."""
 
     kind: Literal["inplace", "partial", "fresh", "error"]
     reasons: list[str]  # every reason, every file

@@ -33,8 +33,8 @@ notes); `Decision.notes` names defaults filled since import.
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import copy
 import dis
@@ -51,8 +51,8 @@ import sys
 import threading
 import types
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",

@@ -5,7 +5,10 @@ controller's sockets, keys or threads). It imports the preload set and the
 kernel machinery a worker needs, freezes the heap so the pages stay shared,
 and then does one thing: fork a worker on request. It never imports the
 user's modules, never starts a Python thread or a zmq context, and checks
-before each fork that it is still single-threaded.
+before each fork that it is still single-threaded. Its preloads are imported
+with the project directory off sys.path; if its own start-up imported a
+project file (a csv.py in the project shadows the standard library's csv),
+it starts itself again without the project directory on sys.path.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
 
-__all__ = ["main", "native_threads", "KERNEL_MODULES"]
+__all__ = ["main", "command", "native_threads", "KERNEL_MODULES"]
 
 # What a forked worker needs to start its kernel quickly. ipykernel.debugger
 # pulls in debugpy lazily (~60 ms on the first execute) unless imported here.
@@ -56,7 +59,7 @@ _started: dict[str, int] = {}
 
 def native_threads() -> list[str]:
     """Names of this process's OS threads other than the main one."""
-    names = []
+    names: list[str] = []
     me = str(os.getpid())
     try:
         tids = os.listdir("/proc/self/task")
@@ -205,7 +208,55 @@ def _reap(chan: Channel) -> None:
             return
 
 
+def _project_modules() -> list[str]:
+    """Modules imported from the project directory while this process started.
+
+    `python -m forkreload.snapshot` puts the current directory (the project)
+    first on sys.path, and importing the forkreload package imports much of
+    the standard library: a project file named like one of those modules
+    (csv.py) would be executed here and break the preloads.
+    """
+    here = {os.getcwd(), os.path.realpath(os.getcwd())}
+    found = []
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if "." in name or not isinstance(file, str) or name == "forkreload":
+            continue
+        folder = os.path.dirname(file)
+        if os.path.basename(file).startswith("__init__."):
+            folder = os.path.dirname(folder)
+        if folder in here:
+            found.append(name)
+    return found
+
+
+def command(python: str = sys.executable) -> list[str]:
+    """The command line that starts a snapshot in the project directory.
+
+    Unlike `python -m forkreload.snapshot`, it takes the project directory off
+    sys.path before anything is imported, so no project file (a csv.py) runs
+    in the snapshot.
+    """
+    from .command import python_command
+
+    return python_command("forkreload.snapshot", python=python)
+
+
+def _restart_without_project_path() -> None:
+    """Start this snapshot again with the project directory off sys.path (never returns)."""
+    os.environ[_RESTARTED] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = command()
+    os.execv(argv[0], argv)
+
+
+_RESTARTED = "FORKRELOAD_SNAPSHOT_RESTARTED"
+
+
 def main() -> None:
+    if os.environ.pop(_RESTARTED, None) is None and _project_modules():
+        _restart_without_project_path()
     cfg = json.loads(sys.stdin.readline())
     key = cfg["key"].encode()
     set_parent_death_signal(signal.SIGKILL)

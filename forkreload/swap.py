@@ -304,7 +304,7 @@ class Swapper:
             return self._with_progress(parent, self.swap, changed, reason)
         t0 = time.perf_counter()
         try:
-            res = self.proxy.call_agent(self.proxy.worker, "reload", sorted(changed), mode)
+            res = self.proxy.call_agent(self.proxy.worker, "inplace", sorted(changed), mode)
         except WorkerDied as exc:
             return self._report("none", changed, str(exc), error=str(exc))
         kind = res.get("kind")

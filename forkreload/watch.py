@@ -45,10 +45,16 @@ class SourceWatch:
         self.modules: dict[str, str] = {}  # module name -> file
 
     def add(self, name: str, path: str, sha: str) -> None:
+        """Module `name` executed the content `sha` of `path`."""
         self.modules[name] = path
         entry = self.files.get(path)
         if entry is None:
             entry = self.files[path] = _File(sha=sha, current=sha)
+        elif entry.modules <= {name}:
+            # The same module executed it again (importlib.reload in a cell):
+            # it now runs this content. Under a second name, the first keeps
+            # what it ran, and an edit still counts for it.
+            entry.sha = sha
         entry.modules.add(name)
 
     def accept(self, path: str, sha: str) -> None:

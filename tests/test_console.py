@@ -298,7 +298,7 @@ def test_sigkill_of_the_console_still_ends_every_process(project, console) -> No
 def test_a_dead_controller_ends_the_console_with_a_reason(project, console) -> None:
     con = console()
     con.run("x = 1")
-    controller = [p for p in console_processes() if "kernel" in p.cmdline() and "forkreload" in p.cmdline()]
+    controller = [p for p in console_processes() if "kernel" in p.cmdline() and "forkreload" in " ".join(p.cmdline())]
     assert len(controller) == 1, describe(controller)
     controller[0].kill()
     at = con.wait_prompt()

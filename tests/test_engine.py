@@ -446,3 +446,15 @@ def test_forkreload_log_traces_each_decision_and_swap_phase(project, make_sessio
     for phase in ("spare", "export", "load", "switch"):
         assert f": {phase} at " in text, text
     assert "agent call load in worker" in text
+
+
+def test_importlib_reload_in_a_cell_is_what_the_worker_runs(project, make_session):
+    # A cell that rewrites a module and reloads it itself: the worker runs
+    # the new content, so the next cell has nothing to reload.
+    project.write("m.py", "K = 1\n")
+    s = make_session()
+    s.execute("import importlib, m")
+    r = s.execute("open('m.py', 'w').write('K = 2\\n'); importlib.reload(m); print(m.K)")
+    assert r.stdout == "2\n", r
+    r = s.execute("print(m.K)")
+    assert r.stdout == "2\n" and r.reload is None and r.notice == ""

@@ -1,6 +1,6 @@
 """An in-place patch must agree with a fresh process running the new code (issue 9, cases 3 and 6).
 
-Most tests drive the worker's agent in this process (`Agent.reload`, with a
+Most tests drive the worker's agent in this process (`Agent.inplace`, with a
 stand-in for the kernel): they write a small project, import it, edit it and
 read the agent's JSON answer. A few go end to end through `forkreload.Session`.
 """
@@ -52,7 +52,7 @@ class Project:
 
     def edit(self, **sources: str | bytes) -> dict[str, Any]:
         paths = [str(self.write(name, source)) for name, source in sources.items()]
-        return self.agent.call("reload", sorted(paths), "auto")
+        return self.agent.call("inplace", sorted(paths), "auto")
 
 
 @pytest.fixture
@@ -439,7 +439,7 @@ def test_mode_inplace_leaves_a_hash_helper_unpatched(proj: Project) -> None:
     proj.run_cell("from PKG import keys, other\nclass Key:\n    def __init__(self, s):\n        self.s = s\n"
                   "    def __hash__(self):\n        return hash(keys.norm(self.s))\nseen = {Key('A')}")
     paths = [str(proj.write("keys", "def norm(s):\n    return s.upper()\n")), str(proj.write("other", "def g():\n    return 2\n"))]
-    answer = proj.agent.call("reload", paths, "inplace")
+    answer = proj.agent.call("inplace", paths, "inplace")
     assert answer["kind"] == "partial" and answer["patched"] == [proj.name("other.g")]
     assert "Key.__hash__ calls" in answer["reasons"][0]
     assert sys.modules[proj.name("keys")].norm("A") == "a"  # left as it was

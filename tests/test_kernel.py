@@ -179,8 +179,11 @@ def test_kernelspec_install_list_uninstall(tmp_path: Path) -> None:
     assert str(spec_dir) in r.stdout
     spec = json.loads((spec_dir / "kernel.json").read_text())
     assert spec["argv"][0] == sys.executable
-    assert spec["argv"][1:6] == ["-m", "forkreload", "kernel", "-f", "{connection_file}"]
+    # `python -c CODE`: the project directory off sys.path, then forkreload's main
+    assert spec["argv"][1] == "-c" and "runpy.run_module('forkreload'" in spec["argv"][2]
+    assert spec["argv"][3:6] == ["kernel", "-f", "{connection_file}"]
     assert spec["argv"][6:] == ["--preload", "json"]
+    assert spec["metadata"]["forkreload"] == {"kernel": True}
     assert spec["display_name"] == "FR Test"
     assert spec["language"] == "python"
     assert spec["interrupt_mode"] == "signal"
