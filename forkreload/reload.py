@@ -33,8 +33,8 @@ notes); `Decision.notes` names defaults filled since import.
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import copy
 import dis
@@ -51,8 +51,8 @@ import sys
 import threading
 import types
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
@@ -657,7 +657,7 @@ class _Classifier:
         walking its tree, which is most of them.
         """
         return len(old) == len(new) and all(
-            _span(self.old_lines, o) == _span(self.new_lines, n) or _same(o, n) for o, n in zip(old, new)
+            _span(self.old_lines, o) == _span(self.new_lines, n) or _same(o, n) for o, n in zip(old, new, strict=True)
         )
 
     def run(self) -> None:
@@ -788,7 +788,7 @@ class _Classifier:
                 self.add_function(nodes[0], new, live)
             elif self.compare_duplicates(previous, nodes, name):
                 self.compare_function(previous[0], nodes[0], name)
-        for method, nodes in old_body.defs.items():
+        for method in old_body.defs:
             if method not in new_body.defs:
                 self.fresh(f"method {name}.{method} removed")
         if attrs:
@@ -800,7 +800,7 @@ class _Classifier:
         live = self.live_class(node.name)
         if live is None:
             return
-        for old_member, member in zip(old.body, node.body):
+        for old_member, member in zip(old.body, node.body, strict=True):
             if isinstance(member, _FUNCTION_DEFS):
                 self.refresh_lines(old_member, member, node.name)
         class_code = self.new_codes.get(node.name)
@@ -1031,13 +1031,14 @@ class _Classifier:
         function the edit did not touch.
         """
         positional = [*old.args.posonlyargs, *old.args.args]
+        # zip stops at the shorter: the live defaults may have been replaced by fewer (or none).
         pairs = list(zip(positional[len(positional) - len(old.args.defaults):], old.args.defaults,
-                         live.__defaults__ or ()))
+                         live.__defaults__ or (), strict=False))
         kwdefaults = live.__kwdefaults__ or {}
-        pairs += [(a, d, kwdefaults.get(_mangle(a.arg, cls), d)) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults)
+        pairs += [(a, d, kwdefaults.get(_mangle(a.arg, cls), d)) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults, strict=True)
                   if d is not None]
-        new_exprs = {a.arg: d for a, d in zip([*new.args.posonlyargs, *new.args.args][::-1], new.args.defaults[::-1])}
-        new_exprs.update({a.arg: d for a, d in zip(new.args.kwonlyargs, new.args.kw_defaults) if d is not None})
+        new_exprs = {a.arg: d for a, d in zip([*new.args.posonlyargs, *new.args.args][::-1], new.args.defaults[::-1], strict=False)}
+        new_exprs.update({a.arg: d for a, d in zip(new.args.kwonlyargs, new.args.kw_defaults, strict=True) if d is not None})
         for arg, expr, value in pairs:
             if arg.arg not in new_exprs or not _same(expr, new_exprs[arg.arg]) or not isinstance(
                     expr, (ast.List, ast.Dict, ast.Set, ast.Call)):
@@ -1069,13 +1070,13 @@ class _Classifier:
             live_kwdefaults = live.__kwdefaults__ or {}
             old_positional = [*old.args.posonlyargs, *old.args.args]
             old_with_default = old_positional[len(old_positional) - len(old.args.defaults):]
-            old_kw = [(a, d) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults) if d is not None]
+            old_kw = [(a, d) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults, strict=True) if d is not None]
             if len(live_defaults) != len(old.args.defaults) or set(live_kwdefaults) != {
                 _mangle(a.arg, cls) for a, _ in old_kw
             }:
                 self.fresh(f"the defaults of live function {qualname} do not match its previous source")
                 return None
-            for arg, expr, value in zip(old_with_default, old.args.defaults, live_defaults):
+            for arg, expr, value in zip(old_with_default, old.args.defaults, live_defaults, strict=True):
                 previous[arg.arg] = (expr, value)
             for arg, expr in old_kw:
                 previous[arg.arg] = (expr, live_kwdefaults[_mangle(arg.arg, cls)])
@@ -1094,13 +1095,13 @@ class _Classifier:
 
         positional = [*new.args.posonlyargs, *new.args.args]
         values = []
-        for arg, expr in zip(positional[len(positional) - len(new.args.defaults):], new.args.defaults):
+        for arg, expr in zip(positional[len(positional) - len(new.args.defaults):], new.args.defaults, strict=True):
             ok, value = value_of(arg, expr)
             if not ok:
                 return None
             values.append(value)
         kwvalues = {}
-        for arg, expr in zip(new.args.kwonlyargs, new.args.kw_defaults):
+        for arg, expr in zip(new.args.kwonlyargs, new.args.kw_defaults, strict=True):
             if expr is not None:
                 ok, value = value_of(arg, expr)
                 if not ok:
