@@ -51,8 +51,9 @@ import sys
 import threading
 import types
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Generic, TypeAlias, TypeVar
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
@@ -60,8 +61,12 @@ __all__ = [
     "used_at_import",
 ]
 
-_FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
-_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_FunctionNode: TypeAlias = "ast.FunctionDef | ast.AsyncFunctionDef"
+_DefNode: TypeAlias = "ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef"
+# Annotated so that isinstance() against them narrows to the unions above.
+_FUNCTION_DEFS: tuple[type[_FunctionNode], ...] = (ast.FunctionDef, ast.AsyncFunctionDef)
+_DEFS: tuple[type[_DefNode], ...] = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_D = TypeVar("_D", bound=_DefNode)  # the kind of defs a `_Body` sorts out
 # The line breaks the tokenizer accepts (str.splitlines() also splits on \f and others).
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 
@@ -528,9 +533,9 @@ def used_at_import(
         if original in names and local in mentioned:
             return f"{shown} uses {module_name}.{original} when it is imported"
     for alias in aliases & mentioned:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in names and _root_name(node.value) == alias:
-                return f"{shown} uses {module_name}.{node.attr} when it is imported"
+        for child in ast.walk(tree):
+            if isinstance(child, ast.Attribute) and child.attr in names and _root_name(child.value) == alias:
+                return f"{shown} uses {module_name}.{child.attr} when it is imported"
     return None
 
 
@@ -650,7 +655,7 @@ class _Classifier:
     def fresh(self, text: str) -> None:
         self.reasons.append(f"{self.shown}: {text}")
 
-    def same(self, old: list[ast.stmt], new: list[ast.stmt]) -> bool:
+    def same(self, old: Sequence[ast.stmt], new: Sequence[ast.stmt]) -> bool:
         """Whether two statement lists are equal, comments and formatting aside.
 
         A statement whose source text did not change is equal without
@@ -666,7 +671,7 @@ class _Classifier:
         if not _same(old.doc, new.doc):
             doc = _stored_constant(self.new_code, "__doc__") if new.doc else None
             self.plan.append(Change("patch", "", "docstring", (), self.module, {"__doc__": doc}))
-        added: list[ast.stmt] = []
+        added: list[_DefNode] = []
         for name, nodes in new.defs.items():
             before = old.defs.get(name)
             if before is None:
@@ -675,10 +680,10 @@ class _Classifier:
             if not self.compare_duplicates(before, nodes, None):
                 continue
             o, n = before[0], nodes[0]
-            if isinstance(o, ast.ClassDef) != isinstance(n, ast.ClassDef):
-                self.fresh(f"{name} changed between a class and a function")
-            elif isinstance(n, ast.ClassDef):
+            if isinstance(o, ast.ClassDef) and isinstance(n, ast.ClassDef):
                 self.compare_class(o, n)
+            elif isinstance(o, ast.ClassDef) or isinstance(n, ast.ClassDef):
+                self.fresh(f"{name} changed between a class and a function")
             else:
                 self.compare_function(o, n, None)
         for name, nodes in old.defs.items():
@@ -699,7 +704,7 @@ class _Classifier:
 
     # --- statements other than defs -------------------------------------
 
-    def compare_statements(self, old: _Body, new: _Body, cls: str | None) -> None:
+    def compare_statements(self, old: _Body[_D], new: _Body[_D], cls: str | None) -> None:
         """Reasons for changed non-def statements and for defs moved around them."""
         where = f"class {cls}: " if cls else ""
         if not self.same(old.others, new.others):
@@ -736,7 +741,7 @@ class _Classifier:
             return lambda name, stmt: f"enum member '{name}'"
         return lambda name, stmt: f"{'field' if isinstance(stmt, ast.AnnAssign) else 'class attribute'} '{name}'"
 
-    def compare_duplicates(self, old: list[ast.stmt], new: list[ast.stmt], cls: str | None) -> bool:
+    def compare_duplicates(self, old: Sequence[_DefNode], new: Sequence[_DefNode], cls: str | None) -> bool:
         """True when the name is defined once in both versions and can be compared by member."""
         if len(old) == 1 and len(new) == 1:
             return True
@@ -818,7 +823,7 @@ class _Classifier:
 
     # --- functions and methods -------------------------------------------
 
-    def compare_function(self, old: ast.FunctionDef, new: ast.FunctionDef, cls: str | None) -> None:
+    def compare_function(self, old: _FunctionNode, new: _FunctionNode, cls: str | None) -> None:
         qualname = f"{cls}.{new.name}" if cls else new.name
         what = "method" if cls else "function"
         if self.same([old], [new]):
@@ -902,7 +907,7 @@ class _Classifier:
                 # A fresh import starts with an empty cache; the old results are the old code's.
                 self.plan.append(Change("clear", qualname, "cache", path, cache))
 
-    def refresh_lines(self, old: ast.FunctionDef | None, node: ast.FunctionDef, cls: str | None) -> None:
+    def refresh_lines(self, old: ast.stmt | None, node: _FunctionNode, cls: str | None) -> None:
         """Unchanged function: give the live one the new code if only its line numbers moved.
 
         Skipped silently when the live object is not the plain function (a
@@ -923,7 +928,7 @@ class _Classifier:
             qualname = f"{cls}.{node.name}" if cls else node.name
             self.plan.append(Change("patch", qualname, "lines", self.path(node.name, cls), live, {"__code__": code}))
 
-    def add_function(self, node: ast.stmt, class_node: ast.ClassDef | None, live_cls: type | None) -> None:
+    def add_function(self, node: _DefNode, class_node: ast.ClassDef | None, live_cls: type | None) -> None:
         """Plan to bind a new function, or a new method on the live class of `class_node`."""
         cls = class_node.name if class_node else None
         if not isinstance(node, _FUNCTION_DEFS):
@@ -982,7 +987,7 @@ class _Classifier:
         live_cls = self.live_class(cls)
         return vars(live_cls).get(_mangle(name, cls)) if live_cls is not None else None
 
-    def live_function(self, node: ast.FunctionDef, cls: str | None, wrapper: type | None) -> types.FunctionType | None:
+    def live_function(self, node: _FunctionNode, cls: str | None, wrapper: type | None) -> types.FunctionType | None:
         """The live function for `node`, if it is exactly what the def statement created."""
         raw = self.live_attribute(node.name, cls)
         if wrapper is not None:
@@ -991,7 +996,7 @@ class _Classifier:
             raw = raw.__func__
         return raw if self.is_own_function(raw, node, cls) else None
 
-    def is_own_function(self, obj: object, node: ast.FunctionDef, cls: str | None) -> bool:
+    def is_own_function(self, obj: object, node: _FunctionNode, cls: str | None) -> bool:
         """Whether `obj` is a plain function made by this module's def `node` (not replaced at run time)."""
         if type(obj) is not types.FunctionType:
             return False
@@ -1006,7 +1011,7 @@ class _Classifier:
             and getattr(code, "co_qualname", qualname) == qualname
         )
 
-    def new_function_code(self, node: ast.FunctionDef, cls: str | None) -> types.CodeType | None:
+    def new_function_code(self, node: _FunctionNode, cls: str | None) -> types.CodeType | None:
         """The code object of def `node` in the compiled new source."""
         if cls is None:
             code = self.new_codes.get(node.name)
@@ -1022,7 +1027,7 @@ class _Classifier:
         return (cls, _mangle(name, cls)) if cls else (name,)
 
     def note_mutated_defaults(
-        self, old: ast.FunctionDef, new: ast.FunctionDef, live: types.FunctionType, qualname: str, cls: str | None,
+        self, old: _FunctionNode, new: _FunctionNode, live: types.FunctionType, qualname: str, cls: str | None,
     ) -> None:
         """Note a default the patch keeps that no longer equals what its def made (`acc=[]` appended to).
 
@@ -1055,7 +1060,7 @@ class _Classifier:
     # --- signatures -------------------------------------------------------
 
     def defaults(
-        self, old: ast.FunctionDef | None, new: ast.FunctionDef, live: types.FunctionType | None, qualname: str,
+        self, old: _FunctionNode | None, new: _FunctionNode, live: types.FunctionType | None, qualname: str,
         cls: str | None,
     ) -> tuple[tuple | None, dict | None] | None:
         """(__defaults__, __kwdefaults__) a fresh def would give, or None after a fresh reason.
@@ -1101,16 +1106,16 @@ class _Classifier:
                 return None
             values.append(value)
         kwvalues = {}
-        for arg, expr in zip(new.args.kwonlyargs, new.args.kw_defaults, strict=True):
-            if expr is not None:
-                ok, value = value_of(arg, expr)
+        for arg, default in zip(new.args.kwonlyargs, new.args.kw_defaults, strict=True):
+            if default is not None:
+                ok, value = value_of(arg, default)
                 if not ok:
                     return None
                 kwvalues[_mangle(arg.arg, cls)] = value
         return (tuple(values) or None, kwvalues or None)
 
     def annotations(
-        self, new: ast.FunctionDef, old: ast.FunctionDef | None, live: types.FunctionType | None, qualname: str,
+        self, new: _FunctionNode, old: _FunctionNode | None, live: types.FunctionType | None, qualname: str,
         cls: str | None,
     ) -> dict | None:
         """The __annotations__ a fresh def would give, or None after a fresh reason.
@@ -1165,7 +1170,7 @@ class _Classifier:
         body: ast.stmt = stub
         if cls:
             body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[])
-            if "type_params" in ast.ClassDef._fields:
+            if sys.version_info >= (3, 12):  # the field ClassDef has since 3.12
                 body.type_params = []
         tree = ast.fix_missing_locations(ast.Module(body=[body], type_ignores=[]))
         flags = __future__.annotations.compiler_flag if self.future_annotations else 0
@@ -1233,15 +1238,18 @@ class _NotSafe(Exception):
     """A new annotation that cannot be evaluated without running arbitrary code."""
 
 
-class _Body:
-    """The statements of a module or class body, split into docstring, defs by name, and the rest."""
+class _Body(Generic[_D]):
+    """The statements of a module or class body, split into docstring, defs by name, and the rest.
 
-    def __init__(self, body: list[ast.stmt], def_types: tuple[type, ...]) -> None:
+    `_D` is what `def_types` picks out: all defs (_DEFS) or functions only (_FUNCTION_DEFS).
+    """
+
+    def __init__(self, body: list[ast.stmt], def_types: tuple[type[_D], ...]) -> None:
         self.doc: ast.Expr | None = None
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                 and isinstance(body[0].value.value, str):
             self.doc, body = body[0], body[1:]
-        self.defs: dict[str, list[ast.stmt]] = {}
+        self.defs: dict[str, list[_D]] = {}
         self.others: list[ast.stmt] = []
         self.gaps: dict[str, list[int]] = {}  # def name -> how many other statements precede each of its defs
         for stmt in body:
@@ -1269,8 +1277,8 @@ class _ImportTime:
 
     def __init__(self, tree: ast.Module, future_annotations: bool) -> None:
         self.future_annotations = future_annotations
-        self.functions: dict[str, ast.stmt] = {}
-        self.classes: dict[str, dict[str, ast.stmt]] = {}
+        self.functions: dict[str, _FunctionNode] = {}
+        self.classes: dict[str, dict[str, _FunctionNode]] = {}
         for stmt in tree.body:
             if isinstance(stmt, _FUNCTION_DEFS):
                 self.functions[stmt.name] = stmt
@@ -1328,7 +1336,7 @@ class _ImportTime:
         else:
             self._run([stmt], cls)
 
-    def _run(self, nodes: list[ast.AST], cls: str | None) -> None:
+    def _run(self, nodes: Iterable[ast.AST], cls: str | None) -> None:
         """Code that runs at import: every name it loads may be called."""
         for node in nodes:
             for name in ast.walk(node):
@@ -1371,11 +1379,11 @@ class _ImportTime:
             self.reached[name] = line
             for method, node in self.classes[name].items():
                 self._reach_function(f"{name}.{method}", node, line)
-        for key in (name, f"{cls}.{name}" if cls else None):
+        for key in (name, f"{cls}.{name}") if cls else (name,):
             for stored, scope in self.stored.pop(key, ()):
                 self._todo.append((stored, line, scope))
 
-    def _reach_function(self, qualname: str, node: ast.stmt, line: int) -> None:
+    def _reach_function(self, qualname: str, node: _FunctionNode, line: int) -> None:
         if qualname in self.reached:
             return
         self.reached[qualname] = line
@@ -1446,7 +1454,7 @@ def _mangle(name: str, cls: str | None) -> str:
     return f"_{stripped}{name}" if stripped else name
 
 
-def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | bool:
+def _expected_wrapper(node: _FunctionNode, cls: str | None) -> type | None | bool:
     """The wrapper the live class attribute should be (staticmethod/classmethod), None for a plain
     function, or False when the def has other decorators."""
     decorators = node.decorator_list
@@ -1457,7 +1465,7 @@ def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | b
     return False
 
 
-def _is_cache_decorator(node: ast.FunctionDef, module: types.ModuleType) -> bool:
+def _is_cache_decorator(node: _FunctionNode, module: types.ModuleType) -> bool:
     """Whether the def's only decorator is functools.cache or functools.lru_cache (called with literals or not).
 
     The name must be bound to functools' own in the live module, so that a
@@ -1487,7 +1495,7 @@ def _is_literal(node: ast.expr) -> bool:
     return True
 
 
-def _is_property(node: ast.FunctionDef) -> bool:
+def _is_property(node: _FunctionNode) -> bool:
     return any(
         (isinstance(d, ast.Name) and d.id in ("property", "cached_property"))
         or (isinstance(d, ast.Attribute) and d.attr in ("setter", "getter", "deleter", "cached_property"))
@@ -1505,7 +1513,7 @@ def _all_args(args: ast.arguments) -> list[ast.arg]:
     return [*args.posonlyargs, *args.args, *filter(None, [args.vararg]), *args.kwonlyargs, *filter(None, [args.kwarg])]
 
 
-def _annotation_nodes(node: ast.FunctionDef) -> dict[str, ast.expr]:
+def _annotation_nodes(node: _FunctionNode) -> dict[str, ast.expr]:
     nodes = {a.arg: a.annotation for a in _all_args(node.args) if a.annotation is not None}
     if node.returns is not None:
         nodes["return"] = node.returns
