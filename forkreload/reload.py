@@ -51,9 +51,9 @@ import sys
 import threading
 import types
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeAlias, TypeVar
+from typing import Any, Generic, Literal, TypeAlias, TypeGuard, TypeVar
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
@@ -72,14 +72,16 @@ _NEWLINE = re.compile(r"\r\n|\r|\n")
 
 # Decorators a patched or added method may carry: the live class attribute is
 # then this wrapper around the plain function.
-_WRAPPERS: dict[str, type] = {"staticmethod": staticmethod, "classmethod": classmethod}
+_Wrapper: TypeAlias = "type[staticmethod[Any, Any]] | type[classmethod[Any, Any, Any]]"
+_WRAPPERS: dict[str, _Wrapper] = {"staticmethod": staticmethod, "classmethod": classmethod}
 # What functools.cache and functools.lru_cache return: a function decorated
 # with one of them (and nothing else) is patched through `__wrapped__`, and
-# its cache cleared, which is all a fresh import would differ in.
-_LRU_WRAPPER: type = functools._lru_cache_wrapper
+# its cache cleared, which is all a fresh import would differ in. (Not
+# annotated: as an alias of the class, `type(x) is _LRU_WRAPPER` narrows x.)
+_LRU_WRAPPER = functools._lru_cache_wrapper
 _CACHE_DECORATORS = frozenset({"cache", "lru_cache"})
 # Methods that type() wraps on its own when it creates the class.
-_IMPLICIT_WRAPPERS: dict[str, type] = {
+_IMPLICIT_WRAPPERS: dict[str, _Wrapper] = {
     "__new__": staticmethod,
     "__init_subclass__": classmethod,
     "__class_getitem__": classmethod,
@@ -207,7 +209,7 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
             old_tree = ast.parse(old_source, filename)
         except (SyntaxError, ValueError, RecursionError):
             return Decision("fresh", name, [f"{shown}: the source it was loaded from is unknown"])
-    classifier = _Classifier(module, shown, (old_source, old_tree), (new_source, new_tree), new_code)
+    classifier = _Classifier(module, filename, shown, (old_source, old_tree), (new_source, new_tree), new_code)
     classifier.run()
     if classifier.reasons:
         return Decision("fresh", name, classifier.reasons)
@@ -249,13 +251,16 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
             done.append(dotted)
     # Only once every patch is in: a cleared cache cannot be restored.
     for change in clears:
-        change.target.cache_clear()
+        cache = change.target
+        assert type(cache) is _LRU_WRAPPER  # what compare_function plans to clear
+        cache.cache_clear()
     for module, _decision in edits:
         # Tracebacks read lines through linecache; drop the stale copy so they
         # show the file as it is now (checkcache alone misses an edit that
         # kept the size and the mtime).
         linecache.checkcache(module.__file__)
-        linecache.cache.pop(module.__file__, None)
+        if module.__file__ is not None:
+            linecache.cache.pop(module.__file__, None)
     return done
 
 
@@ -309,7 +314,7 @@ def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str], modu
         if id(function) in targets:
             return targets[id(function)]
         names = _names_used(function.__code__)
-        scopes: list[dict] = [function.__globals__]
+        scopes: list[Mapping[str, object]] = [function.__globals__]
         scopes += [vars(v) for n in names if isinstance(v := function.__globals__.get(n), types.ModuleType)]
         scopes += [vars(c) for c in cls.__mro__ if c is not object]
         for name in names:
@@ -342,7 +347,10 @@ def replaced_code(edits: list[tuple[types.ModuleType, Decision]]) -> dict[int, t
         for change in decision.plan:
             if change.action == "patch" and change.detail in _BEHAVIOUR_DETAILS and "__code__" in change.attrs:
                 dotted = f"{module.__name__}.{change.qualname}"
-                _pair_codes(change.target.__code__, change.attrs["__code__"], dotted, found)
+                live, code = change.target, change.attrs["__code__"]
+                # A change of code always targets a plain function (see _Classifier.is_own_function).
+                assert isinstance(live, types.FunctionType) and isinstance(code, types.CodeType)
+                _pair_codes(live.__code__, code, dotted, found)
     return found
 
 
@@ -360,7 +368,7 @@ def _pair_codes(old: types.CodeType, new: types.CodeType | None, dotted: str,
             _pair_codes(const, twins.pop(0) if twins else None, dotted, found)
 
 
-def _code_key(code: types.CodeType) -> tuple:
+def _code_key(code: types.CodeType) -> tuple[object, ...]:
     """What a code object does, where it sits in the file aside."""
     consts = tuple(_code_key(c) if isinstance(c, types.CodeType) else (type(c), c) for c in code.co_consts)
     return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_flags,
@@ -400,9 +408,10 @@ def threads_running_old_code(replaced: dict[int, tuple[types.CodeType, str]]) ->
     if not replaced:
         return notes
     names = {t.ident: t.name for t in threading.enumerate()}
-    for ident, frame in sys._current_frames().items():
+    for ident, top in sys._current_frames().items():
         if ident == threading.get_ident():
             continue
+        frame: types.FrameType | None = top
         depth = 0
         while frame is not None and depth < 200:
             hit = replaced.get(id(frame.f_code))
@@ -451,7 +460,7 @@ def _runs_old_code(obj: object, replaced: dict[int, tuple[types.CodeType, str]])
         if hit is not None and hit[0] is obj.__code__:
             return f"a function made by the old {hit[1]} keeps its old code"
         return None
-    if hasattr(obj, "get_coro"):  # an asyncio Task runs a coroutine
+    if hasattr(obj, "get_coro") and hasattr(obj, "done"):  # an asyncio Task runs a coroutine
         obj = None if obj.done() else obj.get_coro()
     depth = 0
     while obj is not None and depth < 100:
@@ -635,10 +644,11 @@ class _Classifier:
     """Compares two versions of a module; collects fresh reasons and the patch plan."""
 
     def __init__(
-        self, module: types.ModuleType, shown: str, old: tuple[str, ast.Module], new: tuple[str, ast.Module],
-        new_code: types.CodeType,
+        self, module: types.ModuleType, filename: str, shown: str, old: tuple[str, ast.Module],
+        new: tuple[str, ast.Module], new_code: types.CodeType,
     ) -> None:
         self.module = module
+        self.filename = filename  # module.__file__, known to be set
         self.shown = shown
         self.old_lines, self.old_tree = _NEWLINE.split(old[0]), old[1]
         self.new_lines, self.new_tree = _NEWLINE.split(new[0]), new[1]
@@ -811,7 +821,7 @@ class _Classifier:
         class_code = self.new_codes.get(node.name)
         if "__firstlineno__" in vars(live) and class_code is not None:
             first = _stored_constant(class_code, "__firstlineno__")
-            if first is not None and first != live.__firstlineno__:
+            if first is not None and first != vars(live)["__firstlineno__"]:
                 self.plan.append(Change("patch", node.name, "lines", (node.name,), live, {"__firstlineno__": first}))
 
     def live_class(self, name: str) -> type | None:
@@ -856,7 +866,7 @@ class _Classifier:
             self.fresh(f"{self.module.__name__}.{qualname} changed: {_CACHED_BY_DATA[new.name]}")
             return
         cache = None
-        if cached:
+        if wrapper is False:  # that is, cached: any other decorator returned above
             cache = self.live_attribute(new.name, cls)
             live = cache.__wrapped__ if type(cache) is _LRU_WRAPPER else None
             live = live if self.is_own_function(live, new, cls) else None
@@ -920,8 +930,10 @@ class _Classifier:
             raw = raw.__func__
         elif type(raw) is _LRU_WRAPPER:
             raw = raw.__wrapped__
-        live = raw if self.is_own_function(raw, node, cls) else None
-        code = self.new_function_code(node, cls) if live is not None else None
+        if not self.is_own_function(raw, node, cls):
+            return
+        live = raw
+        code = self.new_function_code(node, cls)
         if code is None or code.co_freevars != live.__code__.co_freevars:
             return
         if _positions(code) != _positions(live.__code__):
@@ -987,7 +999,7 @@ class _Classifier:
         live_cls = self.live_class(cls)
         return vars(live_cls).get(_mangle(name, cls)) if live_cls is not None else None
 
-    def live_function(self, node: _FunctionNode, cls: str | None, wrapper: type | None) -> types.FunctionType | None:
+    def live_function(self, node: _FunctionNode, cls: str | None, wrapper: _Wrapper | None) -> types.FunctionType | None:
         """The live function for `node`, if it is exactly what the def statement created."""
         raw = self.live_attribute(node.name, cls)
         if wrapper is not None:
@@ -996,7 +1008,7 @@ class _Classifier:
             raw = raw.__func__
         return raw if self.is_own_function(raw, node, cls) else None
 
-    def is_own_function(self, obj: object, node: _FunctionNode, cls: str | None) -> bool:
+    def is_own_function(self, obj: object, node: _FunctionNode, cls: str | None) -> TypeGuard[types.FunctionType]:
         """Whether `obj` is a plain function made by this module's def `node` (not replaced at run time)."""
         if type(obj) is not types.FunctionType:
             return False
@@ -1007,7 +1019,7 @@ class _Classifier:
             and obj.__module__ == self.module.__name__
             and obj.__qualname__ == qualname
             and code.co_name == node.name
-            and code.co_filename == self.module.__file__
+            and code.co_filename == self.filename
             and getattr(code, "co_qualname", qualname) == qualname
         )
 
@@ -1062,7 +1074,7 @@ class _Classifier:
     def defaults(
         self, old: _FunctionNode | None, new: _FunctionNode, live: types.FunctionType | None, qualname: str,
         cls: str | None,
-    ) -> tuple[tuple | None, dict | None] | None:
+    ) -> tuple[tuple[object, ...] | None, dict[str, object] | None] | None:
         """(__defaults__, __kwdefaults__) a fresh def would give, or None after a fresh reason.
 
         A default whose expression did not change keeps its live value (as it
@@ -1071,6 +1083,7 @@ class _Classifier:
         """
         previous: dict[str, tuple[ast.expr, object]] = {}
         if old is not None:
+            assert live is not None  # the live function comes with its old def
             live_defaults = live.__defaults__ or ()
             live_kwdefaults = live.__kwdefaults__ or {}
             old_positional = [*old.args.posonlyargs, *old.args.args]
@@ -1117,7 +1130,7 @@ class _Classifier:
     def annotations(
         self, new: _FunctionNode, old: _FunctionNode | None, live: types.FunctionType | None, qualname: str,
         cls: str | None,
-    ) -> dict | None:
+    ) -> dict[str, object] | None:
         """The __annotations__ a fresh def would give, or None after a fresh reason.
 
         The compiler builds the dict (key order, name mangling, the strings of
@@ -1169,14 +1182,15 @@ class _Classifier:
             return {}
         body: ast.stmt = stub
         if cls:
-            body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[])
             if sys.version_info >= (3, 12):  # the field ClassDef has since 3.12
-                body.type_params = []
+                body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[], type_params=[])
+            else:
+                body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[])
         tree = ast.fix_missing_locations(ast.Module(body=[body], type_ignores=[]))
         flags = __future__.annotations.compiler_flag if self.future_annotations else 0
         namespace: dict[str, object] = {}
         try:
-            code = compile(tree, self.module.__file__, "exec", flags=flags, dont_inherit=True)
+            code = compile(tree, self.filename, "exec", flags=flags, dont_inherit=True)
             exec(code, vars(self.module), namespace)
         except Exception as exc:
             self.fresh(f"the new annotations of {qualname} could not be evaluated ({type(exc).__name__}: {exc})")
@@ -1401,12 +1415,12 @@ def _same(a: object, b: object) -> bool:
         return False
     if isinstance(a, ast.AST):
         return all(_same(getattr(a, f, None), getattr(b, f, None)) for f in a._fields)
-    if isinstance(a, list):
+    if isinstance(a, list) and isinstance(b, list):  # b is a list when a is; the test tells mypy (cheaper than cast)
         return len(a) == len(b) and all(map(_same, a, b))
     return a == b
 
 
-def _span(lines: list[str], node: ast.stmt) -> tuple:
+def _span(lines: list[str], node: ast.stmt) -> tuple[int, int | None, list[str]]:
     """The exact source text of a statement (decorators included), as lines and columns."""
     first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
     return node.col_offset, node.end_col_offset, lines[first - 1:node.end_lineno]
@@ -1439,7 +1453,7 @@ def _stored_constant(code: types.CodeType, name: str) -> object:
     return _stored_constants(code).get(name)
 
 
-def _positions(code: types.CodeType) -> tuple:
+def _positions(code: types.CodeType) -> tuple[object, ...]:
     """Everything about `code` and its nested code that depends on where it sits in the file."""
     table = code.co_positions() if hasattr(code, "co_positions") else code.co_lines()
     nested = tuple(_positions(c) for c in code.co_consts if isinstance(c, types.CodeType))
@@ -1454,7 +1468,7 @@ def _mangle(name: str, cls: str | None) -> str:
     return f"_{stripped}{name}" if stripped else name
 
 
-def _expected_wrapper(node: _FunctionNode, cls: str | None) -> type | None | bool:
+def _expected_wrapper(node: _FunctionNode, cls: str | None) -> _Wrapper | Literal[False] | None:
     """The wrapper the live class attribute should be (staticmethod/classmethod), None for a plain
     function, or False when the def has other decorators."""
     decorators = node.decorator_list
