@@ -51,8 +51,9 @@ import sys
 import threading
 import types
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeAlias, TypeGuard, TypeVar, cast
 
 __all__ = [
     "Change", "Decision", "PatchError", "apply_plan", "apply_plans", "changed_names", "classify", "decode_source",
@@ -60,21 +61,27 @@ __all__ = [
     "used_at_import",
 ]
 
-_FUNCTION_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
-_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_FunctionNode: TypeAlias = "ast.FunctionDef | ast.AsyncFunctionDef"
+_DefNode: TypeAlias = "ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef"
+# Annotated so that isinstance() against them narrows to the unions above.
+_FUNCTION_DEFS: tuple[type[_FunctionNode], ...] = (ast.FunctionDef, ast.AsyncFunctionDef)
+_DEFS: tuple[type[_DefNode], ...] = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+_D = TypeVar("_D", bound=_DefNode)  # the kind of defs a `_Body` sorts out
 # The line breaks the tokenizer accepts (str.splitlines() also splits on \f and others).
 _NEWLINE = re.compile(r"\r\n|\r|\n")
 
 # Decorators a patched or added method may carry: the live class attribute is
 # then this wrapper around the plain function.
-_WRAPPERS: dict[str, type] = {"staticmethod": staticmethod, "classmethod": classmethod}
+_Wrapper: TypeAlias = "type[staticmethod[Any, Any]] | type[classmethod[Any, Any, Any]]"
+_WRAPPERS: dict[str, _Wrapper] = {"staticmethod": staticmethod, "classmethod": classmethod}
 # What functools.cache and functools.lru_cache return: a function decorated
 # with one of them (and nothing else) is patched through `__wrapped__`, and
-# its cache cleared, which is all a fresh import would differ in.
-_LRU_WRAPPER: type = functools._lru_cache_wrapper
+# its cache cleared, which is all a fresh import would differ in. (Not
+# annotated: as an alias of the class, `type(x) is _LRU_WRAPPER` narrows x.)
+_LRU_WRAPPER = functools._lru_cache_wrapper
 _CACHE_DECORATORS = frozenset({"cache", "lru_cache"})
 # Methods that type() wraps on its own when it creates the class.
-_IMPLICIT_WRAPPERS: dict[str, type] = {
+_IMPLICIT_WRAPPERS: dict[str, _Wrapper] = {
     "__new__": staticmethod,
     "__init_subclass__": classmethod,
     "__class_getitem__": classmethod,
@@ -202,7 +209,7 @@ def classify(module: types.ModuleType, old_source: str, new_source: str) -> Deci
             old_tree = ast.parse(old_source, filename)
         except (SyntaxError, ValueError, RecursionError):
             return Decision("fresh", name, [f"{shown}: the source it was loaded from is unknown"])
-    classifier = _Classifier(module, shown, (old_source, old_tree), (new_source, new_tree), new_code)
+    classifier = _Classifier(module, filename, shown, (old_source, old_tree), (new_source, new_tree), new_code)
     classifier.run()
     if classifier.reasons:
         return Decision("fresh", name, classifier.reasons)
@@ -244,13 +251,16 @@ def apply_plans(edits: list[tuple[types.ModuleType, Decision]]) -> list[str]:
             done.append(dotted)
     # Only once every patch is in: a cleared cache cannot be restored.
     for change in clears:
-        change.target.cache_clear()
+        cache = change.target
+        assert type(cache) is _LRU_WRAPPER  # what compare_function plans to clear
+        cache.cache_clear()
     for module, _decision in edits:
         # Tracebacks read lines through linecache; drop the stale copy so they
         # show the file as it is now (checkcache alone misses an edit that
         # kept the size and the mtime).
         linecache.checkcache(module.__file__)
-        linecache.cache.pop(module.__file__, None)
+        if module.__file__ is not None:
+            linecache.cache.pop(module.__file__, None)
     return done
 
 
@@ -304,7 +314,7 @@ def _reaches(start: types.FunctionType, cls: type, targets: dict[int, str], modu
         if id(function) in targets:
             return targets[id(function)]
         names = _names_used(function.__code__)
-        scopes: list[dict] = [function.__globals__]
+        scopes: list[Mapping[str, object]] = [function.__globals__]
         scopes += [vars(v) for n in names if isinstance(v := function.__globals__.get(n), types.ModuleType)]
         scopes += [vars(c) for c in cls.__mro__ if c is not object]
         for name in names:
@@ -337,7 +347,10 @@ def replaced_code(edits: list[tuple[types.ModuleType, Decision]]) -> dict[int, t
         for change in decision.plan:
             if change.action == "patch" and change.detail in _BEHAVIOUR_DETAILS and "__code__" in change.attrs:
                 dotted = f"{module.__name__}.{change.qualname}"
-                _pair_codes(change.target.__code__, change.attrs["__code__"], dotted, found)
+                live, code = change.target, change.attrs["__code__"]
+                # A change of code always targets a plain function (see _Classifier.is_own_function).
+                assert isinstance(live, types.FunctionType) and isinstance(code, types.CodeType)
+                _pair_codes(live.__code__, code, dotted, found)
     return found
 
 
@@ -355,7 +368,7 @@ def _pair_codes(old: types.CodeType, new: types.CodeType | None, dotted: str,
             _pair_codes(const, twins.pop(0) if twins else None, dotted, found)
 
 
-def _code_key(code: types.CodeType) -> tuple:
+def _code_key(code: types.CodeType) -> tuple[object, ...]:
     """What a code object does, where it sits in the file aside."""
     consts = tuple(_code_key(c) if isinstance(c, types.CodeType) else (type(c), c) for c in code.co_consts)
     return (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars, code.co_flags,
@@ -395,9 +408,10 @@ def threads_running_old_code(replaced: dict[int, tuple[types.CodeType, str]]) ->
     if not replaced:
         return notes
     names = {t.ident: t.name for t in threading.enumerate()}
-    for ident, frame in sys._current_frames().items():
+    for ident, top in sys._current_frames().items():
         if ident == threading.get_ident():
             continue
+        frame: types.FrameType | None = top
         depth = 0
         while frame is not None and depth < 200:
             hit = replaced.get(id(frame.f_code))
@@ -419,10 +433,13 @@ _OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType
 def _one_level(value: object, task: type | None) -> list[object]:
     """`value` and what it holds directly (at most _SCAN_LIMIT), those of them that may run code."""
     kind = type(value)
+    items: Iterable[object]
+    # Exact types, looked up once in `kind` (cheaper than isinstance; subclasses
+    # go through vars()); mypy cannot narrow through `kind`, hence the casts.
     if kind in _CONTAINERS:
-        items: object = value
+        items = cast("Iterable[object]", value)
     elif kind is dict:
-        items = value.values()  # type: ignore[attr-defined]
+        items = cast("dict[object, object]", value).values()
     elif isinstance(value, _OPAQUE):
         items = ()
     else:
@@ -431,7 +448,7 @@ def _one_level(value: object, task: type | None) -> list[object]:
         except TypeError:
             items = ()
     try:
-        found = [v for v in itertools.islice(items, _SCAN_LIMIT)  # type: ignore[call-overload]
+        found = [v for v in itertools.islice(items, _SCAN_LIMIT)
                  if type(v) in _MAY_RUN_CODE or (task is not None and isinstance(v, task))]
     except RuntimeError:  # changed size during iteration (another thread)
         found = []
@@ -446,7 +463,7 @@ def _runs_old_code(obj: object, replaced: dict[int, tuple[types.CodeType, str]])
         if hit is not None and hit[0] is obj.__code__:
             return f"a function made by the old {hit[1]} keeps its old code"
         return None
-    if hasattr(obj, "get_coro"):  # an asyncio Task runs a coroutine
+    if hasattr(obj, "get_coro") and hasattr(obj, "done"):  # an asyncio Task runs a coroutine
         obj = None if obj.done() else obj.get_coro()
     depth = 0
     while obj is not None and depth < 100:
@@ -528,9 +545,9 @@ def used_at_import(
         if original in names and local in mentioned:
             return f"{shown} uses {module_name}.{original} when it is imported"
     for alias in aliases & mentioned:
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in names and _root_name(node.value) == alias:
-                return f"{shown} uses {module_name}.{node.attr} when it is imported"
+        for child in ast.walk(tree):
+            if isinstance(child, ast.Attribute) and child.attr in names and _root_name(child.value) == alias:
+                return f"{shown} uses {module_name}.{child.attr} when it is imported"
     return None
 
 
@@ -630,10 +647,11 @@ class _Classifier:
     """Compares two versions of a module; collects fresh reasons and the patch plan."""
 
     def __init__(
-        self, module: types.ModuleType, shown: str, old: tuple[str, ast.Module], new: tuple[str, ast.Module],
-        new_code: types.CodeType,
+        self, module: types.ModuleType, filename: str, shown: str, old: tuple[str, ast.Module],
+        new: tuple[str, ast.Module], new_code: types.CodeType,
     ) -> None:
         self.module = module
+        self.filename = filename  # module.__file__, known to be set
         self.shown = shown
         self.old_lines, self.old_tree = _NEWLINE.split(old[0]), old[1]
         self.new_lines, self.new_tree = _NEWLINE.split(new[0]), new[1]
@@ -650,14 +668,14 @@ class _Classifier:
     def fresh(self, text: str) -> None:
         self.reasons.append(f"{self.shown}: {text}")
 
-    def same(self, old: list[ast.stmt], new: list[ast.stmt]) -> bool:
+    def same(self, old: Sequence[ast.stmt], new: Sequence[ast.stmt]) -> bool:
         """Whether two statement lists are equal, comments and formatting aside.
 
         A statement whose source text did not change is equal without
         walking its tree, which is most of them.
         """
         return len(old) == len(new) and all(
-            _span(self.old_lines, o) == _span(self.new_lines, n) or _same(o, n) for o, n in zip(old, new)
+            _span(self.old_lines, o) == _span(self.new_lines, n) or _same(o, n) for o, n in zip(old, new, strict=True)
         )
 
     def run(self) -> None:
@@ -666,7 +684,7 @@ class _Classifier:
         if not _same(old.doc, new.doc):
             doc = _stored_constant(self.new_code, "__doc__") if new.doc else None
             self.plan.append(Change("patch", "", "docstring", (), self.module, {"__doc__": doc}))
-        added: list[ast.stmt] = []
+        added: list[_DefNode] = []
         for name, nodes in new.defs.items():
             before = old.defs.get(name)
             if before is None:
@@ -675,10 +693,10 @@ class _Classifier:
             if not self.compare_duplicates(before, nodes, None):
                 continue
             o, n = before[0], nodes[0]
-            if isinstance(o, ast.ClassDef) != isinstance(n, ast.ClassDef):
-                self.fresh(f"{name} changed between a class and a function")
-            elif isinstance(n, ast.ClassDef):
+            if isinstance(o, ast.ClassDef) and isinstance(n, ast.ClassDef):
                 self.compare_class(o, n)
+            elif isinstance(o, ast.ClassDef) or isinstance(n, ast.ClassDef):
+                self.fresh(f"{name} changed between a class and a function")
             else:
                 self.compare_function(o, n, None)
         for name, nodes in old.defs.items():
@@ -699,7 +717,7 @@ class _Classifier:
 
     # --- statements other than defs -------------------------------------
 
-    def compare_statements(self, old: _Body, new: _Body, cls: str | None) -> None:
+    def compare_statements(self, old: _Body[_D], new: _Body[_D], cls: str | None) -> None:
         """Reasons for changed non-def statements and for defs moved around them."""
         where = f"class {cls}: " if cls else ""
         if not self.same(old.others, new.others):
@@ -736,7 +754,7 @@ class _Classifier:
             return lambda name, stmt: f"enum member '{name}'"
         return lambda name, stmt: f"{'field' if isinstance(stmt, ast.AnnAssign) else 'class attribute'} '{name}'"
 
-    def compare_duplicates(self, old: list[ast.stmt], new: list[ast.stmt], cls: str | None) -> bool:
+    def compare_duplicates(self, old: Sequence[_DefNode], new: Sequence[_DefNode], cls: str | None) -> bool:
         """True when the name is defined once in both versions and can be compared by member."""
         if len(old) == 1 and len(new) == 1:
             return True
@@ -788,7 +806,7 @@ class _Classifier:
                 self.add_function(nodes[0], new, live)
             elif self.compare_duplicates(previous, nodes, name):
                 self.compare_function(previous[0], nodes[0], name)
-        for method, nodes in old_body.defs.items():
+        for method in old_body.defs:
             if method not in new_body.defs:
                 self.fresh(f"method {name}.{method} removed")
         if attrs:
@@ -800,13 +818,13 @@ class _Classifier:
         live = self.live_class(node.name)
         if live is None:
             return
-        for old_member, member in zip(old.body, node.body):
+        for old_member, member in zip(old.body, node.body, strict=True):
             if isinstance(member, _FUNCTION_DEFS):
                 self.refresh_lines(old_member, member, node.name)
         class_code = self.new_codes.get(node.name)
         if "__firstlineno__" in vars(live) and class_code is not None:
             first = _stored_constant(class_code, "__firstlineno__")
-            if first is not None and first != live.__firstlineno__:
+            if first is not None and first != vars(live)["__firstlineno__"]:
                 self.plan.append(Change("patch", node.name, "lines", (node.name,), live, {"__firstlineno__": first}))
 
     def live_class(self, name: str) -> type | None:
@@ -818,7 +836,7 @@ class _Classifier:
 
     # --- functions and methods -------------------------------------------
 
-    def compare_function(self, old: ast.FunctionDef, new: ast.FunctionDef, cls: str | None) -> None:
+    def compare_function(self, old: _FunctionNode, new: _FunctionNode, cls: str | None) -> None:
         qualname = f"{cls}.{new.name}" if cls else new.name
         what = "method" if cls else "function"
         if self.same([old], [new]):
@@ -851,7 +869,7 @@ class _Classifier:
             self.fresh(f"{self.module.__name__}.{qualname} changed: {_CACHED_BY_DATA[new.name]}")
             return
         cache = None
-        if cached:
+        if wrapper is False:  # that is, cached: any other decorator returned above
             cache = self.live_attribute(new.name, cls)
             live = cache.__wrapped__ if type(cache) is _LRU_WRAPPER else None
             live = live if self.is_own_function(live, new, cls) else None
@@ -902,7 +920,7 @@ class _Classifier:
                 # A fresh import starts with an empty cache; the old results are the old code's.
                 self.plan.append(Change("clear", qualname, "cache", path, cache))
 
-    def refresh_lines(self, old: ast.FunctionDef | None, node: ast.FunctionDef, cls: str | None) -> None:
+    def refresh_lines(self, old: ast.stmt | None, node: _FunctionNode, cls: str | None) -> None:
         """Unchanged function: give the live one the new code if only its line numbers moved.
 
         Skipped silently when the live object is not the plain function (a
@@ -915,15 +933,17 @@ class _Classifier:
             raw = raw.__func__
         elif type(raw) is _LRU_WRAPPER:
             raw = raw.__wrapped__
-        live = raw if self.is_own_function(raw, node, cls) else None
-        code = self.new_function_code(node, cls) if live is not None else None
+        if not self.is_own_function(raw, node, cls):
+            return
+        live = raw
+        code = self.new_function_code(node, cls)
         if code is None or code.co_freevars != live.__code__.co_freevars:
             return
         if _positions(code) != _positions(live.__code__):
             qualname = f"{cls}.{node.name}" if cls else node.name
             self.plan.append(Change("patch", qualname, "lines", self.path(node.name, cls), live, {"__code__": code}))
 
-    def add_function(self, node: ast.stmt, class_node: ast.ClassDef | None, live_cls: type | None) -> None:
+    def add_function(self, node: _DefNode, class_node: ast.ClassDef | None, live_cls: type | None) -> None:
         """Plan to bind a new function, or a new method on the live class of `class_node`."""
         cls = class_node.name if class_node else None
         if not isinstance(node, _FUNCTION_DEFS):
@@ -982,7 +1002,7 @@ class _Classifier:
         live_cls = self.live_class(cls)
         return vars(live_cls).get(_mangle(name, cls)) if live_cls is not None else None
 
-    def live_function(self, node: ast.FunctionDef, cls: str | None, wrapper: type | None) -> types.FunctionType | None:
+    def live_function(self, node: _FunctionNode, cls: str | None, wrapper: _Wrapper | None) -> types.FunctionType | None:
         """The live function for `node`, if it is exactly what the def statement created."""
         raw = self.live_attribute(node.name, cls)
         if wrapper is not None:
@@ -991,7 +1011,7 @@ class _Classifier:
             raw = raw.__func__
         return raw if self.is_own_function(raw, node, cls) else None
 
-    def is_own_function(self, obj: object, node: ast.FunctionDef, cls: str | None) -> bool:
+    def is_own_function(self, obj: object, node: _FunctionNode, cls: str | None) -> TypeGuard[types.FunctionType]:
         """Whether `obj` is a plain function made by this module's def `node` (not replaced at run time)."""
         if type(obj) is not types.FunctionType:
             return False
@@ -1002,11 +1022,11 @@ class _Classifier:
             and obj.__module__ == self.module.__name__
             and obj.__qualname__ == qualname
             and code.co_name == node.name
-            and code.co_filename == self.module.__file__
+            and code.co_filename == self.filename
             and getattr(code, "co_qualname", qualname) == qualname
         )
 
-    def new_function_code(self, node: ast.FunctionDef, cls: str | None) -> types.CodeType | None:
+    def new_function_code(self, node: _FunctionNode, cls: str | None) -> types.CodeType | None:
         """The code object of def `node` in the compiled new source."""
         if cls is None:
             code = self.new_codes.get(node.name)
@@ -1022,7 +1042,7 @@ class _Classifier:
         return (cls, _mangle(name, cls)) if cls else (name,)
 
     def note_mutated_defaults(
-        self, old: ast.FunctionDef, new: ast.FunctionDef, live: types.FunctionType, qualname: str, cls: str | None,
+        self, old: _FunctionNode, new: _FunctionNode, live: types.FunctionType, qualname: str, cls: str | None,
     ) -> None:
         """Note a default the patch keeps that no longer equals what its def made (`acc=[]` appended to).
 
@@ -1031,13 +1051,14 @@ class _Classifier:
         function the edit did not touch.
         """
         positional = [*old.args.posonlyargs, *old.args.args]
+        # zip stops at the shorter: the live defaults may have been replaced by fewer (or none).
         pairs = list(zip(positional[len(positional) - len(old.args.defaults):], old.args.defaults,
-                         live.__defaults__ or ()))
+                         live.__defaults__ or (), strict=False))
         kwdefaults = live.__kwdefaults__ or {}
-        pairs += [(a, d, kwdefaults.get(_mangle(a.arg, cls), d)) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults)
+        pairs += [(a, d, kwdefaults.get(_mangle(a.arg, cls), d)) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults, strict=True)
                   if d is not None]
-        new_exprs = {a.arg: d for a, d in zip([*new.args.posonlyargs, *new.args.args][::-1], new.args.defaults[::-1])}
-        new_exprs.update({a.arg: d for a, d in zip(new.args.kwonlyargs, new.args.kw_defaults) if d is not None})
+        new_exprs = {a.arg: d for a, d in zip([*new.args.posonlyargs, *new.args.args][::-1], new.args.defaults[::-1], strict=False)}
+        new_exprs.update({a.arg: d for a, d in zip(new.args.kwonlyargs, new.args.kw_defaults, strict=True) if d is not None})
         for arg, expr, value in pairs:
             if arg.arg not in new_exprs or not _same(expr, new_exprs[arg.arg]) or not isinstance(
                     expr, (ast.List, ast.Dict, ast.Set, ast.Call)):
@@ -1054,9 +1075,9 @@ class _Classifier:
     # --- signatures -------------------------------------------------------
 
     def defaults(
-        self, old: ast.FunctionDef | None, new: ast.FunctionDef, live: types.FunctionType | None, qualname: str,
+        self, old: _FunctionNode | None, new: _FunctionNode, live: types.FunctionType | None, qualname: str,
         cls: str | None,
-    ) -> tuple[tuple | None, dict | None] | None:
+    ) -> tuple[tuple[object, ...] | None, dict[str, object] | None] | None:
         """(__defaults__, __kwdefaults__) a fresh def would give, or None after a fresh reason.
 
         A default whose expression did not change keeps its live value (as it
@@ -1065,17 +1086,18 @@ class _Classifier:
         """
         previous: dict[str, tuple[ast.expr, object]] = {}
         if old is not None:
+            assert live is not None  # the live function comes with its old def
             live_defaults = live.__defaults__ or ()
             live_kwdefaults = live.__kwdefaults__ or {}
             old_positional = [*old.args.posonlyargs, *old.args.args]
             old_with_default = old_positional[len(old_positional) - len(old.args.defaults):]
-            old_kw = [(a, d) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults) if d is not None]
+            old_kw = [(a, d) for a, d in zip(old.args.kwonlyargs, old.args.kw_defaults, strict=True) if d is not None]
             if len(live_defaults) != len(old.args.defaults) or set(live_kwdefaults) != {
                 _mangle(a.arg, cls) for a, _ in old_kw
             }:
                 self.fresh(f"the defaults of live function {qualname} do not match its previous source")
                 return None
-            for arg, expr, value in zip(old_with_default, old.args.defaults, live_defaults):
+            for arg, expr, value in zip(old_with_default, old.args.defaults, live_defaults, strict=True):
                 previous[arg.arg] = (expr, value)
             for arg, expr in old_kw:
                 previous[arg.arg] = (expr, live_kwdefaults[_mangle(arg.arg, cls)])
@@ -1094,24 +1116,24 @@ class _Classifier:
 
         positional = [*new.args.posonlyargs, *new.args.args]
         values = []
-        for arg, expr in zip(positional[len(positional) - len(new.args.defaults):], new.args.defaults):
+        for arg, expr in zip(positional[len(positional) - len(new.args.defaults):], new.args.defaults, strict=True):
             ok, value = value_of(arg, expr)
             if not ok:
                 return None
             values.append(value)
         kwvalues = {}
-        for arg, expr in zip(new.args.kwonlyargs, new.args.kw_defaults):
-            if expr is not None:
-                ok, value = value_of(arg, expr)
+        for arg, default in zip(new.args.kwonlyargs, new.args.kw_defaults, strict=True):
+            if default is not None:
+                ok, value = value_of(arg, default)
                 if not ok:
                     return None
                 kwvalues[_mangle(arg.arg, cls)] = value
         return (tuple(values) or None, kwvalues or None)
 
     def annotations(
-        self, new: ast.FunctionDef, old: ast.FunctionDef | None, live: types.FunctionType | None, qualname: str,
+        self, new: _FunctionNode, old: _FunctionNode | None, live: types.FunctionType | None, qualname: str,
         cls: str | None,
-    ) -> dict | None:
+    ) -> dict[str, object] | None:
         """The __annotations__ a fresh def would give, or None after a fresh reason.
 
         The compiler builds the dict (key order, name mangling, the strings of
@@ -1163,14 +1185,15 @@ class _Classifier:
             return {}
         body: ast.stmt = stub
         if cls:
-            body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[])
-            if "type_params" in ast.ClassDef._fields:
-                body.type_params = []
+            if sys.version_info >= (3, 12):  # the field ClassDef has since 3.12
+                body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[], type_params=[])
+            else:
+                body = ast.ClassDef(name=cls, bases=[], keywords=[], body=[stub], decorator_list=[])
         tree = ast.fix_missing_locations(ast.Module(body=[body], type_ignores=[]))
         flags = __future__.annotations.compiler_flag if self.future_annotations else 0
         namespace: dict[str, object] = {}
         try:
-            code = compile(tree, self.module.__file__, "exec", flags=flags, dont_inherit=True)
+            code = compile(tree, self.filename, "exec", flags=flags, dont_inherit=True)
             exec(code, vars(self.module), namespace)
         except Exception as exc:
             self.fresh(f"the new annotations of {qualname} could not be evaluated ({type(exc).__name__}: {exc})")
@@ -1232,15 +1255,18 @@ class _NotSafe(Exception):
     """A new annotation that cannot be evaluated without running arbitrary code."""
 
 
-class _Body:
-    """The statements of a module or class body, split into docstring, defs by name, and the rest."""
+class _Body(Generic[_D]):
+    """The statements of a module or class body, split into docstring, defs by name, and the rest.
 
-    def __init__(self, body: list[ast.stmt], def_types: tuple[type, ...]) -> None:
+    `_D` is what `def_types` picks out: all defs (_DEFS) or functions only (_FUNCTION_DEFS).
+    """
+
+    def __init__(self, body: list[ast.stmt], def_types: tuple[type[_D], ...]) -> None:
         self.doc: ast.Expr | None = None
         if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
                 and isinstance(body[0].value.value, str):
             self.doc, body = body[0], body[1:]
-        self.defs: dict[str, list[ast.stmt]] = {}
+        self.defs: dict[str, list[_D]] = {}
         self.others: list[ast.stmt] = []
         self.gaps: dict[str, list[int]] = {}  # def name -> how many other statements precede each of its defs
         for stmt in body:
@@ -1268,8 +1294,8 @@ class _ImportTime:
 
     def __init__(self, tree: ast.Module, future_annotations: bool) -> None:
         self.future_annotations = future_annotations
-        self.functions: dict[str, ast.stmt] = {}
-        self.classes: dict[str, dict[str, ast.stmt]] = {}
+        self.functions: dict[str, _FunctionNode] = {}
+        self.classes: dict[str, dict[str, _FunctionNode]] = {}
         for stmt in tree.body:
             if isinstance(stmt, _FUNCTION_DEFS):
                 self.functions[stmt.name] = stmt
@@ -1327,7 +1353,7 @@ class _ImportTime:
         else:
             self._run([stmt], cls)
 
-    def _run(self, nodes: list[ast.AST], cls: str | None) -> None:
+    def _run(self, nodes: Iterable[ast.AST], cls: str | None) -> None:
         """Code that runs at import: every name it loads may be called."""
         for node in nodes:
             for name in ast.walk(node):
@@ -1370,11 +1396,11 @@ class _ImportTime:
             self.reached[name] = line
             for method, node in self.classes[name].items():
                 self._reach_function(f"{name}.{method}", node, line)
-        for key in (name, f"{cls}.{name}" if cls else None):
+        for key in (name, f"{cls}.{name}") if cls else (name,):
             for stored, scope in self.stored.pop(key, ()):
                 self._todo.append((stored, line, scope))
 
-    def _reach_function(self, qualname: str, node: ast.stmt, line: int) -> None:
+    def _reach_function(self, qualname: str, node: _FunctionNode, line: int) -> None:
         if qualname in self.reached:
             return
         self.reached[qualname] = line
@@ -1392,12 +1418,12 @@ def _same(a: object, b: object) -> bool:
         return False
     if isinstance(a, ast.AST):
         return all(_same(getattr(a, f, None), getattr(b, f, None)) for f in a._fields)
-    if isinstance(a, list):
+    if isinstance(a, list) and isinstance(b, list):  # b is a list when a is; the test tells mypy (cheaper than cast)
         return len(a) == len(b) and all(map(_same, a, b))
     return a == b
 
 
-def _span(lines: list[str], node: ast.stmt) -> tuple:
+def _span(lines: list[str], node: ast.stmt) -> tuple[int, int | None, list[str]]:
     """The exact source text of a statement (decorators included), as lines and columns."""
     first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", ()))])
     return node.col_offset, node.end_col_offset, lines[first - 1:node.end_lineno]
@@ -1430,7 +1456,7 @@ def _stored_constant(code: types.CodeType, name: str) -> object:
     return _stored_constants(code).get(name)
 
 
-def _positions(code: types.CodeType) -> tuple:
+def _positions(code: types.CodeType) -> tuple[object, ...]:
     """Everything about `code` and its nested code that depends on where it sits in the file."""
     table = code.co_positions() if hasattr(code, "co_positions") else code.co_lines()
     nested = tuple(_positions(c) for c in code.co_consts if isinstance(c, types.CodeType))
@@ -1445,7 +1471,7 @@ def _mangle(name: str, cls: str | None) -> str:
     return f"_{stripped}{name}" if stripped else name
 
 
-def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | bool:
+def _expected_wrapper(node: _FunctionNode, cls: str | None) -> _Wrapper | Literal[False] | None:
     """The wrapper the live class attribute should be (staticmethod/classmethod), None for a plain
     function, or False when the def has other decorators."""
     decorators = node.decorator_list
@@ -1456,7 +1482,7 @@ def _expected_wrapper(node: ast.FunctionDef, cls: str | None) -> type | None | b
     return False
 
 
-def _is_cache_decorator(node: ast.FunctionDef, module: types.ModuleType) -> bool:
+def _is_cache_decorator(node: _FunctionNode, module: types.ModuleType) -> bool:
     """Whether the def's only decorator is functools.cache or functools.lru_cache (called with literals or not).
 
     The name must be bound to functools' own in the live module, so that a
@@ -1486,7 +1512,7 @@ def _is_literal(node: ast.expr) -> bool:
     return True
 
 
-def _is_property(node: ast.FunctionDef) -> bool:
+def _is_property(node: _FunctionNode) -> bool:
     return any(
         (isinstance(d, ast.Name) and d.id in ("property", "cached_property"))
         or (isinstance(d, ast.Attribute) and d.attr in ("setter", "getter", "deleter", "cached_property"))
@@ -1504,7 +1530,7 @@ def _all_args(args: ast.arguments) -> list[ast.arg]:
     return [*args.posonlyargs, *args.args, *filter(None, [args.vararg]), *args.kwonlyargs, *filter(None, [args.kwarg])]
 
 
-def _annotation_nodes(node: ast.FunctionDef) -> dict[str, ast.expr]:
+def _annotation_nodes(node: _FunctionNode) -> dict[str, ast.expr]:
     nodes = {a.arg: a.annotation for a in _all_args(node.args) if a.annotation is not None}
     if node.returns is not None:
         nodes["return"] = node.returns

@@ -14,13 +14,12 @@ import linecache
 import sys
 import textwrap
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import pytest
-
 from forkreload.reload import Change, Decision, PatchError, apply_plan, classify
 
 _counter = itertools.count()
