@@ -28,11 +28,9 @@ import builtins
 import collections
 import functools
 import hashlib
-import hmac
 import importlib
 import importlib.machinery
 import importlib.util
-import json
 import marshal
 import os
 import re
@@ -51,6 +49,32 @@ __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch
 
 _OUTPUT_NAME = re.compile(r"^_(i{1,3}|_{1,2}|\d+|i\d+|)$")
 _FORKRELOAD_DIR = os.path.dirname(os.path.abspath(__file__))
+# What every module namespace has: the interpreter's, not the user's (a
+# user's own `__version__ = "1"` in a cell is theirs and travels).
+_MODULE_DUNDERS = frozenset(
+    {"__name__", "__doc__", "__package__", "__loader__", "__spec__", "__builtins__", "__builtin__", "__file__", "__cached__"}
+)
+# Dump entries that are results in Out, not variables.
+_OUT_PREFIX = "Out[]"
+
+
+def _output_number(value: object, outputs: dict[int, Any]) -> int | None:
+    """The execution count whose result `value` is (for _, __, ___)."""
+    for number in sorted(outputs, reverse=True):
+        if outputs[number] is value:
+            return number
+    return None
+
+
+def _restore_displayhook(shell: Any, ns: dict[str, Any]) -> None:
+    # IPython's display hook keeps _, __ and ___ itself, and rotates them
+    # into the namespace after each result only while the namespace holds
+    # what it put there (pushed as hidden names): both must agree.
+    hook = shell.displayhook
+    for name in ("_", "__", "___"):
+        if name in ns:
+            setattr(hook, name, ns[name])
+            shell.user_ns_hidden[name] = ns[name]
 
 
 def _library_prefixes() -> tuple[str, ...]:
@@ -98,15 +122,17 @@ def user_module_file(mod: types.ModuleType, watch: tuple[str, ...], libs: tuple[
 
 
 def user_variable_names(shell: Any) -> list[str]:
-    """The names in `user_ns` that the user made, not IPython's own."""
+    """The names in `user_ns` that the user made, not IPython's own (the
+    outputs `_N`, `_`, `__`, `___` travel with `Out`)."""
     hidden = shell.user_ns_hidden
     missing = object()
     names = []
+    results = {id(v) for v in shell.history_manager.output_hist.values()}
     for name, value in shell.user_ns.items():
-        if name.startswith("__") and name.endswith("__"):
+        if name in _MODULE_DUNDERS or hidden.get(name, missing) is value:
             continue
-        if hidden.get(name, missing) is value or _OUTPUT_NAME.match(name):
-            continue
+        if _OUTPUT_NAME.match(name) and (name.startswith("_i") or id(value) in results or (isinstance(value, str) and value == "")):
+            continue  # IPython's own: input history, or a result kept in Out
         names.append(name)
     return names
 
@@ -132,10 +158,6 @@ def _rebuild_failure(why: str) -> str:
     if m:
         return f"needs module {m.group(1)}, which no longer exists"
     return f"cannot be rebuilt with the new code ({why})"
-
-
-def _sign(key: bytes, data: bytes) -> str:
-    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def _user_traceback(exc: BaseException) -> str:
@@ -648,25 +670,33 @@ class Agent:
         self.scan()
         ns = self.shell.user_ns
         names = user_variable_names(self.shell)
-        dump = migrate.dump_namespace(ns, names, self.key, path, globals_ns=ns)
+        # The outputs (Out, _N, _, __, ___) travel as values of their own,
+        # pickled with the variables so that one shared with a variable
+        # stays one object.
+        outputs = {f"{_OUT_PREFIX}{n}": v for n, v in self.shell.history_manager.output_hist.items()}
+        values = {**{n: ns[n] for n in names}, **outputs}
         hm = self.shell.history_manager
         meta = {
             "execution_count": self.shell.execution_count,
             "history_raw": list(hm.input_hist_raw),
             "history_parsed": list(hm.input_hist_parsed),
+            "last_outputs": [_output_number(ns.get(k), hm.output_hist) for k in ("_", "__", "___")],
             "cwd": os.getcwd(),
             "sys_path": list(sys.path),
             "environ": dict(os.environ),
             "modules": list(self.user_modules),
             "requested": [n for n in self.requested if n in self.user_modules],
         }
-        data = json.dumps(meta).encode()
-        with open(os.open(path + ".meta", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            f.write(_sign(self.key, data).encode() + b"\n" + data)
+        dump = migrate.dump_namespace(values, list(values), self.key, path, globals_ns=ns, meta=meta)
+        lost = {k: v for k, v in dump.lost.items() if not k.startswith(_OUT_PREFIX)}
+        dropped = len(dump.lost) - len(lost)
+        if dropped:
+            # Out keeps every result: name the loss, not each value.
+            lost["Out"] = f"{dropped} of {len(outputs)} results cannot be pickled and were dropped"
         return {
             "ok": True,
             "saved": dump.saved,
-            "lost": dump.lost,
+            "lost": lost,
             "groups": [g for g in dump.groups if len(g) > 1],
             "inband_bytes": dump.inband_bytes,
             "buffer_bytes": dump.buffer_bytes,
@@ -675,14 +705,6 @@ class Agent:
         }
 
     # -- migration: the new worker's side ----------------------------------
-
-    def _read_meta(self, path: str) -> dict[str, Any]:
-        with open(path + ".meta", "rb") as f:
-            mac, _, data = f.read().partition(b"\n")
-        if not hmac.compare_digest(mac.decode(), _sign(self.key, data)):
-            raise migrate.ForgedPayload("session state with a bad signature")
-        meta: dict[str, Any] = json.loads(data)
-        return meta
 
     def load(self, path: str, changed_files: list[str]) -> protocol.LoadAnswer:
         """Become the session: restore cwd, sys.path and environment, import
@@ -696,7 +718,8 @@ class Agent:
         reason: code new wins over one value.
         """
         t0 = time.perf_counter()
-        meta = self._read_meta(path)
+        dump = migrate.Dump(path, self.key)
+        meta = dump.meta
         os.environ.clear()
         os.environ.update(meta["environ"])
         try:
@@ -732,16 +755,27 @@ class Agent:
                 return {"ok": False, "module": name, "error": _user_traceback(exc)}
         self.scan()
         ns = self.shell.user_ns
-        res = migrate.load_namespace(path, self.key, ns)
-        ns.update(res.values)
+        res = dump.load(ns)
+        outputs = {int(k[len(_OUT_PREFIX):]): v for k, v in res.values.items() if k.startswith(_OUT_PREFIX)}
+        ns.update({k: v for k, v in res.values.items() if not k.startswith(_OUT_PREFIX)})
         self.shell.execution_count = meta["execution_count"]
         hm = self.shell.history_manager
         hm.input_hist_raw[:] = meta["history_raw"]
         hm.input_hist_parsed[:] = meta["history_parsed"]
+        hm.output_hist.update(outputs)
+        ns.update({f"_{n}": v for n, v in outputs.items()})
+        for name, number in zip(("_", "__", "___"), meta.get("last_outputs", []), strict=False):
+            if number in outputs:
+                ns[name] = outputs[number]
+        _restore_displayhook(self.shell, ns)
+        failed = {name: _rebuild_failure(why) for name, why in res.failed.items() if not name.startswith(_OUT_PREFIX)}
+        dropped = len(res.failed) - len(failed)
+        if dropped:
+            failed["Out"] = f"{dropped} results cannot be rebuilt with the new code and were dropped"
         return {
             "ok": True,
-            "loaded": res.loaded,
-            "failed": {name: _rebuild_failure(why) for name, why in res.failed.items()},
+            "loaded": [n for n in res.loaded if not n.startswith(_OUT_PREFIX)],
+            "failed": failed,
             "gone": gone,
             "modules": self.modules()["modules"],
             "seconds": round(time.perf_counter() - t0, 4),

@@ -55,6 +55,7 @@ import cloudpickle
 
 __all__ = [
     "OUT_OF_BAND_MIN_BYTES",
+    "Dump",
     "DumpResult",
     "ForgedPayload",
     "LoadResult",
@@ -467,6 +468,7 @@ def dump_namespace(
     path: str,
     *,
     globals_ns: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> DumpResult:
     """Pickle ``ns[name]`` for each of ``names`` into ``path`` (+ ``.buf``).
 
@@ -526,7 +528,7 @@ def dump_namespace(
         )
         payload_offset += len(data)
     index = json.dumps(
-        {"rng": [0, len(rng)], "groups": index_groups, "buffer_file_size": buffer_offset},
+        {"rng": [0, len(rng)], "groups": index_groups, "buffer_file_size": buffer_offset, "meta": meta or {}},
         separators=(",", ":"),
     ).encode()
 
@@ -585,62 +587,79 @@ def _map_buffers(path: str, size: int) -> memoryview:
         os.close(fd)
 
 
-def load_namespace(path: str, key: bytes, globals_ns: dict[str, Any]) -> LoadResult:
-    """Load a dump made by ``dump_namespace`` and restore the random state.
+class Dump:
+    """A dump made by ``dump_namespace``, verified but not unpickled yet.
 
-    Raises ForgedPayload, before unpickling anything, if the main file does
-    not carry a valid HMAC under ``key`` or the buffer file does not match
-    it.  Functions defined in cells are rebuilt with ``globals_ns`` as their
-    globals; ``globals_ns`` is not otherwise touched (assign ``values``).
+    Opening it checks the HMAC under ``key`` (ForgedPayload if it does not
+    verify): the session state in ``meta`` can be read, and applied, before
+    anything is unpickled.
     """
-    with open(path, "rb") as f:
-        blob = f.read()
-    if len(blob) < _HEADER.size + _MAC_SIZE or not blob.startswith(_MAGIC):
-        raise ForgedPayload(f"{path} is not a forkreload dump")
-    body = memoryview(blob)[:-_MAC_SIZE]
-    expected = hmac.new(key, body, hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, blob[-_MAC_SIZE:]):
-        raise ForgedPayload(f"{path}: HMAC does not verify")
-    _, version, index_size = _HEADER.unpack_from(blob)
-    if version != _VERSION:
-        raise ValueError(f"{path}: dump format version {version}, expected {_VERSION}")
-    index_end = _HEADER.size + index_size
-    index = json.loads(bytes(body[_HEADER.size : index_end]))
-    payload = body[index_end:]
 
-    buffer_file = memoryview(b"")
-    if index["buffer_file_size"]:
-        buffer_file = _map_buffers(path + _BUFFER_SUFFIX, index["buffer_file_size"])
+    def __init__(self, path: str, key: bytes) -> None:
+        with open(path, "rb") as f:
+            blob = f.read()
+        if len(blob) < _HEADER.size + _MAC_SIZE or not blob.startswith(_MAGIC):
+            raise ForgedPayload(f"{path} is not a forkreload dump")
+        body = memoryview(blob)[:-_MAC_SIZE]
+        expected = hmac.new(key, body, hashlib.sha256).digest()
+        if not hmac.compare_digest(expected, blob[-_MAC_SIZE:]):
+            raise ForgedPayload(f"{path}: HMAC does not verify")
+        _, version, index_size = _HEADER.unpack_from(blob)
+        if version != _VERSION:
+            raise ValueError(f"{path}: dump format version {version}, expected {_VERSION}")
+        index_end = _HEADER.size + index_size
+        self.path = path
+        self.index: dict[str, Any] = json.loads(bytes(body[_HEADER.size : index_end]))
+        self.meta: dict[str, Any] = self.index.get("meta", {})
+        self.payload = body[index_end:]
 
-    global _target_globals
-    values: dict[str, Any] = {}
-    failed: dict[str, str] = {}
-    _target_globals = globals_ns
-    try:
-        for group in index["groups"]:
-            names = group["names"]
-            start, length = group["pickle"]
-            buffers = [buffer_file[o : o + n] for o, n in group["buffers"]]
-            try:
-                loaded = pickle.loads(payload[start : start + length], buffers=buffers)
-            except Exception as exc:
-                failed.update(dict.fromkeys(names, _reason(exc, type(exc).__name__)))
-                continue
-            if len(names) == 1:
-                values[names[0]] = loaded
-            else:
-                values.update(zip(names, loaded, strict=True))
-    finally:
-        _target_globals = None
+    def load(self, globals_ns: dict[str, Any]) -> LoadResult:
+        """Unpickle every group (one failure costs only its group), then
+        restore the random state.
 
-    # After the values: unpickling them must not leave the generators moved.
-    start, length = index["rng"]
-    try:
-        restore_rng_state(pickle.loads(payload[start : start + length]))
-        rng_restored = True
-    except Exception:
-        rng_restored = False
-    return LoadResult(values=values, loaded=list(values), failed=failed, rng_restored=rng_restored)
+        Raises ForgedPayload if the buffer file does not match the index.
+        Functions defined in cells are rebuilt with ``globals_ns`` as their
+        globals; ``globals_ns`` is not otherwise touched (assign ``values``).
+        """
+        index, payload = self.index, self.payload
+        buffer_file = memoryview(b"")
+        if index["buffer_file_size"]:
+            buffer_file = _map_buffers(self.path + _BUFFER_SUFFIX, index["buffer_file_size"])
+
+        global _target_globals
+        values: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        _target_globals = globals_ns
+        try:
+            for group in index["groups"]:
+                names = group["names"]
+                start, length = group["pickle"]
+                buffers = [buffer_file[o : o + n] for o, n in group["buffers"]]
+                try:
+                    loaded = pickle.loads(payload[start : start + length], buffers=buffers)
+                except Exception as exc:
+                    failed.update(dict.fromkeys(names, _reason(exc, type(exc).__name__)))
+                    continue
+                if len(names) == 1:
+                    values[names[0]] = loaded
+                else:
+                    values.update(zip(names, loaded, strict=True))
+        finally:
+            _target_globals = None
+
+        # After the values: unpickling them must not leave the generators moved.
+        start, length = index["rng"]
+        try:
+            restore_rng_state(pickle.loads(payload[start : start + length]))
+            rng_restored = True
+        except Exception:
+            rng_restored = False
+        return LoadResult(values=values, loaded=list(values), failed=failed, rng_restored=rng_restored)
+
+
+def load_namespace(path: str, key: bytes, globals_ns: dict[str, Any]) -> LoadResult:
+    """Verify and load a dump made by ``dump_namespace`` (see `Dump`)."""
+    return Dump(path, key).load(globals_ns)
 
 
 def remove_dump(path: str) -> None:

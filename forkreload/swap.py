@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import notices
 from .config import MODES, LearnedModules, Settings
+from .migrate import remove_dump
 from .pool import ControllerError, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import LoadAnswer, ModuleInfo, Reload
 from .watch import SourceWatch
@@ -385,7 +386,7 @@ class Swapper:
                 report.error = str(exc)
             if new is not None:
                 self.pool.retire(new)
-            _remove_dump(path)
+            remove_dump(path)
             self.pool.refill_spare()
             report.seconds = round(time.perf_counter() - t0, 4)
             if report.failed_module:
@@ -396,7 +397,7 @@ class Swapper:
             self.last_report = report
             log.debug("swap failed after %.1f ms: %s", report.seconds * 1000, report.error)
             return report
-        _remove_dump(path)
+        remove_dump(path)
         report.migrated = list(loaded.get("loaded", []))
         report.lost.update(loaded.get("failed", {}))
         log.debug("load: %d variables in %.1f ms (agent side); modules gone: %s", len(report.migrated), loaded.get("seconds", 0.0) * 1000, loaded.get("gone", []))
@@ -507,9 +508,3 @@ class Swapper:
         }
 
 
-def _remove_dump(path: str) -> None:
-    for suffix in ("", ".buf", ".meta"):
-        try:
-            os.unlink(path + suffix)
-        except OSError:
-            pass

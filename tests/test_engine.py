@@ -458,3 +458,23 @@ def test_importlib_reload_in_a_cell_is_what_the_worker_runs(project, make_sessio
     assert r.stdout == "2\n", r
     r = s.execute("print(m.K)")
     assert r.stdout == "2\n" and r.reload is None and r.notice == ""
+
+
+def test_outputs_and_dunder_variables_cross_a_swap(project, make_session):
+    project.write("m.py", "K = 1\n")
+    s = make_session()
+    s.execute("import m, threading")
+    s.execute("[1, 2]")  # Out[2]
+    s.execute("threading.Lock()")  # Out[3]: cannot be pickled
+    s.execute("'text'")  # Out[4]
+    s.execute("x = Out[2]; __version__ = '1.0'")
+    project.write("m.py", "K = 2\n")
+    r = s.execute("print(m.K, Out[2], _2, Out[4], repr(_), x is Out[2] is _2, __version__, 3 in Out)")
+    assert r.reload.mode == "fresh" and r.reload.ok
+    assert r.stdout == "2 [1, 2] [1, 2] text 'text' True 1.0 False\n", r.stdout
+    assert r.reload.lost == {"Out": "1 of 3 results cannot be pickled and were dropped"}, r.reload
+    assert "Out (1 of 3 results cannot be pickled and were dropped)" in r.notice
+    assert r.execution_count == 6
+    # The display hook goes on from there: the next result rotates them.
+    assert s.execute("7").result == "7"
+    assert s.execute("print(_, __)").stdout == "7 text\n"
