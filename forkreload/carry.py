@@ -185,14 +185,22 @@ class Setting:
     describe: Callable[[Any], str]  # a short text of a captured value
 
 
+def _show(value: object) -> str:
+    if type(value) is Packed:
+        return f"({value.error})" if value.error else "(pickled)"
+    return repr(value)
+
+
 def _items(value: Mapping[str, object]) -> str:
-    return ", ".join(f"{k}={v.what if type(v) is Packed else v!r}" for k, v in value.items())
+    return ", ".join(f"{k}={_show(v)}" for k, v in value.items())
 
 
-# warnings: the whole list, as the old worker has it. The kernel adds its own
-# filters at start, so the list a fresh worker has is the one it had when
-# this module was imported (in the snapshot) plus those: replacing the list
-# rather than adding to it keeps exactly one copy of each.
+# warnings: the whole list, as the old worker has it, whenever it differs
+# from the list when this module was imported (in the snapshot, after the
+# preloads). In a worker it nearly always does (the kernel adds filters at
+# start, and so does numpy's import when it is not preloaded): replacing the
+# list keeps exactly one copy of each of those. Filters the new worker added
+# itself that the old one lacks (an edited module's import) are kept too.
 
 _BASE_FILTERS = list(warnings.filters)
 
@@ -221,7 +229,11 @@ def _apply_warnings(m: types.ModuleType, value: list[object]) -> list[str]:
             lines.append(f"reset: warnings filter {what} ({_why(exc)})")
             continue
         filters.append(f)
-    m.filters[:] = filters  # the same list object: _warnings holds it too
+    # Filters this worker added since the snapshot that the old worker lacks
+    # (an edited user module's import adds one) stay, in front: they are
+    # the newest.
+    added = [f for f in m.filters if f not in _BASE_FILTERS and f not in filters]
+    m.filters[:] = added + filters  # the same list object: _warnings holds it too
     mutated = getattr(m, "_filters_mutated", None) or getattr(m, "_filters_mutated_lock_held", None)
     if mutated is not None:
         mutated()
@@ -350,7 +362,7 @@ def _numpy_print_defaults(m: types.ModuleType) -> dict[str, Any] | None:
 def _read_numpy_print(m: types.ModuleType) -> Any:
     current = m.get_printoptions()
     default = _numpy_print_defaults(m) or {}
-    value = {k: _pack(v, f"numpy print option {k}") for k, v in current.items() if k not in default or _differs(v, default[k])}
+    value = {k: _pack(v, k) for k, v in current.items() if k not in default or _differs(v, default[k])}
     return value or None
 
 
