@@ -504,7 +504,8 @@ def _read_matplotlib(m: types.ModuleType) -> Any:
     current, orig = getattr(m, "rcParams", None), getattr(m, "rcParamsOrig", None)
     if current is None or orig is None:
         return None
-    # dict's own accessors: RcParams.__getitem__ would resolve the backend.
+    if not isinstance(current, dict) or not isinstance(orig, dict):
+        return None  # dict's own accessors below: RcParams.__getitem__ would resolve the backend
     base = dict(dict.items(orig))
     value = {k: _pack(v, k) for k, v in dict.items(current) if k not in _MPL_SKIP and (k not in base or _differs(v, base[k]))}
     return value or None
@@ -749,6 +750,34 @@ def _patches(namespace: Mapping[str, object], user: frozenset[str]) -> list[str]
     return lines
 
 
+def _made_by(value: object, what: str, user: frozenset[str]) -> str | None:
+    """The line for `what` when `value` is the user's, else None."""
+    where = getattr(value, "__module__", None)
+    if where not in user:
+        return None
+    if where == "__main__":
+        return f"not carried: {what} from a cell"
+    return f"not carried: {what} (kept only if importing {where} does it)"
+
+
+def _registries(user: frozenset[str]) -> list[str]:
+    """Entries the user added to library registries: copyreg's reducers and
+    pandas' extension dtypes (pandas' accessors are class attributes, found
+    with the patches)."""
+    lines = []
+    copyreg = sys.modules.get("copyreg")
+    for cls, reducer in list(getattr(copyreg, "dispatch_table", {}).items()):
+        line = _made_by(reducer, f"copyreg reducer for {_name(cls)}", user) or _made_by(cls, f"copyreg reducer for {_name(cls)}", user)
+        if line:
+            lines.append(line)
+    registry = getattr(sys.modules.get("pandas.core.dtypes.base"), "_registry", None)
+    for dtype in list(getattr(registry, "dtypes", [])):
+        line = _made_by(dtype, f"pandas extension dtype {_name(dtype)} registered", user)
+        if line:
+            lines.append(line)
+    return lines
+
+
 def _handlers(user: frozenset[str]) -> list[str]:
     import logging
 
@@ -806,7 +835,12 @@ def uncarried(namespace: Mapping[str, object] | None = None, user_modules: Itera
         user = frozenset([*user_modules, "__main__"]) if user_modules is not None else _user_names()
     except Exception as exc:
         return [f"not carried: (forkreload could not check: {_short(exc)})"]
-    parts: list[Callable[[], list[str]]] = [lambda: _patches(namespace, user), lambda: _handlers(user), lambda: _threads(user)]
+    parts: list[Callable[[], list[str]]] = [
+        lambda: _patches(namespace, user),
+        lambda: _registries(user),
+        lambda: _handlers(user),
+        lambda: _threads(user),
+    ]
     for part in parts:
         try:
             lines += part()
