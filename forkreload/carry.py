@@ -25,12 +25,17 @@ Where the agent calls it (the lead wires it; nothing here is called yet):
   It never raises.
 * ``apply(captured)`` in the NEW worker's ``Agent.load``, after the user's
   modules were imported fresh (so that carried values win over what their
-  import set, and categories of user modules resolve to the new classes)
-  and after ``migrate.load_namespace`` (so that a class defined in a cell
-  that is also a variable is the same class in the filter: cloudpickle
-  rebuilds a class pickled by value once per process).  It imports a
-  library the old worker had and the new one lacks (the cells' values need
-  it too).  It never raises; it returns notice lines, one per setting or
+  import set, and categories of user modules resolve to the new classes),
+  best after ``migrate.load_namespace`` (the libraries the values need are
+  imported by then).  A class defined in a cell that is both a variable and
+  a warnings category comes back as one class whatever the order
+  (cloudpickle rebuilds a class pickled by value once per process).  It
+  imports a library the old worker had and the new one still lacks (a
+  setting of torch or matplotlib costs their import then).  It must run in
+  the main thread, in the handler of the agent's request: numpy's print
+  options and error handling, and the decimal context, are context
+  variables, and ipykernel runs the agent's requests in the cells' context.
+  It never raises; it returns notice lines, one per setting or
   part of one that could not be carried, each starting with ``reset:``
   (e.g. ``reset: warnings filter ignore::shapes.OldWarning (shapes.OldWarning
   no longer exists)``), for the cell's notice.
@@ -82,11 +87,14 @@ _KERNEL_PACKAGES = frozenset(
 )
 # Loggers the kernel configures (IPKernelApp is traitlets' application logger).
 _KERNEL_LOGGERS = _KERNEL_PACKAGES | {"IPKernelApp"}
-#: The threads of an ipykernel worker (ipykernel 7): MainThread, IOPub,
-#: Heartbeat, Control, Shell channel, IPythonHistorySavingThread, the parent
-#: poller and two ``Thread-N (_watch_pipe_fd)``.  They are told apart by the
-#: module of their class or target (``_kernel_thread``), not by these names.
-KERNEL_THREAD_NAMES = ("MainThread", "IOPub", "Heartbeat", "Control", "Shell channel", "IPythonHistorySavingThread")
+# The threads of a forkreload worker (ipykernel 7.4, read from a live one):
+# MainThread, IOPub (target ipykernel.iostream), Heartbeat
+# (ipykernel.heartbeat.Heartbeat), Control (ipykernel.control), Shell channel
+# (ipykernel.shellchannel), IPythonHistorySavingThread (IPython.core.history),
+# the parent poller (ipykernel.parentpoller) and two "Thread-N
+# (_watch_pipe_fd)" (target ipykernel.iostream). They are told apart by the
+# module of their class or target (`_kernel_thread`), not by their names,
+# which a user's thread may share.
 
 
 class Packed(NamedTuple):
@@ -264,16 +272,20 @@ def _read_logging(m: types.ModuleType) -> Any:
 
 
 def _apply_logging(m: types.ModuleType, value: dict[str, Any]) -> list[str]:
+    lines = []
     if "root" in value:
         m.root.setLevel(value["root"])
     if "disable" in value:
         m.disable(value["disable"])
     for name, (level, disabled, propagate) in value.get("loggers", {}).items():
-        lg = m.getLogger(name)
-        lg.setLevel(level)
-        lg.disabled = disabled
-        lg.propagate = propagate
-    return []
+        try:
+            lg = m.getLogger(name)
+            lg.setLevel(level)
+            lg.disabled = disabled
+            lg.propagate = propagate
+        except Exception as exc:
+            lines.append(f"reset: logger {name!r} ({_why(exc)})")
+    return lines
 
 
 def _describe_logging(value: dict[str, Any]) -> str:

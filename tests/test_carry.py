@@ -286,6 +286,38 @@ def test_torch_globals(tmp_path):
     assert res["torch"] == ["torch.float64", False, 1]
 
 
+def test_torch_table_entry_against_a_stand_in():
+    """The torch entry's calls, where torch itself is not installed."""
+    import types
+
+    from forkreload import carry
+
+    state = {"dtype": "float32", "grad": True, "threads": 8, "det": False, "prec": "highest"}
+    torch = types.SimpleNamespace(
+        float32="float32",
+        float64="float64",
+        get_default_dtype=lambda: state["dtype"],
+        set_default_dtype=lambda d: state.update(dtype=d),
+        is_grad_enabled=lambda: state["grad"],
+        set_grad_enabled=lambda on: state.update(grad=on),
+        get_num_threads=lambda: state["threads"],
+        set_num_threads=lambda n: state.update(threads=n),
+        are_deterministic_algorithms_enabled=lambda: state["det"],
+        use_deterministic_algorithms=lambda on: state.update(det=on),
+        get_float32_matmul_precision=lambda: state["prec"],
+        set_float32_matmul_precision=lambda p: state.update(prec=p),
+    )
+    entry = carry._BY_NAME["torch.globals"]
+    assert entry.read(torch) == {"num_threads": 8}
+    state.update(dtype="float64", grad=False, threads=2, det=True, prec="high")
+    value = entry.read(torch)
+    assert value == {"num_threads": 2, "default_dtype": "float64", "grad_enabled": False, "deterministic_algorithms": True, "float32_matmul_precision": "high"}
+    state.update(dtype="float32", grad=True, threads=8, det=False, prec="highest")
+    assert entry.apply(torch, value) == []
+    assert state == {"dtype": "float64", "grad": False, "threads": 2, "det": True, "prec": "high"}
+    assert entry.apply(torch, {"default_dtype": "bfloat77"}) == ["reset: torch default_dtype (AttributeError: 'types.SimpleNamespace' object has no attribute 'bfloat77')"]
+
+
 UNCARRIED_CELL = """
 import json, logging, threading, builtins
 import numpy as np, pandas as pd
