@@ -744,6 +744,13 @@ def _patch_owners(namespace: Mapping[str, object], user: frozenset[str]) -> tupl
     return list(modules.values()), list(classes.values())
 
 
+# What the interpreter and IPython store in library modules on their own: the
+# last error (its type may be a cell's class) and the last result.
+_NOT_PATCHES = frozenset(
+    [("sys", n) for n in ("last_type", "last_value", "last_traceback", "last_exc")] + [("builtins", n) for n in ("_", "__", "___")]
+)
+
+
 def _patches(namespace: Mapping[str, object], user: frozenset[str]) -> list[str]:
     lines = []
     modules, classes = _patch_owners(namespace, user)
@@ -767,6 +774,8 @@ def _patches(namespace: Mapping[str, object], user: frozenset[str]) -> list[str]
                 continue
             if attr.startswith("__") and attr.endswith("__") and not isinstance(raw, func):
                 continue  # __class__ and the like
+            if (owner, attr) in _NOT_PATCHES:
+                continue
             if where == "__main__":
                 lines.append(f"not carried: {owner}.{attr} patched from a cell")
             else:

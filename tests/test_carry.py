@@ -319,7 +319,7 @@ def test_torch_table_entry_against_a_stand_in():
 
 
 UNCARRIED_CELL = """
-import json, logging, threading, builtins
+import json, logging, sys, threading, builtins
 import numpy as np, pandas as pd
 from forkreload import carry
 import usermod
@@ -331,6 +331,10 @@ pd.DataFrame.to_markdown = to_markdown
 pd.Series.shout = staticmethod(lambda s: s)
 np.linalg.norm2 = usermod.fmt
 builtins.helper = to_markdown
+builtins._ = to_markdown        # the last result, as the interactive interpreter keeps it: not a patch
+class CellError(Exception):
+    pass
+sys.last_type = CellError       # the last error, as IPython records it: not a patch
 json.load = to_markdown
 
 @pd.api.extensions.register_dataframe_accessor("geo")
