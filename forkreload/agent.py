@@ -43,7 +43,7 @@ import traceback
 import types
 from typing import Any
 
-from . import migrate, protocol, reload
+from . import carry, migrate, protocol, reload
 
 __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
 
@@ -54,8 +54,11 @@ _FORKRELOAD_DIR = os.path.dirname(os.path.abspath(__file__))
 _MODULE_DUNDERS = frozenset(
     {"__name__", "__doc__", "__package__", "__loader__", "__spec__", "__builtins__", "__builtin__", "__file__", "__cached__"}
 )
-# Dump entries that are results in Out, not variables.
-_OUT_PREFIX = "Out[]"
+# Dump entries that are the session's, not variables: results in Out, and
+# the process-wide settings (`carry`).
+_SESSION_ENTRY = "forkreload:"
+_OUT_PREFIX = _SESSION_ENTRY + "Out:"
+_SETTINGS_ENTRY = _SESSION_ENTRY + "settings"
 
 
 def _output_number(value: object, outputs: dict[int, Any]) -> int | None:
@@ -674,7 +677,7 @@ class Agent:
         # pickled with the variables so that one shared with a variable
         # stays one object.
         outputs = {f"{_OUT_PREFIX}{n}": v for n, v in self.shell.history_manager.output_hist.items()}
-        values = {**{n: ns[n] for n in names}, **outputs}
+        values = {**{n: ns[n] for n in names}, **outputs, _SETTINGS_ENTRY: carry.capture()}
         hm = self.shell.history_manager
         meta = {
             "execution_count": self.shell.execution_count,
@@ -688,8 +691,8 @@ class Agent:
             "requested": [n for n in self.requested if n in self.user_modules],
         }
         dump = migrate.dump_namespace(values, list(values), self.key, path, globals_ns=ns, meta=meta)
-        lost = {k: v for k, v in dump.lost.items() if not k.startswith(_OUT_PREFIX)}
-        dropped = len(dump.lost) - len(lost)
+        lost = {k: v for k, v in dump.lost.items() if not k.startswith(_SESSION_ENTRY)}
+        dropped = sum(k.startswith(_OUT_PREFIX) for k in dump.lost)
         if dropped:
             # Out keeps every result: name the loss, not each value.
             lost["Out"] = f"{dropped} of {len(outputs)} results cannot be pickled and were dropped"
@@ -700,7 +703,7 @@ class Agent:
             "groups": [g for g in dump.groups if len(g) > 1],
             "inband_bytes": dump.inband_bytes,
             "buffer_bytes": dump.buffer_bytes,
-            "reset": self._state_reset(),
+            "reset": self._state_reset() + carry.uncarried(ns, list(self.user_modules)),
             "seconds": round(time.perf_counter() - t0, 4),
         }
 
@@ -757,7 +760,10 @@ class Agent:
         ns = self.shell.user_ns
         res = dump.load(ns)
         outputs = {int(k[len(_OUT_PREFIX):]): v for k, v in res.values.items() if k.startswith(_OUT_PREFIX)}
-        ns.update({k: v for k, v in res.values.items() if not k.startswith(_OUT_PREFIX)})
+        ns.update({k: v for k, v in res.values.items() if not k.startswith(_SESSION_ENTRY)})
+        # After the modules and the values: carried settings win over what
+        # an import set, and name classes that exist by now.
+        notes = carry.apply(res.values.get(_SETTINGS_ENTRY, {}))
         self.shell.execution_count = meta["execution_count"]
         hm = self.shell.history_manager
         hm.input_hist_raw[:] = meta["history_raw"]
@@ -768,14 +774,15 @@ class Agent:
             if number in outputs:
                 ns[name] = outputs[number]
         _restore_displayhook(self.shell, ns)
-        failed = {name: _rebuild_failure(why) for name, why in res.failed.items() if not name.startswith(_OUT_PREFIX)}
-        dropped = len(res.failed) - len(failed)
+        failed = {name: _rebuild_failure(why) for name, why in res.failed.items() if not name.startswith(_SESSION_ENTRY)}
+        dropped = sum(k.startswith(_OUT_PREFIX) for k in res.failed)
         if dropped:
             failed["Out"] = f"{dropped} results cannot be rebuilt with the new code and were dropped"
         return {
             "ok": True,
-            "loaded": [n for n in res.loaded if not n.startswith(_OUT_PREFIX)],
+            "loaded": [n for n in res.loaded if not n.startswith(_SESSION_ENTRY)],
             "failed": failed,
+            "notes": notes,
             "gone": gone,
             "modules": self.modules()["modules"],
             "seconds": round(time.perf_counter() - t0, 4),

@@ -130,6 +130,7 @@ class LoadAnswer(TypedDict, total=False):
     error: str
     loaded: list[str]
     failed: dict[str, str]  # variable -> why it cannot be rebuilt with the new code
+    notes: list[str]  # process-wide settings that could not be carried
     gone: list[str]  # user modules whose files no longer exist
     modules: list[ModuleInfo]
     seconds: float

@@ -400,6 +400,7 @@ class Swapper:
         remove_dump(path)
         report.migrated = list(loaded.get("loaded", []))
         report.lost.update(loaded.get("failed", {}))
+        report.notes += loaded.get("notes", [])
         log.debug("load: %d variables in %.1f ms (agent side); modules gone: %s", len(report.migrated), loaded.get("seconds", 0.0) * 1000, loaded.get("gone", []))
         report.previous = keep_old
         self.switch(new, parent, keep_old=keep_old, modules=loaded.get("modules", []))

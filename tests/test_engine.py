@@ -478,3 +478,30 @@ def test_outputs_and_dunder_variables_cross_a_swap(project, make_session):
     # The display hook goes on from there: the next result rotates them.
     assert s.execute("7").result == "7"
     assert s.execute("print(_, __)").stdout == "7 text\n"
+
+
+def test_process_wide_settings_cross_a_swap_and_what_cannot_is_named(project, make_session):
+    project.write("m.py", "K = 1\n")
+    s = make_session(preload=["numpy", "pandas"])
+    r = s.execute(
+        "import m, textwrap, logging, sys, warnings, decimal, threading, time, numpy as np, pandas as pd\n"
+        "np.set_printoptions(precision=2); np.seterr(divide='raise'); pd.set_option('display.max_rows', 7)\n"
+        "warnings.filterwarnings('ignore', message='quiet please'); logging.getLogger('app').setLevel(logging.DEBUG)\n"
+        "sys.setrecursionlimit(4321); decimal.getcontext().prec = 7\n"
+        "def my_shorten(*a, **k):\n    return 'patched'\n"
+        "textwrap.shorten = my_shorten\n"
+        "t = threading.Thread(target=time.sleep, args=(30,), name='poller', daemon=True); t.start()"
+    )
+    assert r.status == "ok", r
+    project.write("m.py", "K = 2\n")
+    r = s.execute(
+        "print(m.K, np.array([1/3]), np.geterr()['divide'], pd.get_option('display.max_rows'),"
+        " logging.getLogger('app').level, sys.getrecursionlimit(), decimal.getcontext().prec,"
+        " any(f[0] == 'ignore' and f[1] is not None and f[1].pattern == 'quiet please' for f in warnings.filters),"
+        " textwrap.shorten('hello world', 20))"
+    )
+    assert r.reload.mode == "fresh" and r.reload.ok, r.reload
+    assert r.stdout == "2 [0.33] raise 7 10 4321 7 True hello world\n", r.stdout
+    notes = " ".join(r.reload.notes)
+    assert "not carried: textwrap.shorten" in notes and "not carried: thread 'poller'" in notes, r.reload.notes
+    assert "not carried: textwrap.shorten" in r.notice
