@@ -29,8 +29,11 @@ class Project:
         (root / self.pkg).mkdir()
         (root / self.pkg / "__init__.py").write_text("")
         self.user_ns: dict[str, Any] = {"In": [""], "__name__": "__main__"}
-        kernel = SimpleNamespace(shell=SimpleNamespace(user_ns=self.user_ns, user_ns_hidden={"In": self.user_ns["In"]}),
-                                 session=SimpleNamespace(key=b"test"))
+        # The parts of IPython's shell the agent reads (a stand-in for the
+        # kernel around it, not for the agent under test).
+        shell = SimpleNamespace(user_ns=self.user_ns, user_ns_hidden={"In": self.user_ns["In"]},
+                                history_manager=SimpleNamespace(output_hist={}))
+        kernel = SimpleNamespace(shell=shell, session=SimpleNamespace(key=b"test"))
         self.agent = Agent(kernel, str(root), [])
 
     def write(self, name: str, source: str | bytes) -> Path:
