@@ -566,13 +566,16 @@ class Controller:
         pool = self.swapper.pool
         assert pool is not None
         workers = self.swapper.workers()
-        key = (pool.fileno(), id(self.worker), *((id(w), w.pidfd) for w in workers))
+        building = self.swapper.pending_fileno()
+        key = (pool.fileno(), building, id(self.worker), *((id(w), w.pidfd) for w in workers))
         if key != self._poll_key:
             poller = zmq.Poller()
             for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
                 poller.register(s, zmq.POLLIN)
             poller.register(sigfd, zmq.POLLIN)
             poller.register(pool.fileno(), zmq.POLLIN)
+            if building is not None:
+                poller.register(building, zmq.POLLIN)
             for w in workers:
                 poller.register(w.pidfd, zmq.POLLIN)
                 # A spare says nothing until it is taken (its welcome is read
@@ -595,6 +598,9 @@ class Controller:
             self._on_signals(os.read(sigfd, 64))
         while self.deferred_control:
             self._on_front_control(*self.deferred_control.pop(0))
+        building = self.swapper.pending_fileno()
+        if building is not None and building in events:
+            self.swapper.building_ready()
         if pool.fileno() in events:
             try:
                 pool.read_message()

@@ -56,6 +56,7 @@ class WorkerHandle:
         self.pidfd = pidfd
         self.ready = False
         self.dead = False
+        self.pool: WorkerPool | None = None  # the snapshot it was forked from
         # Front-end requests forwarded and not answered yet: msg_id -> (identities, header).
         self.inflight: dict[str, tuple[list[bytes], dict[str, Any]]] = {}
         # Requests the worker said busy for and not idle yet.
@@ -112,15 +113,23 @@ class WorkerPool:
         self.exit_statuses: dict[int, str] = {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: Channel | None = None
+        self._listener: socket.socket | None = None  # while the snapshot starts
 
     # -- the snapshot ------------------------------------------------------
 
     def start(self) -> dict[str, Any]:
         """Spawn the snapshot and wait for its hello (the preload report)."""
-        sock_path = os.path.join(self.privdir, "snapshot.sock")
+        self.launch()
+        return self.connect()
+
+    def launch(self) -> None:
+        """Spawn the snapshot; `connect` takes its hello once `pending_fileno`
+        is readable (it connects when its preloads are imported)."""
+        sock_path = os.path.join(self.privdir, f"snapshot-{uuid.uuid4().hex[:8]}.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         listener.bind(sock_path)
         listener.listen(1)
+        self._listener = listener
         env = dict(os.environ)
         env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         # debugpy (pre-imported for fast worker start) warns about frozen modules.
@@ -146,10 +155,25 @@ class WorkerPool:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
         self.proc.stdin.close()
+
+    def pending_fileno(self) -> int | None:
+        """While the snapshot starts: a descriptor readable once it connected."""
+        return self._listener.fileno() if self._listener is not None else None
+
+    def starting_failed(self) -> bool:
+        """The snapshot died before it connected."""
+        return self._listener is not None and self.proc is not None and self.proc.poll() is not None
+
+    def connect(self) -> dict[str, Any]:
+        """Accept the launched snapshot and read its hello (the preload report)."""
+        listener = self._listener
+        assert listener is not None
+        sock_path = listener.getsockname()
         try:
             conn = self._accept(listener)
         finally:
             listener.close()
+            self._listener = None
             os.unlink(sock_path)
         self.chan = Channel(conn, self.key)
         hello, _ = self.chan.recv()
@@ -230,7 +254,9 @@ class WorkerPool:
                 os.close(fd)
             raise ControllerError(f"could not fork a worker: {msg.get('error', 'no process handle')}")
         conn = worker_connection(self.privdir, wid, self.key.decode())
-        return WorkerHandle(self.ctx, wid, msg["pid"], fds[0], conn)
+        w = WorkerHandle(self.ctx, wid, msg["pid"], fds[0], conn)
+        w.pool = self
+        return w
 
     @staticmethod
     def wait_ready(w: WorkerHandle) -> None:
@@ -297,10 +323,20 @@ class WorkerPool:
 
     def close(self) -> None:
         """End the spare and the snapshot (whose death ends its other workers)."""
+        if self._listener is not None:
+            sock_path = self._listener.getsockname()
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(sock_path)
+            except OSError:
+                pass
         if self.spare is not None:
             self.retire(self.spare)
         if self.chan is not None:
             self.chan.close()  # the snapshot exits on EOF
+        elif self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()  # still importing its preloads: nothing to wait for
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=2)

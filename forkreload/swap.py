@@ -82,6 +82,14 @@ class Swapper:
         self.want_spare = False
         self.check_times: collections.deque[float] = collections.deque(maxlen=500)
         self.learned = LearnedModules(settings.project_root) if settings.learn else None
+        # In-session learning: the libraries the session's workers imported,
+        # a snapshot being built with them beside the current one, and the
+        # snapshots replaced while a worker of theirs still lives.
+        self.libs: set[str] = set()
+        self.unlearnable: set[str] = set()  # failed to preload: not tried again
+        self.building: WorkerPool | None = None
+        self.old_pools: list[WorkerPool] = []
+        self._told_imports = False
 
     # -- start and stop --------------------------------------------------------
 
@@ -127,14 +135,20 @@ class Swapper:
     def close(self) -> None:
         if self.previous is not None:
             self._retire(self.previous)
-        if self.pool is not None:
-            self.pool.close()
+        for pool in [self.building, *self.old_pools, self.pool]:
+            if pool is not None:
+                pool.close()
 
     def tick(self) -> None:
         """Between messages: a spare is forked once the cell is on its way."""
         if self.want_spare and self.pool is not None:
             self.pool.refill_spare()
             self.want_spare = False
+        if self.building is not None and self.building.starting_failed():
+            log.warning("the snapshot built to learn %s exited before it was ready", self.building.preload)
+            self.unlearnable.update(self._missing(self.pool))
+            self.building.close()
+            self.building = None
 
     # -- switching workers ---------------------------------------------------------
 
@@ -165,6 +179,7 @@ class Swapper:
                 self.previous = old
             else:
                 self._retire(old)
+        self._close_unused_pools()
         self.want_spare = True
         log.debug("current worker: %s (previous %s)", new.pid if new else None, self.previous.pid if self.previous else None)
 
@@ -184,7 +199,7 @@ class Swapper:
         if w is not self.proxy.worker:
             self._retire(w)  # the spare, or the previous worker
             return
-        why = notices.crash_reason(self.pool.exit_status(w.pid))
+        why = notices.crash_reason((w.pool or self.pool).exit_status(w.pid))
         self.proxy.fail_inflight(w, why)
         try:
             spare: WorkerHandle | None = self.pool.take_spare()
@@ -399,6 +414,11 @@ class Swapper:
             return report
         remove_dump(path)
         report.migrated = list(loaded.get("loaded", []))
+        imported = sorted(self._missing(self.pool))
+        if imported and not self._told_imports:
+            self._told_imports = True
+            building = " (a snapshot holding them is being built)" if self.building is not None else ""
+            report.notes.append(f"the new worker imported {', '.join(imported)} itself{building}")
         report.lost.update(loaded.get("failed", {}))
         report.notes += loaded.get("notes", [])
         log.debug("load: %d variables in %.1f ms (agent side); modules gone: %s", len(report.migrated), loaded.get("seconds", 0.0) * 1000, loaded.get("gone", []))
@@ -420,6 +440,10 @@ class Swapper:
         """
         old = self.pool
         assert old is not None
+        if self.building is not None:
+            # It would hold the module as it was before this edit.
+            self.building.close()
+            self.building = None
         try:
             self.pool = self.new_pool()
         except ControllerError as exc:
@@ -482,6 +506,65 @@ class Swapper:
             self.watch.add(m["name"], m["file"], m["sha"])
         if self.learned is not None and third_party:
             self.learned.add(third_party)
+            self.libs.update(third_party)
+            self._learn()
+
+    # -- in-session learning ---------------------------------------------------------------
+
+    def _missing(self, pool: WorkerPool | None) -> set[str]:
+        """Libraries the session imported that `pool`'s snapshot does not hold."""
+        return self.libs - self.unlearnable - set(pool.preload if pool is not None else ())
+
+    def _learn(self) -> None:
+        """Build a snapshot that also holds the libraries the session imported,
+        beside the current one; a swap never waits for it."""
+        if self.building is not None or self.pool is None or not self._missing(self.pool):
+            return
+        preload = [*self.pool.preload, *sorted(self._missing(self.pool))]
+        proxy = self.proxy
+        pool = self.pool_factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, preload, self._wids)
+        try:
+            pool.launch()
+        except (OSError, ControllerError) as exc:
+            log.warning("could not start a snapshot to learn %s: %s", sorted(self._missing(self.pool)), exc)
+            pool.close()
+            return
+        self.building = pool
+        log.debug("building a snapshot with %s in the background", preload)
+
+    def pending_fileno(self) -> int | None:
+        """A descriptor readable when the snapshot being built is ready to connect."""
+        return self.building.pending_fileno() if self.building is not None else None
+
+    def building_ready(self) -> None:
+        """The snapshot built in the background connected: forks come from it now."""
+        pool, self.building = self.building, None
+        assert pool is not None and self.pool is not None
+        try:
+            hello = pool.connect()
+        except ControllerError as exc:
+            log.warning("the snapshot built to learn %s failed: %s", pool.preload, exc)
+            self.unlearnable.update(self._missing(self.pool))
+            pool.close()
+            return
+        failed = set(hello.get("preload_failed", {}))
+        self.unlearnable.update(failed)
+        old, self.pool = self.pool, pool
+        if old.spare is not None:
+            old.retire(old.spare)
+        self.old_pools.append(old)
+        self._close_unused_pools()
+        self.want_spare = True
+        log.debug("snapshot %s now serves forks (preloaded %s)", hello.get("pid"), list(hello.get("preload", {})))
+        self._learn()  # what the session imported meanwhile
+
+    def _close_unused_pools(self) -> None:
+        """End the replaced snapshots that no live worker was forked from
+        (a worker dies with its snapshot)."""
+        live = {id(w.pool) for w in (self.proxy.worker, self.previous) if w is not None and not w.dead}
+        for pool in [p for p in self.old_pools if id(p) not in live]:
+            self.old_pools.remove(pool)
+            pool.close()
 
     def status(self) -> dict[str, Any]:
         """What a user asks `%forkreload status` or `Session.status()` for."""
@@ -502,6 +585,7 @@ class Swapper:
             "worker_pid": worker.pid if worker else None,
             "spare_pid": self.pool.spare.pid if self.pool is not None and self.pool.spare else None,
             "previous_pid": self.previous.pid if self.previous else None,
+            "learning": list(self.building.preload) if self.building is not None else None,
             "watched": dict(self.watch.modules),
             "stale": f"{', '.join(self.stale.files())}: {self.stale.why}" if self.stale else None,
             "last_reload": self.last_report.as_dict() if self.last_report else None,

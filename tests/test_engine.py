@@ -505,3 +505,28 @@ def test_process_wide_settings_cross_a_swap_and_what_cannot_is_named(project, ma
     notes = " ".join(r.reload.notes)
     assert "not carried: textwrap.shorten" in notes and "not carried: thread 'poller'" in notes, r.reload.notes
     assert "not carried: textwrap.shorten" in r.notice
+
+
+@pytest.mark.timeout(120)
+def test_the_snapshot_learns_within_the_session(project, make_session):
+    # A new project, nothing preloaded: once a cell imports a library, a
+    # snapshot holding it is built in the background; the swap after that
+    # imports nothing, and the one before it says what it had to import.
+    project.write("m.py", "K = 1\n")
+    s = make_session(learn=True)
+    assert "psutil" not in s.status()["snapshot"]["preload"]
+    s.execute("import m, psutil")
+    project.write("m.py", "K = 2\n")
+    early = s.execute("print(m.K, 'psutil' in dir())")
+    assert early.stdout == "2 True\n" and early.reload.mode == "fresh"
+    deadline = time.monotonic() + 60
+    while "psutil" not in s.status()["snapshot"]["preload"]:
+        assert time.monotonic() < deadline, s.status()
+        time.sleep(0.2)
+    # (a snapshot starts in well over the few ms between these two cells)
+    assert "the new worker imported psutil itself (a snapshot holding them is being built)" in early.reload.notes, early.reload
+    project.write("m.py", "K = 3\n")
+    r = s.execute("import sys; print(m.K, 'psutil' in sys.modules)")
+    assert r.stdout == "3 True\n" and r.reload.mode == "fresh"
+    assert not any("imported" in n for n in r.reload.notes), r.reload.notes
+    assert s.status()["learning"] is None
