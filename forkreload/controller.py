@@ -56,6 +56,10 @@ __all__ = ["Controller", "Settings", "ControllerError"]
 log = logging.getLogger("forkreload.controller")
 
 DELIM = b"<IDS|MSG>"
+# Shell requests a kernel answers (ipykernel drops a type it does not know).
+_ANSWERED = frozenset(
+    {"execute_request", "complete_request", "inspect_request", "history_request", "is_complete_request", "kernel_info_request", "comm_info_request"}
+)
 # Cells that are only this magic act before they run, so the notice lands in them.
 _UPFRONT: dict[tuple[str, ...], str] = {("%forkreload", "fresh"): "fresh", ("%forkreload", "back"): "back"}
 
@@ -278,6 +282,10 @@ class Controller:
             if msg_id not in w.busy_for:
                 self.status_message(header, "busy")  # it died before saying busy
             self._reply_dead(idents, header, why)
+            if msg_id in self.stop_on_error:
+                # As for any failing cell: what was queued behind it assumed its values.
+                self.stop_on_error.discard(msg_id)
+                self._abort_held()
         w.inflight.clear()
 
     def _reply_dead(self, idents: list[bytes], header: dict[str, Any], why: str) -> None:
@@ -431,9 +439,10 @@ class Controller:
             w = self.swapper.ensure_worker()
             if content.get("stop_on_error", True) and not content.get("silent", False):
                 self.stop_on_error.add(msg_id)
-        if msg_type.endswith("_request"):
-            # Only requests get replies (comm messages do not): the worker is
-            # idle again, and may be swapped, once these are answered.
+        if msg_type in _ANSWERED:
+            # The worker is idle again, and may be swapped, once these are
+            # answered (comm messages and request types it does not know get
+            # no reply).
             w.inflight[header.get("msg_id", "")] = (idents, header)
         w.shell.send_multipart(frames)
 

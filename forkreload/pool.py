@@ -73,6 +73,12 @@ class WorkerHandle:
         self.iopub = ctx.socket(zmq.SUB)
         self.iopub.setsockopt(zmq.RCVHWM, 0)
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        # The worker binds after this connects: zmq retries on its own
+        # timer. A stdin not yet connected when the first cell runs would
+        # lose its input_request, so wait_ready watches for its handshake.
+        for s in (self.shell, self.stdin, self.control, self.iopub):
+            s.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.stdin_monitor: zmq.Socket[bytes] | None = self.stdin.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.shell.connect(base + str(conn["shell_port"]))
         self.stdin.connect(base + str(conn["stdin_port"]))
         self.control.connect(base + str(conn["control_port"]))
@@ -87,7 +93,14 @@ class WorkerHandle:
             except ProcessLookupError:
                 pass
 
+    def stop_monitor(self) -> None:
+        if self.stdin_monitor is not None:
+            self.stdin.disable_monitor()
+            self.stdin_monitor.close(linger=0)
+            self.stdin_monitor = None
+
     def close(self) -> None:
+        self.stop_monitor()
         for s in self.sockets:
             s.close(linger=0)
         if self.pidfd >= 0:
@@ -260,15 +273,20 @@ class WorkerPool:
 
     @staticmethod
     def wait_ready(w: WorkerHandle) -> None:
-        """Block until the worker's iopub welcome arrived: only then is routing safe.
-
-        Nothing else a worker publishes before it is routed to matters.
+        """Block until the worker's iopub welcome arrived and its stdin is
+        connected: only then is routing safe (output and input_request reach
+        the front end). Nothing else a worker publishes before it is routed
+        to matters.
         """
         deadline = time.monotonic() + _READY_TIMEOUT
         poller = zmq.Poller()
         poller.register(w.iopub, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
-        while not w.ready:
+        monitor = w.stdin_monitor
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
+        stdin_ready = monitor is None
+        while not (w.ready and stdin_ready):
             if time.monotonic() > deadline:
                 raise WorkerDied("the new worker did not start in time")
             events = dict(poller.poll(200))
@@ -278,7 +296,11 @@ class WorkerPool:
             if w.iopub in events:
                 frames = w.iopub.recv_multipart()
                 header = json.loads(frames[frames.index(b"<IDS|MSG>") + 2] or b"{}")
-                w.ready = header.get("msg_type") == "iopub_welcome"
+                w.ready = w.ready or header.get("msg_type") == "iopub_welcome"
+            if monitor is not None and monitor in events:
+                monitor.recv_multipart()  # only the handshake event is subscribed
+                stdin_ready = True
+        w.stop_monitor()
 
     def take_spare(self) -> WorkerHandle:
         """A started worker with no user state: the spare, or a new fork.

@@ -258,7 +258,8 @@ class Swapper:
 
     def before_cell(self, parent: dict[str, Any]) -> Reload | None:
         """Bring the idle current worker up to date with the files; the report, if any."""
-        if self.back_requested:
+        went_back = self.back_requested
+        if went_back:
             self.back_requested = False
             self.back(parent)
         t0 = time.perf_counter()
@@ -272,7 +273,7 @@ class Swapper:
             report, self.pending_report = self.pending_report, None
             self.proxy.notice(parent, notices.crash_text(report.reason), error=True)
             return report
-        if self.stale is not None:
+        if self.stale is not None and not went_back:  # the back notice said it already
             self.proxy.notice(parent, notices.stale_reminder(self.stale.files(), self.stale.why), error=True)
         return None
 
@@ -382,7 +383,10 @@ class Swapper:
         try:
             new = self.pool.take_spare()
             phase("spare")
-            exported = self.proxy.call_agent(old, "export", path)
+            try:
+                exported = self.proxy.call_agent(old, "export", path)
+            except WorkerDied:
+                return self._died_exporting(parent, old, new, report, path)
             phase("export")
             if exported.get("ok") is False:
                 raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
@@ -429,6 +433,20 @@ class Swapper:
         report.seconds = round(time.perf_counter() - t0, 4)
         self.proxy.notice(parent, notices.fresh_text(report))
         self.last_report = report
+        return report
+
+    def _died_exporting(self, parent: dict[str, Any] | None, old: WorkerHandle, new: WorkerHandle, report: Reload, path: str) -> Reload:
+        """The old worker died while its values were exported: a crash, not
+        a failed swap. The fresh worker, which is fine, takes over empty."""
+        assert self.pool is not None
+        remove_dump(path)
+        why = notices.crash_reason((old.pool or self.pool).exit_status(old.pid))
+        self.proxy.fail_inflight(old, why)
+        self.switch(new, parent)
+        report.ok, report.lost, report.reason = True, {"*": why}, why
+        self.proxy.notice(parent, notices.crash_text(why), error=True)
+        self.last_report = report
+        log.debug("worker %s died during export: %s", old.pid, why)
         return report
 
     def rebuild_snapshot(self, parent: dict[str, Any] | None, changed: Changed, reason: str) -> Reload:
