@@ -103,20 +103,33 @@ def _doctor(args: argparse.Namespace) -> int:
 def _kernelspec(args: argparse.Namespace) -> int:
     from . import kernelspec
 
+    name = args.spec_name or args.name
     if args.action == "install":
         path = kernelspec.install(
-            name=args.spec_name or args.name,
+            name=name,
             display_name=args.display_name,
             user=args.user,
             prefix=sys.prefix if args.sys_prefix else args.prefix,
             preload=args.preload or [],
+            provisioner=args.provisioner,
         )
-        print(f"Installed kernelspec {args.spec_name or args.name} in {path}")
+        print(f"Installed kernelspec {name} in {path}")
+        if not args.provisioner:
+            print(kernelspec.PLAIN_NOTE)
+            return 0
+        print(kernelspec.TRADE_OFF)
+        from .doctor import front_ends
+
+        for fe in front_ends():
+            problem, verdict = fe.verdict(name, kernelspec.make_spec(provisioner=True))
+            if problem or name not in fe.found:
+                print(f"  {fe.command}: {verdict}")
     elif args.action == "uninstall":
-        print(f"Removed {kernelspec.uninstall(args.spec_name or args.name)}")
+        print(f"Removed {kernelspec.uninstall(name)}")
     else:
-        for name, path in kernelspec.list_specs().items():
-            print(f"  {name:<24} {path}")
+        for name, (path, spec) in kernelspec.read_specs().items():
+            restart = "provisioner (fast restart; only where forkreload imports)" if kernelspec.has_provisioner(spec) else "plain"
+            print(f"  {name:<24} {path}  {restart}")
     return 0
 
 
@@ -134,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--prefix", help="install under this prefix")
     k.add_argument("--name", default="forkreload", help="the kernelspec's name")
     k.add_argument("--display-name", default="Python 3 (forkreload)", help="the name front ends show")
+    k.add_argument(
+        "--provisioner",
+        action="store_true",
+        help='name forkreload\'s provisioner: a fast "Restart kernel", but a Jupyter run from another environment drops the kernel',
+    )
     _add_settings(k)
 
     c = sub.add_parser(
