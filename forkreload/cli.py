@@ -1,4 +1,4 @@
-"""The `forkreload` command line: kernel, console, doctor, version."""
+"""The `forkreload` command line: demo, kernel, console, doctor, version."""
 
 from __future__ import annotations
 
@@ -100,6 +100,16 @@ def _doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.cwd, _cli_settings(args))
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoError, run_auto, run_demo
+
+    try:
+        return run_auto(args.dir) if args.auto else run_demo(args.dir)
+    except DemoError as exc:
+        print(f"forkreload: {exc}", file=sys.stderr)
+        return 2
+
+
 def _kernelspec(args: argparse.Namespace) -> int:
     from . import kernelspec
 
@@ -137,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkreload", description="Keep an interactive Python session alive across source edits.")
     parser.add_argument("--version", action="version", version=f"forkreload {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    dm = sub.add_parser(
+        "demo",
+        help="try forkreload on a small example project, in a minute",
+        description="Copy a small example project (shapes.py) into DIR (default: a temporary directory, "
+        "removed at the end), print the cells to type and the edits to make, and start the console in it.",
+        formatter_class=_formatter,
+    )
+    dm.add_argument("dir", nargs="?", metavar="DIR", help="where to put the example project (kept)")
+    dm.add_argument("--auto", action="store_true", help="play the cells and edits by itself and print the transcript")
 
     k = sub.add_parser("kernel", help="the Jupyter kernel; `kernel install|uninstall|list` manage its kernelspec")
     k.add_argument("action", nargs="?", choices=["run", "install", "uninstall", "list"], default="run")
@@ -186,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return _kernelspec(args)
         if args.command == "console":
             return _console(args)
+        if args.command == "demo":
+            return _demo(args)
         if args.command == "doctor":
             return _doctor(args)
     except ConfigError as exc:
