@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -111,6 +112,8 @@ def run_demo(directory: str | None = None, out: Callable[[str], None] = print) -
     from .console import ForkreloadShell, run_console
     from .launcher import LaunchSettings
 
+    if not sys.stdin.isatty():
+        raise DemoError("the demo's console needs a terminal; `forkreload demo --auto` plays it without one")
     root = prepare(directory)
     preload = preloads()
     out(guide(root, preload))

@@ -339,15 +339,17 @@ def probe_front_end(command: str, python: str | None) -> FrontEnd:
 
 def front_ends() -> list[FrontEnd]:
     """The Jupyter installations on PATH and this environment's, probed."""
-    out, pythons = [], set()
+    # One entry per environment: the directory of the interpreter, not the
+    # file it links to (every venv's python links to the same one).
+    out, envs = [], set()
     for exe in jupyter_commands():
         python = interpreter_of(os.path.realpath(exe))
-        key = os.path.abspath(python) if python else exe
-        if key in pythons:
+        key = os.path.dirname(os.path.abspath(python)) if python else exe
+        if key in envs:
             continue
-        pythons.add(key)
+        envs.add(key)
         out.append(probe_front_end(exe, python))
-    if os.path.abspath(sys.executable) not in pythons:
+    if os.path.dirname(os.path.abspath(sys.executable)) not in envs:
         out.append(probe_front_end(THIS_ENVIRONMENT, sys.executable))
     return out
 

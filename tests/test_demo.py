@@ -128,3 +128,9 @@ def test_demo_in_the_console_follows_its_own_guide(tmp_path: Path) -> None:
         assert not path.parent.exists(), "the temporary demo project is removed at exit"
     finally:
         con.close()
+
+
+def test_demo_without_a_terminal_points_to_auto() -> None:
+    r = subprocess.run([sys.executable, "-m", "forkreload", "demo"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--auto" in r.stderr and "Traceback" not in r.stderr, r.stderr
