@@ -132,8 +132,8 @@ def _kernelspec(args: argparse.Namespace) -> int:
 
         for fe in front_ends():
             problem, verdict = fe.verdict(name, kernelspec.make_spec(provisioner=True))
-            if problem or name not in fe.found:
-                print(f"  {fe.command}: {verdict}")
+            if fe.error or problem or name not in fe.found:
+                print(f"  {fe.command}: {fe.error or verdict}")
     elif args.action == "uninstall":
         print(f"Removed {kernelspec.uninstall(name)}")
     else:
