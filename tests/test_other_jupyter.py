@@ -225,3 +225,19 @@ def test_interpreter_of_console_scripts(tmp_path: Path) -> None:
         script = tmp_path / f"jupyter{i}"
         script.write_text(textwrap.dedent(head))
         assert interpreter_of(str(script)) == python, head
+
+
+def test_install_with_provisioner_warns_of_the_jupyter_that_drops_it(other_python: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PATH=str(other_python.parent), JUPYTER_PATH=str(prefix / "share" / "jupyter"))
+    r = subprocess.run(
+        [sys.executable, "-m", "forkreload", "kernel", "install", "--prefix", str(prefix), "--provisioner"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    [warning] = [line for line in r.stdout.splitlines() if "NOT SHOWN" in line]
+    assert warning.strip().startswith(str(other_python.parent / "jupyter")), r.stdout
