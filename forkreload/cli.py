@@ -1,4 +1,4 @@
-"""The `forkreload` command line: kernel, console, doctor, version."""
+"""The `forkreload` command line: demo, kernel, console, doctor, version."""
 
 from __future__ import annotations
 
@@ -100,23 +100,46 @@ def _doctor(args: argparse.Namespace) -> int:
     return run_doctor(args.cwd, _cli_settings(args))
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoError, run_auto, run_demo
+
+    try:
+        return run_auto(args.dir) if args.auto else run_demo(args.dir)
+    except DemoError as exc:
+        print(f"forkreload: {exc}", file=sys.stderr)
+        return 2
+
+
 def _kernelspec(args: argparse.Namespace) -> int:
     from . import kernelspec
 
+    name = args.spec_name or args.name
     if args.action == "install":
         path = kernelspec.install(
-            name=args.spec_name or args.name,
+            name=name,
             display_name=args.display_name,
             user=args.user,
             prefix=sys.prefix if args.sys_prefix else args.prefix,
             preload=args.preload or [],
+            provisioner=args.provisioner,
         )
-        print(f"Installed kernelspec {args.spec_name or args.name} in {path}")
+        print(f"Installed kernelspec {name} in {path}")
+        if not args.provisioner:
+            print(kernelspec.PLAIN_NOTE)
+            return 0
+        print(kernelspec.TRADE_OFF)
+        from .doctor import front_ends
+
+        for fe in front_ends():
+            problem, verdict = fe.verdict(name, kernelspec.make_spec(provisioner=True))
+            if fe.error or problem or name not in fe.found:
+                print(f"  {fe.command}: {fe.error or verdict}")
     elif args.action == "uninstall":
-        print(f"Removed {kernelspec.uninstall(args.spec_name or args.name)}")
+        print(f"Removed {kernelspec.uninstall(name)}")
     else:
-        for name, path in kernelspec.list_specs().items():
-            print(f"  {name:<24} {path}")
+        for name, (path, spec) in kernelspec.read_specs().items():
+            restart = "provisioner (fast restart; only where forkreload imports)" if kernelspec.has_provisioner(spec) else "plain"
+            print(f"  {name:<24} {path}  {restart}")
     return 0
 
 
@@ -124,6 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkreload", description="Keep an interactive Python session alive across source edits.")
     parser.add_argument("--version", action="version", version=f"forkreload {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    dm = sub.add_parser(
+        "demo",
+        help="try forkreload on a small example project, in a minute",
+        description="Copy a small example project (shapes.py) into DIR (default: a temporary directory, "
+        "removed at the end), print the cells to type and the edits to make, and start the console in it.",
+        formatter_class=_formatter,
+    )
+    dm.add_argument("dir", nargs="?", metavar="DIR", help="where to put the example project (kept)")
+    dm.add_argument("--auto", action="store_true", help="play the cells and edits by itself and print the transcript")
 
     k = sub.add_parser("kernel", help="the Jupyter kernel; `kernel install|uninstall|list` manage its kernelspec")
     k.add_argument("action", nargs="?", choices=["run", "install", "uninstall", "list"], default="run")
@@ -134,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--prefix", help="install under this prefix")
     k.add_argument("--name", default="forkreload", help="the kernelspec's name")
     k.add_argument("--display-name", default="Python 3 (forkreload)", help="the name front ends show")
+    k.add_argument(
+        "--provisioner",
+        action="store_true",
+        help='name forkreload\'s provisioner: a fast "Restart kernel", but a Jupyter run from another environment drops the kernel',
+    )
     _add_settings(k)
 
     c = sub.add_parser(
@@ -168,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return _kernelspec(args)
         if args.command == "console":
             return _console(args)
+        if args.command == "demo":
+            return _demo(args)
         if args.command == "doctor":
             return _doctor(args)
     except ConfigError as exc:

@@ -1,8 +1,12 @@
 """Install, remove and list forkreload's Jupyter kernelspec.
 
-The kernelspec starts the controller with the interpreter that installed it
-and names forkreload's kernel provisioner, which turns a front end's
-"Restart kernel" into a clean worker from the running snapshot.
+The kernelspec starts the controller with the interpreter that installed it.
+By default it names no kernel provisioner, so every jupyter_client (7 and
+later, in any environment) starts it: "Restart kernel" then relaunches the
+controller. With `provisioner=True` it names forkreload's provisioner, which
+turns "Restart kernel" into a clean worker from the running snapshot, but a
+jupyter_client that cannot import forkreload (a front end run from another
+environment) drops such a kernelspec altogether.
 """
 
 from __future__ import annotations
@@ -17,27 +21,42 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .command import python_command
 
-__all__ = ["install", "uninstall", "list_specs", "make_spec", "PROVISIONER"]
+__all__ = ["install", "uninstall", "list_specs", "read_specs", "make_spec", "has_provisioner", "is_forkreload_spec", "PROVISIONER", "PLAIN_NOTE", "TRADE_OFF"]
 
 PROVISIONER = "forkreload-provisioner"
 
+# What `kernel install` says of each kind: what --provisioner buys and costs.
+PLAIN_NOTE = (
+    'Any Jupyter, in any environment, starts it; "Restart kernel" relaunches the controller '
+    "(--provisioner: a fast restart, for a Jupyter run from this environment only)."
+)
+TRADE_OFF = (
+    '"Restart kernel" is fast (a clean worker from the running snapshot), but only a Jupyter '
+    "whose Python imports forkreload shows this kernel; the others drop it."
+)
 
-def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | None = None) -> dict[str, Any]:
-    """The kernel.json contents."""
+
+def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | None = None, provisioner: bool = False) -> dict[str, Any]:
+    """The kernel.json contents; `provisioner` names forkreload's provisioner."""
     argv = python_command("forkreload", ["kernel", "-f", "{connection_file}"])
     if preload:
         argv += ["--preload", ",".join(preload)]
+    metadata: dict[str, Any] = {"forkreload": {"kernel": True}, "debugger": False}
+    if provisioner:
+        metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER}
     return {
         "argv": argv,
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "signal",
-        "metadata": {
-            "forkreload": {"kernel": True},
-            "debugger": False,
-            "kernel_provisioner": {"provisioner_name": PROVISIONER},
-        },
+        "metadata": metadata,
     }
+
+
+def has_provisioner(spec: dict[str, Any]) -> bool:
+    """Whether a kernel.json names forkreload's provisioner."""
+    stanza = spec.get("metadata", {}).get("kernel_provisioner") or {}
+    return bool(stanza.get("provisioner_name") == PROVISIONER)
 
 
 def install(
@@ -46,12 +65,13 @@ def install(
     user: bool = False,
     prefix: str | None = None,
     preload: list[str] | None = None,
+    provisioner: bool = False,
 ) -> str:
     """Write the kernelspec where Jupyter finds it; return its directory."""
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)
         with open(os.path.join(tmp, "kernel.json"), "w") as f:
-            json.dump(make_spec(display_name, preload), f, indent=1)
+            json.dump(make_spec(display_name, preload, provisioner), f, indent=1)
         # The same logos as ipykernel's spec, so front ends show Python's.
         try:
             import ipykernel
@@ -75,11 +95,28 @@ def uninstall(name: str = "forkreload") -> str:
 
 def list_specs() -> dict[str, str]:
     """The installed kernelspecs that run forkreload: name -> directory."""
-    ksm = KernelSpecManager()
+    return {name: d for name, (d, _spec) in read_specs().items()}
+
+
+def is_forkreload_spec(spec: dict[str, Any]) -> bool:
+    # Marked in its metadata; older specs ran `python -m forkreload`.
+    return "forkreload" in spec.get("metadata", {}) or "forkreload" in spec.get("argv", [])
+
+
+def read_specs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """The installed forkreload kernelspecs: name -> (directory, kernel.json).
+
+    Read from the files, not through jupyter_client's `get_all_specs`, which
+    leaves out a kernelspec whose provisioner it cannot load: such a spec is
+    listed here all the same (`forkreload doctor` says who drops it).
+    """
     found = {}
-    for name, info in ksm.get_all_specs().items():
-        spec = info.get("spec", {})
-        # Marked in its metadata; older specs ran `python -m forkreload`.
-        if "forkreload" in spec.get("metadata", {}) or "forkreload" in spec.get("argv", []):
-            found[name] = info["resource_dir"]
+    for name, directory in KernelSpecManager().find_kernel_specs().items():
+        try:
+            with open(os.path.join(directory, "kernel.json")) as f:
+                spec = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(spec, dict) and is_forkreload_spec(spec):
+            found[name] = (directory, spec)
     return found

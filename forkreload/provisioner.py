@@ -2,10 +2,16 @@
 
 Through a plain kernelspec, a front end's "Restart kernel" kills the
 controller and the snapshot and starts them again (over a second with heavy
-preloads). With this provisioner (named in forkreload's kernelspec) the
-controller instead swaps in a clean worker from the snapshot it already
-has, and the provisioner tells jupyter_client that the "old kernel" is gone
-at once and the "new one" is the same process.
+preloads). With this provisioner (named in a kernelspec installed with
+`forkreload kernel install --provisioner`) the controller instead swaps in a
+clean worker from the snapshot it already has, and the provisioner tells
+jupyter_client that the "old kernel" is gone at once and the "new one" is
+the same process.
+
+jupyter_client finds it through an entry point of the forkreload package,
+so only a jupyter_client that can import forkreload can load it; any other
+drops a kernelspec that names it. That is why the default kernelspec does
+not (`forkreload doctor` says which Jupyter sees which kernelspec).
 """
 
 from __future__ import annotations

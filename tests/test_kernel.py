@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from forkreload import kernelspec
 from forkreload.protocol import CONTROL_REQUEST
 from jupyter_client import KernelManager
 
@@ -31,8 +32,9 @@ KERNELS = "share/jupyter/kernels"
 
 @pytest.fixture(scope="module")
 def specs(kernelspec_prefix: Path) -> Path:
-    """Variants of the installed kernelspec, written next to it: interrupt by
-    message, no provisioner (jupyter_client's plain restart), --no-learn."""
+    """Variants of the installed (plain) kernelspec, written next to it:
+    interrupt by message, forkreload's provisioner (as `kernel install
+    --provisioner` writes it), --no-learn."""
     base = kernelspec_prefix / KERNELS
     spec = json.loads((base / "forkreload" / "kernel.json").read_text())
 
@@ -43,7 +45,9 @@ def specs(kernelspec_prefix: Path) -> Path:
         (base / name / "kernel.json").write_text(json.dumps(s, indent=1))
 
     variant("forkreload-message", interrupt_mode="message", display_name="forkreload (message interrupts)")
-    variant("forkreload-plain", metadata={"debugger": False}, display_name="forkreload (no provisioner)")
+    provisioned = kernelspec.make_spec(provisioner=True)["metadata"]
+    assert "kernel_provisioner" not in spec["metadata"]
+    variant("forkreload-provisioned", metadata=provisioned, display_name="forkreload (provisioner)")
     variant("forkreload-nolearn", argv=spec["argv"] + ["--no-learn"], display_name="forkreload (no learning)")
     return base
 
@@ -187,7 +191,9 @@ def test_kernelspec_install_list_uninstall(tmp_path: Path) -> None:
     assert spec["display_name"] == "FR Test"
     assert spec["language"] == "python"
     assert spec["interrupt_mode"] == "signal"
-    assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "forkreload-provisioner"
+    # No provisioner: every jupyter_client starts it, forkreload importable there or not.
+    assert "kernel_provisioner" not in spec["metadata"]
+    assert "relaunches the controller" in r.stdout and "--provisioner" in r.stdout
 
     r = _cli("list", env=env)
     assert r.returncode == 0, r.stderr
@@ -204,6 +210,21 @@ def test_kernelspec_install_list_uninstall(tmp_path: Path) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "fr-test" in lines[0] and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+def test_kernelspec_with_provisioner_is_an_explicit_choice(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    env = {**os.environ, "JUPYTER_PATH": str(prefix / "share" / "jupyter"), "PATH": os.path.dirname(sys.executable)}
+    r = _cli("install", "--prefix", str(prefix), "--name", "fr-fast", "--provisioner", env=env)
+    assert r.returncode == 0, r.stderr
+    spec = json.loads((prefix / KERNELS / "fr-fast" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"] == {"provisioner_name": "forkreload-provisioner"}
+    assert spec["metadata"]["forkreload"] == {"kernel": True}
+    # The trade-off, in one line; this environment's Jupyter can load it: no warning.
+    assert '"Restart kernel" is fast' in r.stdout and "drop it" in r.stdout, r.stdout
+    assert "NOT SHOWN" not in r.stdout, r.stdout
+    listed = {line.split()[0]: line for line in _cli("list", env=env).stdout.splitlines() if line.strip()}
+    assert "provisioner" in listed["fr-fast"], listed
 
 
 def test_kernelspec_uninstall_takes_the_name_as_argument(tmp_path: Path) -> None:
@@ -366,7 +387,7 @@ def test_one_busy_and_one_idle_whatever_happens_before_the_cell(project, specs) 
 
 def test_front_end_restart_through_provisioner(project, specs) -> None:
     project.write("m.py", "K = 1\n")
-    with kernel(project.root) as (km, kc):
+    with kernel(project.root, "forkreload-provisioned") as (km, kc):
         assert km.provisioner.__class__.__name__ == "ForkreloadProvisioner"
         ok(kc, "import m, os; x = 42")
         ok(kc, "wpid = os.getpid()")
@@ -401,7 +422,7 @@ def test_front_end_restart_through_provisioner(project, specs) -> None:
 
 
 def test_front_end_restart_without_provisioner(project, specs) -> None:
-    with kernel(project.root, "forkreload-plain") as (km, kc):
+    with kernel(project.root) as (km, kc):  # the default kernelspec
         assert km.provisioner.__class__.__name__ == "LocalProvisioner"
         ok(kc, "x = 42")
         controller = km.provisioner.process.pid
@@ -584,7 +605,7 @@ def test_rich_output_through_proxy(project, specs) -> None:
 
 
 def test_front_end_restart_of_a_busy_kernel(project, specs) -> None:
-    with kernel(project.root) as (km, kc):
+    with kernel(project.root, "forkreload-provisioned") as (km, kc):
         ok(kc, "x = 1")
         controller = km.provisioner.process.pid
         msg_id = send(kc, "import time\nwhile True: time.sleep(0.01)")
