@@ -14,8 +14,9 @@ jupyter_client as a notebook front end drives them:
   timed until the last reply (kernel start, heavy imports, recomputing).
 
 Also shown: the same "Restart kernel and run all" on forkreload's kernel
-(its provisioner makes the restart a clean worker from the running
-snapshot, so the imports are already done; the cells still recompute).
+installed with `--provisioner` (the provisioner makes the restart a clean
+worker from the running snapshot, so the imports are already done; the
+cells still recompute).
 
     python bench/kernel.py [--runs 5]
 """
@@ -138,7 +139,8 @@ def bench(runs: int) -> None:
     nb = build_notebook(libs)
     nbformat.validate(nb)
     subprocess.run(
-        [sys.executable, "-m", "forkreload", "kernel", "install", "--prefix", str(PREFIX), "--preload", ",".join(libs)],
+        # --provisioner: the front end here runs in forkreload's environment.
+        [sys.executable, "-m", "forkreload", "kernel", "install", "--provisioner", "--prefix", str(PREFIX), "--preload", ",".join(libs)],
         check=True,
         stdout=subprocess.DEVNULL,
     )
