@@ -26,8 +26,14 @@ watches it), `command(cmd, *args)` (publishes `COMMAND_EVENT`),
 `reload_answer(kind, **fields)` (what this worker's `reload` answers next:
 `inplace`, `partial`, `fresh` or `error`), `next_load(sleep=0, **answer)`
 (how the worker a swap moves into answers `load`: it travels in the dump),
-`comm_open(id)`, `comm_close(id)`, `ask(prompt)` (an `input_request`),
-`crash(status)` (`os._exit`).
+`comm_open(id)`, `comm_close(id)`, `ask(prompt, wait=2.0)` (an
+`input_request`; the stdin socket is ROUTER_MANDATORY, so one the
+controller's socket is not connected for fails after `wait` s instead of
+being dropped), `crash(status)` (`os._exit`).
+
+A `fake-worker.json` in the workers' directory is read (and removed) by the
+next worker to start: `{"stdin_bind_delay": s}` binds its stdin socket that
+long after the others (after its iopub welcome).
 
 Every message it sends carries `{"fake_worker": {"wid": .., "pid": ..}}` in
 its metadata, and every execute reply also says whether another request was
@@ -84,10 +90,19 @@ class FakeWorker:
         self.stdin = self.ctx.socket(zmq.ROUTER)
         self.iopub = self.ctx.socket(zmq.XPUB)
         self.iopub.setsockopt(zmq.SNDHWM, 0)
+        # An input_request to a controller socket not connected (yet) fails
+        # loudly here; ipykernel's ROUTER drops it and input() hangs.
+        self.stdin.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.options = claim_options()
+        self.stdin_url: str | None = base + str(conn["stdin_port"])
         for sock, port in ((self.shell, "shell_port"), (self.control, "control_port"),
                            (self.stdin, "stdin_port"), (self.iopub, "iopub_port")):
             sock.setsockopt(zmq.LINGER, 1000)
+            if sock is self.stdin and self.options.get("stdin_bind_delay"):
+                continue  # bound in serve(), after the iopub welcome
             sock.bind(base + str(conn[port]))
+            if sock is self.stdin:
+                self.stdin_url = None
         self.execution_count = 0
         self.ns: dict[str, Any] = {}
         self.modules: dict[str, dict[str, str]] = {}  # name -> ModuleInfo
@@ -119,9 +134,13 @@ class FakeWorker:
         poller = zmq.Poller()
         for s in (self.iopub, self.control, self.shell, self.stdin):
             poller.register(s, zmq.POLLIN)
+        bind_stdin_at = time.monotonic() + float(self.options.get("stdin_bind_delay", 0))
         while self.running:
             try:
-                events = dict(poller.poll(1000))
+                if self.stdin_url is not None and time.monotonic() >= bind_stdin_at:
+                    self.stdin.bind(self.stdin_url)
+                    self.stdin_url = None
+                events = dict(poller.poll(1000 if self.stdin_url is None else 20))
                 if self.iopub in events:
                     sub = self.iopub.recv()
                     if sub[:1] == b"\x01":
@@ -252,8 +271,17 @@ class FakeWorker:
     def comm_close(self, comm_id: str) -> None:
         self.publish("comm_close", {"comm_id": comm_id, "data": {}})
 
-    def ask(self, prompt: str = "") -> str:
-        self.send(self.stdin, "input_request", {"prompt": prompt, "password": False}, self.parent, ident=self.parent_idents)
+    def ask(self, prompt: str = "", wait: float = 2.0) -> str:
+        """input(): waits up to `wait` s for the controller's stdin socket to be connected."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.send(self.stdin, "input_request", {"prompt": prompt, "password": False}, self.parent, ident=self.parent_idents)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH or time.monotonic() > deadline:
+                    raise RuntimeError(f"input_request not sent: the controller's stdin socket is not connected ({exc})") from None
+                time.sleep(0.01)
         while True:
             frames = self.stdin.recv_multipart()
             _idents, parts = self.session.feed_identities(frames)
@@ -324,6 +352,21 @@ class FakeWorker:
                     m["sha"] = answer["files"][m["file"]]
         answer.setdefault("seconds", 0.0)
         return answer
+
+
+def claim_options() -> dict[str, Any]:
+    """Options for the next worker to start, from `fake-worker.json` in its
+    directory (claimed: one worker only): `stdin_bind_delay` (s)."""
+    path = os.path.join(os.getcwd(), "fake-worker.json")
+    mine = f"{path}.{os.getpid()}"
+    try:
+        os.rename(path, mine)
+    except OSError:
+        return {}
+    with open(mine) as f:
+        options: dict[str, Any] = json.load(f)
+    os.unlink(mine)
+    return options
 
 
 def main() -> None:
