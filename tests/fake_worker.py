@@ -31,9 +31,9 @@ watches it), `command(cmd, *args)` (publishes `COMMAND_EVENT`),
 controller's socket is not connected for fails after `wait` s instead of
 being dropped), `crash(status)` (`os._exit`).
 
-A `fake-worker.json` in the workers' directory is read (and removed) by the
-next worker to start: `{"stdin_bind_delay": s}` binds its stdin socket that
-long after the others (after its iopub welcome).
+A `fake-worker-<wid>.json` in the workers' directory sets options of worker
+`wid`: `{"stdin_bind_delay": s}` binds its stdin socket that long after the
+others (after its iopub welcome).
 
 Every message it sends carries `{"fake_worker": {"wid": .., "pid": ..}}` in
 its metadata, and every execute reply also says whether another request was
@@ -93,7 +93,7 @@ class FakeWorker:
         # An input_request to a controller socket not connected (yet) fails
         # loudly here; ipykernel's ROUTER drops it and input() hangs.
         self.stdin.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.options = claim_options()
+        self.options = worker_options(wid)
         self.stdin_url: str | None = base + str(conn["stdin_port"])
         for sock, port in ((self.shell, "shell_port"), (self.control, "control_port"),
                            (self.stdin, "stdin_port"), (self.iopub, "iopub_port")):
@@ -354,18 +354,14 @@ class FakeWorker:
         return answer
 
 
-def claim_options() -> dict[str, Any]:
-    """Options for the next worker to start, from `fake-worker.json` in its
-    directory (claimed: one worker only): `stdin_bind_delay` (s)."""
-    path = os.path.join(os.getcwd(), "fake-worker.json")
-    mine = f"{path}.{os.getpid()}"
+def worker_options(wid: int) -> dict[str, Any]:
+    """Options a test left for worker `wid` in the workers' directory
+    (`fake-worker-<wid>.json`): `stdin_bind_delay` (s)."""
     try:
-        os.rename(path, mine)
+        with open(os.path.join(os.getcwd(), f"fake-worker-{wid}.json")) as f:
+            options: dict[str, Any] = json.load(f)
     except OSError:
         return {}
-    with open(mine) as f:
-        options: dict[str, Any] = json.load(f)
-    os.unlink(mine)
     return options
 
 

@@ -168,6 +168,11 @@ class Front:
         found: dict[str, Any] = self.wait(busy, what=f"{msg_id} to start")
         return found
 
+    def next_wid(self) -> int:
+        """The worker id the controller gives the next worker it starts."""
+        wids = [int(p.cmdline()[-3]) for p in psutil.Process(self.proc.pid).children()]
+        return max(wids) + 1
+
     def send_raw(self, frames: list[bytes]) -> None:
         self.kc.shell_channel.socket.send_multipart(frames)
 
@@ -220,7 +225,7 @@ class Controller:
         for chan in (self.kc.shell_channel, self.kc.iopub_channel, self.kc.stdin_channel, self.kc.control_channel):
             while chan.msg_ready():
                 chan.get_msg(timeout=0)
-        for marker in [*self.cwd.glob("load-started-*"), *self.cwd.glob("fake-worker.json*")]:
+        for marker in [*self.cwd.glob("load-started-*"), *self.cwd.glob("fake-worker-*.json")]:
             marker.unlink()
         front = Front(self.kc, project, self.proc, self.cwd)
         if not self.fresh:
@@ -344,7 +349,7 @@ def test_input_request_reaches_the_front_end_and_its_answer_the_worker(front: Fr
                    "dropped by the worker's stdin ROUTER, and input() in the new worker's first cell hangs")
 def test_input_in_the_first_cell_of_a_new_worker(front: Front) -> None:
     # The next worker to start binds its stdin socket 1.5 s after its iopub welcome.
-    (front.cwd / "fake-worker.json").write_text(json.dumps({"stdin_bind_delay": 1.5}))
+    (front.cwd / f"fake-worker-{front.next_wid()}.json").write_text(json.dumps({"stdin_bind_delay": 1.5}))
     front.run("%forkreload fresh")  # takes the spare; the new spare is the late one
     front.run("command('fresh')")  # the next cell runs in it, as soon as it is ready
     msg_id = front.execute("print('got', ask('name? ', wait=0))", allow_stdin=True)
