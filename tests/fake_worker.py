@@ -24,8 +24,11 @@ A cell sees these helpers: `sleep(s)`, `WID`, `PID`, `announce(name, path)`
 (publishes `MODULES_EVENT` for the file as it is now, so the controller
 watches it), `command(cmd, *args)` (publishes `COMMAND_EVENT`),
 `reload_answer(kind, **fields)` (what this worker's `reload` answers next:
-`inplace`, `partial`, `fresh` or `error`), `next_load(sleep=0, **answer)`
-(how the worker a swap moves into answers `load`: it travels in the dump),
+`inplace`, `partial`, `fresh` or `error`), `on_call(method, sleep=0,
+exit=None, **answer)` (this worker's agent call `method` sleeps, then exits
+with that status or gives that answer), `next_load(sleep=0, exit=None,
+**answer)` (the same for the `load` of the worker a swap moves into: it
+travels in the dump),
 `comm_open(id)`, `comm_close(id)`, `ask(prompt, wait=2.0)` (an
 `input_request`; the stdin socket is ROUTER_MANDATORY, so one the
 controller's socket is not connected for fails after `wait` s instead of
@@ -108,6 +111,7 @@ class FakeWorker:
         self.modules: dict[str, dict[str, str]] = {}  # name -> ModuleInfo
         self.reload_next: dict[str, Any] = dict(DEFAULT_RELOAD)
         self.load_next: dict[str, Any] = {}  # travels in the dump to the next worker
+        self.behaviour: dict[str, dict[str, Any]] = {}  # agent call -> sleep, exit, answer
         self.parent: dict[str, Any] = {}
         self.parent_idents: list[bytes] = []
         self.running = True
@@ -245,7 +249,7 @@ class FakeWorker:
         ns = self.ns
         ns.update(
             sleep=time.sleep, WID=self.wid, PID=self.pid, announce=self.announce, command=self.command,
-            reload_answer=self.reload_answer, next_load=self.next_load, comm_open=self.comm_open,
+            reload_answer=self.reload_answer, next_load=self.next_load, on_call=self.on_call, comm_open=self.comm_open,
             comm_close=self.comm_close, ask=self.ask, crash=os._exit,
         )
         return ns
@@ -262,8 +266,11 @@ class FakeWorker:
     def reload_answer(self, kind: str, **fields: Any) -> None:
         self.reload_next = {"kind": kind, "reasons": [f"fake worker: {kind}"], **fields}
 
-    def next_load(self, sleep: float = 0.0, **answer: Any) -> None:
-        self.load_next = {"sleep": sleep, "answer": answer}
+    def next_load(self, sleep: float = 0.0, exit: int | None = None, **answer: Any) -> None:
+        self.load_next = {"sleep": sleep, "exit": exit, "answer": answer}
+
+    def on_call(self, method: str, sleep: float = 0.0, exit: int | None = None, **answer: Any) -> None:
+        self.behaviour[method] = {"sleep": sleep, "exit": exit, "answer": answer}
 
     def comm_open(self, comm_id: str, target: str = "fake") -> None:
         self.publish("comm_open", {"comm_id": comm_id, "target_name": target, "data": {}})
@@ -295,6 +302,13 @@ class FakeWorker:
         try:
             if method not in protocol.AGENT_CALLS:
                 raise ValueError(f"unknown agent call {method!r}")
+            how = self.behaviour.get(method, {})
+            if how.get("sleep"):
+                time.sleep(how["sleep"])
+            if how.get("exit") is not None:
+                os._exit(how["exit"])
+            if how.get("answer"):
+                return dict(how["answer"])
             answer: dict[str, Any] = getattr(self, "call_" + method)(*args)
             return answer
         except BaseException as exc:  # as the real agent: never raises, KeyboardInterrupt included
@@ -328,6 +342,8 @@ class FakeWorker:
             with open(os.path.join(os.getcwd(), f"load-started-{self.wid}"), "w"):
                 pass
             time.sleep(how["sleep"])
+        if how.get("exit") is not None:
+            os._exit(how["exit"])
         if how.get("answer"):
             return dict(how["answer"])
         self.execution_count = dump["execution_count"]

@@ -588,3 +588,48 @@ def test_a_killed_controller_takes_its_workers_along(front: Front) -> None:
     front.proc.wait()
     alive = lambda: [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
     assert wait_no_processes(5.0, alive) == []
+
+
+# -- workers dying during a swap ------------------------------------------------------------
+
+
+def test_the_fresh_worker_dying_during_its_load_keeps_the_old_worker(front: Front) -> None:
+    mod = watched(front)
+    first = front.run("kept = 1; next_load(exit=3)")
+    mod.write_text("X = 2\n")
+    cell = front.run("print(WID, kept)")
+    assert cell.stdout == f"{first.wid} 1\n"
+    assert cell.report is not None and cell.report["ok"] is False and cell.report["mode"] == "fresh"
+    assert any(n.startswith("forkreload: kept the old worker: the fresh worker failed") for n in cell.notices)
+    later = front.run("print(WID)")
+    assert later.wid == first.wid
+    assert [n for n in later.notices if "still running the old code of shapes.py" in n]
+
+
+@pytest.mark.xfail(strict=True, reason="Swapper.swap: a WorkerDied from the OLD worker's export is reported as "
+                   "notices.failure_text ('kept the old worker: the fresh worker failed / the worker exited'): "
+                   "the old worker is the one that died, and the fresh worker, which was fine, is retired")
+def test_the_old_worker_dying_during_export_is_not_blamed_on_the_fresh_worker(front: Front) -> None:
+    mod = watched(front)
+    first = front.run("on_call('export', exit=3)")
+    mod.write_text("X = 2\n")
+    cell = front.run("print(WID)")
+    said = " ".join([*cell.notices, str(cell.content.get("evalue", ""))])
+    assert "exited with status 3" in said
+    later = front.run("print(WID)")
+    assert later.status == "ok" and later.wid != first.wid
+    assert not [n for n in cell.notices if "the fresh worker failed" in n], cell.notices
+
+
+@pytest.mark.xfail(strict=True, reason="Controller.fail_inflight answers the dead worker's cell with status error "
+                   "(WorkerDied) but does not abort the cells held behind it as _on_worker_shell does for an "
+                   "error reply (stop_on_error): they run in the fresh worker, whose variables are gone")
+def test_a_worker_dying_aborts_the_cells_queued_behind_its_cell(front: Front) -> None:
+    front.run("x = 1")
+    running = front.execute("sleep(30)")
+    behind = front.execute("print(x)")
+    victim = front.started(running)
+    os.kill(victim["pid"], signal.SIGKILL)
+    died, queued = front.cell(running), front.cell(behind)
+    assert died.content["ename"] == "WorkerDied"
+    assert queued.status == "aborted", (queued.content, queued.stdout)
