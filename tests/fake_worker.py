@@ -10,8 +10,9 @@ has no parent; replays are not checked here, so one the controller let
 through would run twice), and answers like ipykernel with the forkreload agent installed,
 in one thread:
 
-- `kernel_info_request`, `comm_info_request`, any other request (an empty
-  ok reply), `interrupt_request` and `shutdown_request` on control;
+- `kernel_info_request`, `comm_info_request`, `complete_request` and the
+  like (an empty ok reply), no reply to a request type it does not know (as
+  ipykernel), `interrupt_request` and `shutdown_request` on control;
 - `execute_request`: busy, `execute_input`, the cell run with plain `exec`
   in a namespace kept across cells (stdout captured and published as one
   `stream`; an exception published as `error`), `execute_reply` (ok or
@@ -59,11 +60,33 @@ import traceback
 from typing import Any
 
 import zmq
-from jupyter_client.session import Session
 
-from forkreload import protocol
-from forkreload.channel import set_parent_death_signal
-from forkreload.worker import worker_connection
+
+def _without_package_init(*names: str) -> None:
+    """Import submodules of `names` without running the packages' __init__:
+    jupyter_client's and forkreload's import every client and manager they
+    have, a third of a fake worker's start, paid at every swap of a test."""
+    import importlib.util
+    import types
+
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None or name in sys.modules:
+            continue
+        pkg = types.ModuleType(name)
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        sys.modules[name] = pkg
+
+
+if __name__ == "__main__":
+    _without_package_init("jupyter_client", "forkreload")
+
+from jupyter_client.session import Session  # noqa: E402
+
+from forkreload import protocol  # noqa: E402
+from forkreload.channel import set_parent_death_signal  # noqa: E402
+from forkreload.worker import worker_connection  # noqa: E402
 
 DEFAULT_RELOAD: dict[str, Any] = {"kind": "fresh", "reasons": ["fake worker: fresh by default"]}
 
@@ -181,9 +204,10 @@ class FakeWorker:
                 self.send(self.shell, "kernel_info_reply", self.kernel_info(), msg, ident=idents)
             elif msg_type == "comm_info_request":
                 self.send(self.shell, "comm_info_reply", {"status": "ok", "comms": {}}, msg, ident=idents)
-            elif msg_type.endswith("_request"):
+            elif msg_type in ("complete_request", "inspect_request", "history_request", "is_complete_request"):
                 self.send(self.shell, msg_type.replace("_request", "_reply"), {"status": "ok"}, msg, ident=idents)
-            # comm_msg, comm_open, comm_close from a front end: no reply
+            # comm_msg, comm_open, comm_close: no reply; an unknown request:
+            # none either, as ipykernel ("Unknown message type")
         finally:
             self.status("idle", msg)
 

@@ -30,7 +30,15 @@ from jupyter_client.session import Session
 
 from conftest import wait_no_processes
 from forkreload import notices
-from forkreload.protocol import AGENT_REPLY, AGENT_REQUEST, REPLY_METADATA_KEY, TAG_COMMAND, TAG_NOTICE
+from forkreload.protocol import (
+    AGENT_REPLY,
+    AGENT_REQUEST,
+    CONTROL_REPLY,
+    CONTROL_REQUEST,
+    REPLY_METADATA_KEY,
+    TAG_COMMAND,
+    TAG_NOTICE,
+)
 
 # One controller serves the module's tests (a clean restart between two);
 # each test checks that it has only its current and spare workers, the
@@ -472,9 +480,6 @@ def test_comms_are_closed_on_a_switch_with_a_notice(front: Front) -> None:
     assert closed == ["fe1", "w1"]
     assert notices.comms_closed(2) + "\n" in cell.notices
     assert any(n.startswith("forkreload: fresh worker: restart requested") for n in cell.notices)
-    # Nothing left to close on the next switch.
-    again = front.run("%forkreload fresh")
-    assert not [m for m in again.iopub if m["msg_type"] == "comm_close"]
 
 
 # -- crashes and interrupts ---------------------------------------------------------------
@@ -529,13 +534,15 @@ def test_an_interrupt_reaches_the_worker_during_an_agent_call(front: Front, how:
 
 
 # -- what the controller refuses ------------------------------------------------------------
+# The controller reads a front end's shell messages in order and holds cells in
+# order: had it let a refused message through, its reply would come before the
+# reply of the cell sent after it.
 
 
 def test_a_forged_message_is_dropped(front: Front) -> None:
     forged = front.execute_msg("print('forged')", Session(key=b"not-the-key"))
     Session(key=b"not-the-key").send(front.kc.shell_channel.socket, forged)
     after = front.run("print('after')")
-    front.settle()
     assert after.stdout == "after\n"
     assert forged["header"]["msg_id"] not in front.replies
     assert not front.iopub[forged["header"]["msg_id"]]
@@ -548,7 +555,6 @@ def test_a_replayed_message_is_dropped(front: Front) -> None:
     front.send_raw(frames)
     front.send_raw(frames)
     after = front.run("print('after')")
-    front.settle()
     assert after.stdout == "after\n"
     assert [r["content"]["status"] for r in front.all_replies if r["parent_header"]["msg_id"] == msg["header"]["msg_id"]] == ["ok"]
     assert "".join(m["content"]["text"] for m in front.iopub[msg["header"]["msg_id"]] if m["msg_type"] == "stream") == "once\n"
@@ -558,7 +564,6 @@ def test_a_front_ends_agent_request_is_dropped(front: Front) -> None:
     stolen = front.project / "stolen.json"
     front.kc.session.send(front.kc.shell_channel.socket, AGENT_REQUEST, {"method": "export", "args": [str(stolen)]})
     after = front.run("print('after')")
-    front.settle()
     assert after.stdout == "after\n"
     assert not stolen.exists()
     assert not [r for r in front.all_replies if r["msg_type"] == AGENT_REPLY]
@@ -568,26 +573,10 @@ def test_agent_traffic_never_reaches_the_front_end(front: Front) -> None:
     mod = watched(front)
     mod.write_text("X = 2\n")
     cell = front.run("print(WID)")  # a reload, an export and a load ran before it
-    front.settle()
     assert cell.report is not None and cell.report["mode"] == "fresh"
     seen = [m["msg_type"] for msgs in front.iopub.values() for m in msgs] + [r["msg_type"] for r in front.all_replies]
     assert not [t for t in seen if t.startswith("forkreload_")]
     assert set(front.replies) <= set(front.iopub)  # every reply's parent is a request of ours
-
-
-# -- cleanup ----------------------------------------------------------------------------------
-
-
-def test_a_killed_controller_takes_its_workers_along(front: Front) -> None:
-    mod = watched(front)
-    mod.write_text("X = 2\n")
-    front.run("print(WID)")  # a current, a previous and a spare worker now
-    workers = psutil.Process(front.proc.pid).children()
-    assert len(workers) == 3
-    front.proc.kill()
-    front.proc.wait()
-    alive = lambda: [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
-    assert wait_no_processes(5.0, alive) == []
 
 
 # -- workers dying during a swap ------------------------------------------------------------
@@ -633,3 +622,74 @@ def test_a_worker_dying_aborts_the_cells_queued_behind_its_cell(front: Front) ->
     died, queued = front.cell(running), front.cell(behind)
     assert died.content["ename"] == "WorkerDied"
     assert queued.status == "aborted", (queued.content, queued.stdout)
+
+
+# -- what the controller answers itself -------------------------------------------------------
+
+
+def test_back_without_a_previous_worker_says_so(front: Front) -> None:
+    first = front.run("pass")
+    cell = front.run("%forkreload back")
+    assert cell.wid == first.wid
+    assert cell.notices == [notices.back_text(None, []) + "\n"]
+
+
+def test_control_requests_status_and_restart(front: Front) -> None:
+    first = front.run("kept = 'v'")
+
+    def control(cmd: str) -> dict[str, Any]:
+        msg = front.kc.session.msg(CONTROL_REQUEST, {"cmd": cmd})
+        front.kc.control_channel.send(msg)
+        reply: dict[str, Any] = front.wait(lambda: front.control.get(msg["header"]["msg_id"]), what=cmd)
+        assert reply["msg_type"] == CONTROL_REPLY
+        return dict(reply["content"])
+
+    status = control("status")
+    assert status["status"] == "ok" and status["worker_pid"] == first.worker["pid"]  # type: ignore[index]
+    assert status["spare_pid"] and status["previous_pid"] is None
+    restarted = control("restart")
+    assert restarted["status"] == "ok" and restarted["report"]["migrated"] == ["kept"]
+    after = front.run("print(WID, kept)")
+    assert after.wid != first.wid and after.stdout == f"{after.wid} v\n"
+    assert control("status")["previous_pid"] == first.worker["pid"]  # type: ignore[index]
+    assert control("bogus")["status"] == "error"
+
+
+@pytest.mark.xfail(strict=True, reason="Controller._route_shell holds every cell while the worker has an unanswered "
+                   "request and an edit is pending (`w.inflight and edit_pending()`); ipykernel never answers a "
+                   "request type it does not know, so after one such request and an edit, every cell waits forever")
+def test_a_request_the_worker_never_answers_does_not_hold_cells_after_an_edit(front: Front) -> None:
+    mod = watched(front)
+    front.kc.session.send(front.kc.shell_channel.socket, "bogus_request", {})
+    assert front.run("print(1)").stdout == "1\n"  # no edit pending: it runs
+    mod.write_text("X = 2\n")
+    cell = front.cell(front.execute("print(WID)"), timeout=1)
+    assert cell.status == "ok"
+
+
+# -- cleanup ----------------------------------------------------------------------------------
+
+
+def test_a_killed_controller_takes_its_workers_along(front: Front) -> None:
+    mod = watched(front)
+    mod.write_text("X = 2\n")
+    front.run("print(WID)")  # a current, a previous and a spare worker now
+    workers = psutil.Process(front.proc.pid).children()
+    assert len(workers) == 3
+    front.proc.kill()
+    front.proc.wait()
+    alive = lambda: [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
+    assert wait_no_processes(5.0, alive) == []
+
+
+def test_a_front_ends_shutdown_ends_every_process(front: Front) -> None:
+    mod = watched(front)
+    mod.write_text("X = 2\n")
+    front.run("print(WID)")  # a current, a previous and a spare worker now
+    workers = psutil.Process(front.proc.pid).children()
+    msg = front.kc.session.msg("shutdown_request", {"restart": False})
+    front.kc.control_channel.send(msg)
+    assert front.wait(lambda: front.control.get(msg["header"]["msg_id"]))["content"]["status"] == "ok"
+    assert front.proc.wait(timeout=10) == 0
+    alive = lambda: [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
+    assert wait_no_processes(5.0, alive) == []
