@@ -97,8 +97,10 @@ class Cell:
 class Front:
     """A front end: a BlockingKernelClient whose messages are sorted by parent."""
 
-    def __init__(self, kc: BlockingKernelClient, project: Path, proc: subprocess.Popen[bytes], cwd: Path) -> None:
+    def __init__(self, kc: BlockingKernelClient, project: Path, proc: subprocess.Popen[bytes], cwd: Path,
+                 connection_file: str) -> None:
         self.kc = kc
+        self.connection_file = connection_file
         self.project = project  # this test's files
         self.cwd = cwd  # the workers' directory
         self.proc = proc  # the controller
@@ -207,7 +209,7 @@ class Controller:
         root.mkdir(parents=True, exist_ok=True)
         self.cwd = root / "cwd"  # the workers' directory
         self.cwd.mkdir()
-        cf = str(root / "kernel.json")
+        self.connection_file = cf = str(root / "kernel.json")
         write_connection_file(cf, transport="ipc", ip=str(root / "k"), key=uuid.uuid4().hex.encode())
         settings = root / "settings.json"
         settings.write_text(json.dumps({"cwd": str(self.cwd), "project_root": str(self.cwd), "mode": "auto",
@@ -235,7 +237,7 @@ class Controller:
                 chan.get_msg(timeout=0)
         for marker in [*self.cwd.glob("load-started-*"), *self.cwd.glob("fake-worker-*.json")]:
             marker.unlink()
-        front = Front(self.kc, project, self.proc, self.cwd)
+        front = Front(self.kc, project, self.proc, self.cwd, self.connection_file)
         if not self.fresh:
             msg = self.kc.session.msg("shutdown_request", {"restart": True})
             self.kc.control_channel.send(msg)
@@ -250,7 +252,7 @@ class Controller:
         # The current worker and the spare, nothing else.
         left = wait_no_processes(5.0, lambda: workers() if len(workers()) != 2 else [])
         assert not left, f"the controller's workers should be a current and a spare one: {[p.pid for p in workers()]}"
-        return Front(self.kc, project, self.proc, self.cwd)
+        return Front(self.kc, project, self.proc, self.cwd, self.connection_file)
 
     def stop(self) -> None:
         self.kc.stop_channels()
@@ -501,13 +503,18 @@ def test_a_killed_worker_answers_its_cell_and_the_next_cell_runs_in_a_new_one(fr
     assert after.report is not None and (after.report["mode"], after.report["lost"]) == ("fresh", {"*": why})
 
 
-def test_an_interrupt_reaches_the_running_cell(front: Front) -> None:
+@pytest.mark.parametrize("how", ["interrupt_request", "SIGINT"])
+def test_an_interrupt_reaches_the_running_cell(front: Front, how: str) -> None:
     running = front.execute("sleep(30)")
     worker = front.started(running)
-    interrupt = front.interrupt()
+    if how == "SIGINT":
+        os.kill(front.proc.pid, signal.SIGINT)  # Ctrl-C in a terminal reaches the controller
+    else:
+        interrupt = front.interrupt()
     cell = front.cell(running, timeout=5)
     assert cell.status == "error" and cell.content["ename"] == "KeyboardInterrupt"
-    assert front.wait(lambda: front.control.get(interrupt))["content"]["status"] == "ok"
+    if how != "SIGINT":
+        assert front.wait(lambda: front.control.get(interrupt))["content"]["status"] == "ok"
     after = front.run("print(PID)")
     assert after.stdout == f"{worker['pid']}\n"
 
@@ -653,6 +660,44 @@ def test_control_requests_status_and_restart(front: Front) -> None:
     assert after.wid != first.wid and after.stdout == f"{after.wid} v\n"
     assert control("status")["previous_pid"] == first.worker["pid"]  # type: ignore[index]
     assert control("bogus")["status"] == "error"
+
+
+def test_a_control_request_during_an_agent_call_is_answered_after_it(front: Front) -> None:
+    mod = watched(front)
+    front.run("next_load(sleep=0.3)")
+    mod.write_text("X = 2\n")
+    msg_id = front.execute("print(WID)")
+    front.wait(lambda: list(front.cwd.glob("load-started-*")), what="the fresh worker's load to start")
+    status = front.kc.session.msg(CONTROL_REQUEST, {"cmd": "status"})
+    front.kc.control_channel.send(status)
+    cell = front.cell(msg_id)
+    assert cell.report is not None and cell.report["ok"] is True
+    reply = front.wait(lambda: front.control.get(status["header"]["msg_id"]), what="the status reply")
+    # Answered once the swap was done: the new worker is current.
+    assert reply["content"]["worker_pid"] == cell.worker["pid"]  # type: ignore[index]
+
+
+def test_two_front_ends_get_their_own_replies_and_everyones_output(front: Front) -> None:
+    other_kc = BlockingKernelClient(connection_file=front.connection_file)
+    other_kc.load_connection_file()
+    other_kc.start_channels(hb=False)
+    try:
+        other_kc.wait_for_ready(timeout=TIMEOUT)
+        while other_kc.iopub_channel.msg_ready():
+            other_kc.iopub_channel.get_msg(timeout=0)
+        mine = front.execute("sleep(0.2); print('mine')")
+        theirs = other_kc.execute("print('theirs')")  # held behind mine
+        reply = other_kc.get_shell_msg(timeout=TIMEOUT)
+        while reply["parent_header"].get("msg_id") != theirs:  # its kernel_info replies come first
+            reply = other_kc.get_shell_msg(timeout=TIMEOUT)
+        assert reply["content"]["status"] == "ok"
+        cell = front.cell(mine)
+        assert cell.stdout == "mine\n"
+        front.wait(lambda: theirs in front.idle, what="the other front end's cell on iopub")
+        assert theirs not in front.replies  # its reply went to the other front end only
+        assert "".join(m["content"]["text"] for m in front.iopub[theirs] if m["msg_type"] == "stream") == "theirs\n"
+    finally:
+        other_kc.stop_channels()
 
 
 @pytest.mark.xfail(strict=True, reason="Controller._route_shell holds every cell while the worker has an unanswered "
