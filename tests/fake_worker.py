@@ -39,6 +39,11 @@ A `fake-worker-<wid>.json` in the workers' directory sets options of worker
 `wid`: `{"stdin_bind_delay": s}` binds its stdin socket that long after the
 others (after its iopub welcome).
 
+The controller interrupts a worker with SIGINT: it raises KeyboardInterrupt
+in a running cell or agent call (an interrupted cell answers an error
+`KeyboardInterrupt`, an interrupted call `{"ok": False, "error":
+"KeyboardInterrupt: "}` as the agent does) and is ignored while idle.
+
 Every message it sends carries `{"fake_worker": {"wid": .., "pid": ..}}` in
 its metadata, and every execute reply also says whether another request was
 already waiting on the shell socket when the cell ended
@@ -175,6 +180,7 @@ class FakeWorker:
                 if self.control in events:
                     self.dispatch(self.control, self.control.recv_multipart())
                 if self.shell in events:
+                    drop_interrupts()  # one that came while idle: ignored, as in ipykernel
                     self.dispatch(self.shell, self.shell.recv_multipart())
                 if self.stdin in events:
                     self.stdin.recv_multipart()  # an input_reply nobody waits for
@@ -209,6 +215,7 @@ class FakeWorker:
             # comm_msg, comm_open, comm_close: no reply; an unknown request:
             # none either, as ipykernel ("Unknown message type")
         finally:
+            drop_interrupts()  # one that came after the answer: ignored, as in ipykernel
             self.status("idle", msg)
 
     def on_control(self, idents: list[bytes], msg: dict[str, Any], msg_type: str) -> None:
@@ -242,16 +249,17 @@ class FakeWorker:
         count = self.execution_count
         self.parent, self.parent_idents = msg, idents
         started = time.time()
-        self.publish("execute_input", {"code": code, "execution_count": count})
         out = io.StringIO()
         error: tuple[str, str, list[str]] | None = None
         words = code.split()
         try:
-            with contextlib.redirect_stdout(out):
-                if words[:1] == ["%forkreload"]:
-                    self.command(*(words[1:] or ["status"]))
-                else:
-                    exec(compile(code, f"<cell {count}>", "exec"), self.namespace())
+            with interruptible():
+                self.publish("execute_input", {"code": code, "execution_count": count})
+                with contextlib.redirect_stdout(out):
+                    if words[:1] == ["%forkreload"]:
+                        self.command(*(words[1:] or ["status"]))
+                    else:
+                        exec(compile(code, f"<cell {count}>", "exec"), self.namespace())
         except BaseException as exc:  # KeyboardInterrupt included: the cell was interrupted
             if isinstance(exc, SystemExit):
                 raise
@@ -324,19 +332,23 @@ class FakeWorker:
 
     def agent_call(self, method: str, args: list[Any]) -> dict[str, Any]:
         try:
-            if method not in protocol.AGENT_CALLS:
-                raise ValueError(f"unknown agent call {method!r}")
-            how = self.behaviour.get(method, {})
-            if how.get("sleep"):
-                time.sleep(how["sleep"])
-            if how.get("exit") is not None:
-                os._exit(how["exit"])
-            if how.get("answer"):
-                return dict(how["answer"])
-            answer: dict[str, Any] = getattr(self, "call_" + method)(*args)
-            return answer
+            with interruptible():
+                return self._agent_call(method, args)
         except BaseException as exc:  # as the real agent: never raises, KeyboardInterrupt included
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "internal": True}
+
+    def _agent_call(self, method: str, args: list[Any]) -> dict[str, Any]:
+        if method not in protocol.AGENT_CALLS:
+            raise ValueError(f"unknown agent call {method!r}")
+        how = self.behaviour.get(method, {})
+        if how.get("sleep"):
+            time.sleep(how["sleep"])
+        if how.get("exit") is not None:
+            os._exit(how["exit"])
+        if how.get("answer"):
+            return dict(how["answer"])
+        answer: dict[str, Any] = getattr(self, "call_" + method)(*args)
+        return answer
 
     def call_modules(self) -> dict[str, Any]:
         return {"modules": list(self.modules.values())}
@@ -394,6 +406,21 @@ class FakeWorker:
         return answer
 
 
+@contextlib.contextmanager
+def interruptible() -> Any:
+    """SIGINT (pending or to come) raises KeyboardInterrupt in this block only."""
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def drop_interrupts() -> None:
+    while signal.SIGINT in signal.sigpending():
+        signal.sigwait({signal.SIGINT})
+
+
 def worker_options(wid: int) -> dict[str, Any]:
     """Options a test left for worker `wid` in the workers' directory
     (`fake-worker-<wid>.json`): `stdin_bind_delay` (s)."""
@@ -411,7 +438,11 @@ def main() -> None:
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(0)
+    # The controller interrupts with SIGINT: blocked but while a cell or an
+    # agent call runs, so that one sent once the request's busy was seen
+    # always interrupts that request, and none reaches the protocol code.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     w = FakeWorker(privdir, wid, key)
     try:
         w.serve()
