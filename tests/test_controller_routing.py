@@ -228,19 +228,21 @@ class Controller:
             self.stop()
             raise
 
-    def front(self, project: Path) -> Front:
-        """A front end for one test: a clean worker (no previous one), a spare,
-        nothing queued; only the controller's own workers alive."""
+    def front(self, project: Path, clean: bool = True) -> Front:
+        """A front end for one test: a clean worker (no previous one: a front
+        end's restart), or the worker as the last test left it (`clean`
+        False); a spare, nothing queued, only the controller's own workers alive."""
         for chan in (self.kc.shell_channel, self.kc.iopub_channel, self.kc.stdin_channel, self.kc.control_channel):
             while chan.msg_ready():
                 chan.get_msg(timeout=0)
         for marker in [*self.cwd.glob("load-started-*"), *self.cwd.glob("fake-worker-*.json")]:
             marker.unlink()
         front = Front(self.kc, project, self.proc, self.cwd, self.connection_file)
-        if not self.fresh:
+        if clean and not self.fresh:
             msg = self.kc.session.msg("shutdown_request", {"restart": True})
             self.kc.control_channel.send(msg)
             front.wait(lambda: msg["header"]["msg_id"] in front.control, what="a clean restart")
+        if not self.fresh:
             front.run("pass")
         self.fresh = False
         me = psutil.Process(self.proc.pid)
@@ -248,9 +250,10 @@ class Controller:
         def workers() -> list[psutil.Process]:
             return [p for p in me.children() if p.status() != psutil.STATUS_ZOMBIE]
 
-        # The current worker and the spare, nothing else.
-        left = wait_no_processes(5.0, lambda: workers() if len(workers()) != 2 else [])
-        assert not left, f"the controller's workers should be a current and a spare one: {[p.pid for p in workers()]}"
+        # The current worker and the spare (and the previous one), nothing else.
+        expected = (2,) if clean else (2, 3)
+        left = wait_no_processes(5.0, lambda: workers() if len(workers()) not in expected else [])
+        assert not left, f"the controller's workers should be a current, a spare (and a previous) one: {[p.pid for p in workers()]}"
         return Front(self.kc, project, self.proc, self.cwd, self.connection_file)
 
     def stop(self) -> None:
@@ -297,12 +300,9 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     assert wait_no_processes() == [], "a process of a fake controller was left running"
 
 
-@pytest.fixture
-def front(shared: Shared, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Front]:
-    """The shared controller with a clean worker, and a front end on it; a
-    test that fails takes the controller down with it (its log is shown)."""
+def _front(shared: Shared, tmp_path: Path, request: pytest.FixtureRequest, clean: bool) -> Iterator[Front]:
     try:
-        f = shared.get().front(tmp_path)
+        f = shared.get().front(tmp_path, clean)
     except AssertionError:
         shared.drop(show_log=True)  # stuck: the next test starts another
         raise
@@ -310,6 +310,20 @@ def front(shared: Shared, tmp_path: Path, request: pytest.FixtureRequest) -> Ite
     yield f
     if request.session.testsfailed != failed:
         shared.drop(show_log=True)
+
+
+@pytest.fixture
+def front(shared: Shared, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Front]:
+    """The shared controller with a clean worker, and a front end on it; a
+    test that fails takes the controller down with it (its log is shown)."""
+    yield from _front(shared, tmp_path, request, clean=True)
+
+
+@pytest.fixture
+def any_front(shared: Shared, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Front]:
+    """The same, with the worker as the last test left it (no restart, so no
+    wait for a new spare): for tests that do not depend on its state."""
+    yield from _front(shared, tmp_path, request, clean=False)
 
 
 def watched(front: Front, name: str = "shapes", source: str = "X = 1\n") -> Path:
@@ -324,12 +338,14 @@ def watched(front: Front, name: str = "shapes", source: str = "X = 1\n") -> Path
 # -- one cell at a time ----------------------------------------------------------------
 
 
-def test_cells_sent_together_run_one_at_a_time_in_order(front: Front) -> None:
+def test_cells_sent_together_run_one_at_a_time_in_order(any_front: Front) -> None:
+    front = any_front
     ids = [front.execute("sleep(0.3); print('a')"), front.execute("print('b')"), front.execute("print('c')")]
     cells = [front.cell(i) for i in ids]
     assert [c.status for c in cells] == ["ok"] * 3
     assert [c.stdout for c in cells] == ["a\n", "b\n", "c\n"]
-    assert [c.content["execution_count"] for c in cells] == [1, 2, 3]
+    first = cells[0].content["execution_count"]
+    assert [c.content["execution_count"] for c in cells] == [first, first + 1, first + 2]
     assert len({c.wid for c in cells}) == 1
     # The controller held b and c until the cell before was answered: none
     # was waiting at the worker when the cell before it ended.
@@ -337,11 +353,12 @@ def test_cells_sent_together_run_one_at_a_time_in_order(front: Front) -> None:
     for before, after in zip(cells, cells[1:]):
         assert after.reply["metadata"]["started"] >= before.reply["metadata"]["ended"]
     for c in cells:
-        assert c.types()[0] == "status" and c.types()[-1] == "status"
-        assert "execute_input" in c.types()
+        states = [m["content"]["execution_state"] for m in c.iopub if m["msg_type"] == "status"]
+        assert states == ["busy", "idle"] and "execute_input" in c.types()
 
 
-def test_a_failing_cell_aborts_the_cells_queued_behind_it(front: Front) -> None:
+def test_a_failing_cell_aborts_the_cells_queued_behind_it(any_front: Front) -> None:
+    front = any_front
     ids = [front.execute("sleep(0.3); raise ValueError('boom')"), front.execute("print('b')"), front.execute("print('c')")]
     failed, *aborted = [front.cell(i) for i in ids]
     assert failed.status == "error" and failed.content["ename"] == "ValueError"
@@ -352,7 +369,8 @@ def test_a_failing_cell_aborts_the_cells_queued_behind_it(front: Front) -> None:
     assert after.content["execution_count"] == failed.content["execution_count"] + 1
 
 
-def test_stop_on_error_false_does_not_abort(front: Front) -> None:
+def test_stop_on_error_false_does_not_abort(any_front: Front) -> None:
+    front = any_front
     ids = [front.execute("sleep(0.3); raise ValueError('boom')", stop_on_error=False), front.execute("print('b')")]
     failed, behind = [front.cell(i) for i in ids]
     assert failed.status == "error"
@@ -519,7 +537,8 @@ def test_a_killed_worker_answers_its_cell_and_the_next_cell_runs_in_a_new_one(fr
 
 
 @pytest.mark.parametrize("how", ["interrupt_request", "SIGINT"])
-def test_an_interrupt_reaches_the_running_cell(front: Front, how: str) -> None:
+def test_an_interrupt_reaches_the_running_cell(any_front: Front, how: str) -> None:
+    front = any_front
     running = front.execute("sleep(30)")
     worker = front.started(running)
     if how == "SIGINT":
@@ -561,7 +580,8 @@ def test_an_interrupt_reaches_the_worker_during_an_agent_call(front: Front, how:
 # reply of the cell sent after it.
 
 
-def test_a_forged_message_is_dropped(front: Front) -> None:
+def test_a_forged_message_is_dropped(any_front: Front) -> None:
+    front = any_front
     forged = front.execute_msg("print('forged')", Session(key=b"not-the-key"))
     Session(key=b"not-the-key").send(front.kc.shell_channel.socket, forged)
     after = front.run("print('after')")
@@ -571,7 +591,8 @@ def test_a_forged_message_is_dropped(front: Front) -> None:
     assert "dropped" not in front.unparented_text()  # it never reached the worker either
 
 
-def test_a_replayed_message_is_dropped(front: Front) -> None:
+def test_a_replayed_message_is_dropped(any_front: Front) -> None:
+    front = any_front
     msg = front.execute_msg("print('once')")
     frames = front.kc.session.serialize(msg)
     front.send_raw(frames)
@@ -579,10 +600,11 @@ def test_a_replayed_message_is_dropped(front: Front) -> None:
     after = front.run("print('after')")
     assert after.stdout == "after\n"
     assert [r["content"]["status"] for r in front.all_replies if r["parent_header"]["msg_id"] == msg["header"]["msg_id"]] == ["ok"]
-    assert "".join(m["content"]["text"] for m in front.iopub[msg["header"]["msg_id"]] if m["msg_type"] == "stream") == "once\n"
+    assert front.cell(msg["header"]["msg_id"]).stdout == "once\n"
 
 
-def test_a_front_ends_agent_request_is_dropped(front: Front) -> None:
+def test_a_front_ends_agent_request_is_dropped(any_front: Front) -> None:
+    front = any_front
     stolen = front.project / "stolen.json"
     front.kc.session.send(front.kc.shell_channel.socket, AGENT_REQUEST, {"method": "export", "args": [str(stolen)]})
     after = front.run("print('after')")
@@ -646,6 +668,32 @@ def test_a_worker_dying_aborts_the_cells_queued_behind_its_cell(front: Front) ->
     assert queued.status == "aborted", (queued.content, queued.stdout)
 
 
+def test_a_dead_spare_is_replaced_when_a_swap_needs_it(front: Front) -> None:
+    mod = watched(front)
+    first = front.run("pass")
+    spare = next(p for p in psutil.Process(front.proc.pid).children() if p.pid != first.worker["pid"])  # type: ignore[index]
+    spare.kill()
+    spare.wait(5)
+    mod.write_text("X = 2\n")
+    cell = front.run("print(WID)")
+    assert cell.report is not None and cell.report["ok"] is True
+    assert cell.wid != first.wid and cell.worker["pid"] != spare.pid  # type: ignore[index]
+
+
+def test_back_after_the_previous_worker_died_says_there_is_none(front: Front) -> None:
+    mod = watched(front)
+    first = front.run("pass")
+    mod.write_text("X = 2\n")
+    swapped = front.run("pass")
+    assert swapped.wid != first.wid
+    os.kill(first.worker["pid"], signal.SIGKILL)  # type: ignore[index]
+    front.wait(lambda: not psutil.pid_exists(first.worker["pid"]) or  # type: ignore[index]
+               psutil.Process(first.worker["pid"]).status() == psutil.STATUS_ZOMBIE, what="the previous worker to die")  # type: ignore[index]
+    cell = front.run("%forkreload back")
+    assert cell.wid == swapped.wid
+    assert cell.notices == [notices.back_text(None, []) + "\n"]
+
+
 # -- what the controller answers itself -------------------------------------------------------
 
 
@@ -692,7 +740,8 @@ def test_a_control_request_during_an_agent_call_is_answered_after_it(front: Fron
     assert reply["content"]["worker_pid"] == cell.worker["pid"]  # type: ignore[index]
 
 
-def test_two_front_ends_get_their_own_replies_and_everyones_output(front: Front) -> None:
+def test_two_front_ends_get_their_own_replies_and_everyones_output(any_front: Front) -> None:
+    front = any_front
     other_kc = BlockingKernelClient(connection_file=front.connection_file)
     other_kc.load_connection_file()
     other_kc.start_channels(hb=False)
@@ -710,7 +759,7 @@ def test_two_front_ends_get_their_own_replies_and_everyones_output(front: Front)
         assert cell.stdout == "mine\n"
         front.wait(lambda: theirs in front.idle, what="the other front end's cell on iopub")
         assert theirs not in front.replies  # its reply went to the other front end only
-        assert "".join(m["content"]["text"] for m in front.iopub[theirs] if m["msg_type"] == "stream") == "theirs\n"
+        assert Cell(theirs, reply, front.iopub[theirs]).stdout == "theirs\n"
     finally:
         other_kc.stop_channels()
 
@@ -725,6 +774,25 @@ def test_a_request_the_worker_never_answers_does_not_hold_cells_after_an_edit(fr
     mod.write_text("X = 2\n")
     cell = front.cell(front.execute("print(WID)"), timeout=1)
     assert cell.status == "ok"
+
+
+@pytest.mark.xfail(strict=True, reason="Controller._wait handles SIGTERM (_on_signals sets running=False) but goes on "
+                   "waiting for the agent's answer: a controller told to stop during a long or endless agent call "
+                   "(a user module that loops at import, during load) does not stop; the parent-death check is "
+                   "in _step only, so neither does it when its front end dies")
+def test_sigterm_during_an_agent_call_ends_the_controller(front: Front) -> None:
+    mod = watched(front)
+    front.run("next_load(sleep=30)")  # the fresh worker's load hangs
+    mod.write_text("X = 2\n")
+    front.execute("print(WID)")
+    front.wait(lambda: list(front.cwd.glob("load-started-*")), what="the fresh worker's load to start")
+    front.proc.send_signal(signal.SIGTERM)
+    try:
+        front.proc.wait(timeout=1)
+    except subprocess.TimeoutExpired:
+        front.proc.kill()  # its workers follow it (parent-death signal)
+        front.proc.wait()
+        raise AssertionError("the controller did not stop within 1 s of SIGTERM") from None
 
 
 # -- cleanup ----------------------------------------------------------------------------------
