@@ -706,13 +706,6 @@ def test_back_after_the_previous_worker_died_says_there_is_none(front: Front) ->
 # -- what the controller answers itself -------------------------------------------------------
 
 
-def test_back_without_a_previous_worker_says_so(front: Front) -> None:
-    first = front.run("pass")
-    cell = front.run("%forkreload back")
-    assert cell.wid == first.wid
-    assert cell.notices == [notices.back_text(None, []) + "\n"]
-
-
 def test_control_requests_status_and_restart(front: Front) -> None:
     first = front.run("kept = 'v'")
 
