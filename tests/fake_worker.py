@@ -7,8 +7,8 @@ fake_pool.py). It binds the ipc sockets of `forkreload.worker.worker_connection`
 signs and checks every message with jupyter_client's `Session` under the
 session key (a badly signed one is dropped with a `stream` on stderr that
 has no parent; replays are not checked here, so one the controller let
-through would run twice), and answers like ipykernel with the forkreload agent installed,
-in one thread:
+through would run twice), and answers like ipykernel with the forkreload
+agent installed, in one thread:
 
 - `kernel_info_request`, `comm_info_request`, `complete_request` and the
   like (an empty ok reply), no reply to a request type it does not know (as
@@ -18,8 +18,11 @@ in one thread:
   `stream`; an exception published as `error`), `execute_reply` (ok or
   error, an execution count that carries over a swap), idle. A cell that is
   exactly `%forkreload CMD ARGS` publishes `COMMAND_EVENT` as the agent does;
-- the controller's agent calls (`protocol.AGENT_REQUEST`): `modules`,
-  `export`, `load`, `reload`, answered with `protocol.AGENT_REPLY`.
+- the controller's agent calls (`protocol.AGENT_REQUEST`): `modules` (the
+  announced modules), `export` (a JSON dump of the JSON-able variables, the
+  execution count and the modules), `load` (restores that dump, re-hashes
+  the modules' files), `reload` (`fresh` unless told otherwise), answered
+  with `protocol.AGENT_REPLY`.
 
 A cell sees these helpers: `sleep(s)`, `WID`, `PID`, `announce(name, path)`
 (publishes `MODULES_EVENT` for the file as it is now, so the controller
@@ -29,8 +32,7 @@ watches it), `command(cmd, *args)` (publishes `COMMAND_EVENT`),
 exit=None, **answer)` (this worker's agent call `method` sleeps, then exits
 with that status or gives that answer), `next_load(sleep=0, exit=None,
 **answer)` (the same for the `load` of the worker a swap moves into: it
-travels in the dump),
-`comm_open(id)`, `comm_close(id)`, `ask(prompt, wait=2.0)` (an
+travels in the dump), `comm_open(id)`, `comm_close(id)`, `ask(prompt, wait=2.0)` (an
 `input_request`; the stdin socket is ROUTER_MANDATORY, so one the
 controller's socket is not connected for fails after `wait` s instead of
 being dropped), `crash(status)` (`os._exit`).
