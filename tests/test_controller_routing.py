@@ -55,6 +55,26 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT = 15.0
 
 
+def still_running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `procs` still running (not gone, not a zombie)."""
+    found = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def workers_of(controller: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The controller's running children: its fake workers."""
+    try:
+        return still_running(psutil.Process(controller.pid).children())
+    except psutil.Error:
+        return []
+
+
 @dataclass
 class Cell:
     """One request as the front end saw it: its reply and the iopub messages it parented."""
@@ -180,7 +200,7 @@ class Front:
 
     def next_wid(self) -> int:
         """The worker id the controller gives the next worker it starts."""
-        wids = [int(p.cmdline()[-3]) for p in psutil.Process(self.proc.pid).children()]
+        wids = [int(p.cmdline()[-3]) for p in workers_of(self.proc)]
         return max(wids) + 1
 
     def send_raw(self, frames: list[bytes]) -> None:
@@ -228,7 +248,7 @@ class Controller:
             self.kc.wait_for_ready(timeout=TIMEOUT)
             # The controller's private directory (its workers' first argument),
             # removed by stop() if the controller could not (a test killed it).
-            self.privdir = psutil.Process(self.proc.pid).children()[0].cmdline()[-4]
+            self.privdir = workers_of(self.proc)[0].cmdline()[-4]
         except BaseException:
             self.stop()
             raise
@@ -250,10 +270,8 @@ class Controller:
         if not self.fresh:
             front.run("pass")
         self.fresh = False
-        me = psutil.Process(self.proc.pid)
-
         def workers() -> list[psutil.Process]:
-            return [p for p in me.children() if p.status() != psutil.STATUS_ZOMBIE]
+            return workers_of(self.proc)
 
         # The current worker and the spare (and the previous one), nothing else.
         expected = (2,) if clean else (2, 3)
@@ -680,7 +698,7 @@ def test_a_worker_dying_aborts_the_cells_queued_behind_its_cell(front: Front) ->
 def test_a_dead_spare_is_replaced_when_a_swap_needs_it(front: Front) -> None:
     mod = watched(front)
     first = front.run("pass")
-    spare = next(p for p in psutil.Process(front.proc.pid).children() if p.pid != first.worker["pid"])  # type: ignore[index]
+    spare = next(p for p in workers_of(front.proc) if p.pid != first.worker["pid"])  # type: ignore[index]
     spare.kill()
     spare.wait(5)
     mod.write_text("X = 2\n")
@@ -696,8 +714,8 @@ def test_back_after_the_previous_worker_died_says_there_is_none(front: Front) ->
     swapped = front.run("pass")
     assert swapped.wid != first.wid
     os.kill(first.worker["pid"], signal.SIGKILL)  # type: ignore[index]
-    front.wait(lambda: not psutil.pid_exists(first.worker["pid"]) or  # type: ignore[index]
-               psutil.Process(first.worker["pid"]).status() == psutil.STATUS_ZOMBIE, what="the previous worker to die")  # type: ignore[index]
+    front.wait(lambda: first.worker["pid"] not in [p.pid for p in workers_of(front.proc)],  # type: ignore[index]
+               what="the previous worker to die")
     cell = front.run("%forkreload back")
     assert cell.wid == swapped.wid
     assert cell.notices == [notices.back_text(None, []) + "\n"]
@@ -804,22 +822,20 @@ def test_a_killed_controller_takes_its_workers_along(front: Front) -> None:
     mod = watched(front)
     mod.write_text("X = 2\n")
     front.run("print(WID)")  # a current, a previous and a spare worker now
-    workers = psutil.Process(front.proc.pid).children()
+    workers = workers_of(front.proc)
     assert len(workers) == 3
     front.proc.kill()
     front.proc.wait()
-    alive = lambda: [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
-    assert wait_no_processes(5.0, alive) == []
+    assert wait_no_processes(5.0, lambda: still_running(workers)) == []
 
 
 def test_a_front_ends_shutdown_ends_every_process(front: Front) -> None:
     mod = watched(front)
     mod.write_text("X = 2\n")
     front.run("print(WID)")  # a current, a previous and a spare worker now
-    workers = psutil.Process(front.proc.pid).children()
+    workers = workers_of(front.proc)
     msg = front.kc.session.msg("shutdown_request", {"restart": False})
     front.kc.control_channel.send(msg)
     assert front.wait(lambda: front.control.get(msg["header"]["msg_id"]))["content"]["status"] == "ok"
     assert front.proc.wait(timeout=10) == 0
-    alive = lambda: [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # noqa: E731
-    assert wait_no_processes(5.0, alive) == []
+    assert wait_no_processes(5.0, lambda: still_running(workers)) == []
