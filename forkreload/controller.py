@@ -35,7 +35,7 @@ from jupyter_client.session import Session as JupyterSession
 from . import notices
 from .channel import ForgedMessage, make_private_dir
 from .config import Settings
-from .pool import ControllerError, WorkerDied, WorkerHandle, WorkerPool
+from .pool import ControllerError, Stopping, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import (
     AGENT_REQUEST,
     COMMAND_EVENT,
@@ -206,6 +206,10 @@ class Controller:
                 events = dict(poller.poll(50 if deadline is not None else 1000))
                 if self._sigfd is not None and self._sigfd in events:
                     self._on_signals(os.read(self._sigfd, 64), w)
+                if os.getppid() != self._ppid:
+                    self.running = False  # the front end that started us is gone
+                if not self.running:
+                    raise Stopping("the session is ending")
                 if self.fe_control in events:
                     frames = self.fe_control.recv_multipart()
                     verified = self._verify(frames)

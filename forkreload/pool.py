@@ -30,7 +30,7 @@ from .snapshot import command as snapshot_command
 from .watch import SourceWatch
 from .worker import worker_connection
 
-__all__ = ["ControllerError", "WorkerDied", "WorkerHandle", "WorkerPool"]
+__all__ = ["ControllerError", "Stopping", "WorkerDied", "WorkerHandle", "WorkerPool"]
 
 log = logging.getLogger("forkreload.pool")
 
@@ -45,6 +45,11 @@ class ControllerError(RuntimeError):
 
 class WorkerDied(RuntimeError):
     """A worker exited while the controller was waiting on it."""
+
+
+class Stopping(WorkerDied):
+    """The session ends (SIGTERM, the front end gone) while the controller
+    waits on a worker: the wait is given up as if the worker had gone."""
 
 
 class WorkerHandle:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import notices
 from .config import MODES, LearnedModules, Settings
 from .migrate import remove_dump
-from .pool import ControllerError, WorkerDied, WorkerHandle, WorkerPool
+from .pool import ControllerError, Stopping, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import LoadAnswer, ModuleInfo, Reload
 from .watch import SourceWatch
 
@@ -385,6 +385,8 @@ class Swapper:
             phase("spare")
             try:
                 exported = self.proxy.call_agent(old, "export", path)
+            except Stopping:
+                raise
             except WorkerDied:
                 return self._died_exporting(parent, old, new, report, path)
             phase("export")

@@ -21,13 +21,13 @@ agent installed, in one thread:
 - the controller's agent calls (`protocol.AGENT_REQUEST`): `modules` (the
   announced modules), `export` (a JSON dump of the JSON-able variables, the
   execution count and the modules), `load` (restores that dump, re-hashes
-  the modules' files), `reload` (`fresh` unless told otherwise), answered
+  the modules' files), `inplace` (`fresh` unless told otherwise), answered
   with `protocol.AGENT_REPLY`.
 
 A cell sees these helpers: `sleep(s)`, `WID`, `PID`, `announce(name, path)`
 (publishes `MODULES_EVENT` for the file as it is now, so the controller
 watches it), `command(cmd, *args)` (publishes `COMMAND_EVENT`),
-`reload_answer(kind, **fields)` (what this worker's `reload` answers next:
+`reload_answer(kind, **fields)` (what this worker's `inplace` answers next:
 `inplace`, `partial`, `fresh` or `error`), `on_call(method, sleep=0,
 exit=None, **answer)` (this worker's agent call `method` sleeps, then exits
 with that status or gives that answer), `next_load(sleep=0, exit=None,
@@ -396,7 +396,7 @@ class FakeWorker:
                 modules.append(info)
         return {"ok": True, "loaded": sorted(dump["ns"]), "failed": {}, "gone": gone, "modules": modules, "seconds": 0.0}
 
-    def call_reload(self, files: list[str], mode: str) -> dict[str, Any]:
+    def call_inplace(self, files: list[str], mode: str) -> dict[str, Any]:
         answer = dict(self.reload_next)
         if answer["kind"] in ("inplace", "partial"):
             # Patched: this worker now runs these files as they are.

@@ -8,8 +8,10 @@ so the module takes about 15 s on a busy 2-core machine. Each fake worker
 marks what it sends with its worker id and pid (message metadata
 `fake_worker`), so a test sees which worker ran a cell.
 
-Tests marked xfail(strict=True) show bugs of the controller, each named in
-its reason; they pass (and so fail) once the bug is fixed.
+Six of these tests found bugs of the controller (input() in a new worker's
+first cell, aborting behind a dead worker, blaming the fresh worker for the
+old one's death, requests never answered, SIGTERM during an agent call, a
+doubled reminder); they were fixed and the tests now guard them.
 """
 
 from __future__ import annotations
@@ -413,10 +415,6 @@ def test_input_request_reaches_the_front_end_and_its_answer_the_worker(front: Fr
     assert (cell.status, cell.stdout) == ("ok", "got ann\n")
 
 
-@pytest.mark.xfail(strict=True, reason="WorkerPool.wait_ready takes the iopub welcome as the sign that a new worker "
-                   "is routable, but the controller's stdin DEALER connects on its own zmq reconnect timer "
-                   "(100-200 ms after a refused ipc connect): an input_request sent before it reconnects is "
-                   "dropped by the worker's stdin ROUTER, and input() in the new worker's first cell hangs")
 def test_input_in_the_first_cell_of_a_new_worker(front: Front) -> None:
     # The next worker to start binds its stdin socket 1.5 s after its iopub welcome.
     (front.cwd / f"fake-worker-{front.next_wid()}.json").write_text(json.dumps({"stdin_bind_delay": 1.5}))
@@ -520,8 +518,6 @@ def test_back_returns_to_the_previous_worker(front: Front, how: str) -> None:
     assert reminder.startswith("forkreload: still running the old code of shapes.py (went back with %forkreload back)")
 
 
-@pytest.mark.xfail(strict=True, reason="Swapper.before_cell: after back() set `stale`, the same cell also gets "
-                   "the stale reminder, so it says twice that it runs the old code of the file")
 def test_the_cell_that_goes_back_says_once_that_it_runs_old_code(front: Front) -> None:
     mod = watched(front)
     first = front.run("x = 'old'")
@@ -666,9 +662,6 @@ def test_the_fresh_worker_dying_during_its_load_keeps_the_old_worker(front: Fron
     assert [n for n in later.notices if "still running the old code of shapes.py" in n]
 
 
-@pytest.mark.xfail(strict=True, reason="Swapper.swap: a WorkerDied from the OLD worker's export is reported as "
-                   "notices.failure_text ('kept the old worker: the fresh worker failed / the worker exited'): "
-                   "the old worker is the one that died, and the fresh worker, which was fine, is retired")
 def test_the_old_worker_dying_during_export_is_not_blamed_on_the_fresh_worker(front: Front) -> None:
     mod = watched(front)
     first = front.run("on_call('export', exit=3)")
@@ -681,9 +674,6 @@ def test_the_old_worker_dying_during_export_is_not_blamed_on_the_fresh_worker(fr
     assert not [n for n in cell.notices if "the fresh worker failed" in n], cell.notices
 
 
-@pytest.mark.xfail(strict=True, reason="Controller.fail_inflight answers the dead worker's cell with status error "
-                   "(WorkerDied) but does not abort the cells held behind it as _on_worker_shell does for an "
-                   "error reply (stop_on_error): they run in the fresh worker, whose variables are gone")
 def test_a_worker_dying_aborts_the_cells_queued_behind_its_cell(front: Front) -> None:
     front.run("x = 1")
     running = front.execute("sleep(30)")
@@ -784,9 +774,6 @@ def test_two_front_ends_get_their_own_replies_and_everyones_output(any_front: Fr
         other_kc.stop_channels()
 
 
-@pytest.mark.xfail(strict=True, reason="Controller._route_shell holds every cell while the worker has an unanswered "
-                   "request and an edit is pending (`w.inflight and edit_pending()`); ipykernel never answers a "
-                   "request type it does not know, so after one such request and an edit, every cell waits forever")
 def test_a_request_the_worker_never_answers_does_not_hold_cells_after_an_edit(front: Front) -> None:
     mod = watched(front)
     front.kc.session.send(front.kc.shell_channel.socket, "bogus_request", {})
@@ -796,10 +783,6 @@ def test_a_request_the_worker_never_answers_does_not_hold_cells_after_an_edit(fr
     assert cell.status == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="Controller._wait handles SIGTERM (_on_signals sets running=False) but goes on "
-                   "waiting for the agent's answer: a controller told to stop during a long or endless agent call "
-                   "(a user module that loops at import, during load) does not stop; the parent-death check is "
-                   "in _step only, so neither does it when its front end dies")
 def test_sigterm_during_an_agent_call_ends_the_controller(front: Front) -> None:
     mod = watched(front)
     front.run("next_load(sleep=30)")  # the fresh worker's load hangs
