@@ -25,7 +25,6 @@ import sys
 from typing import Any
 
 import zmq
-
 from forkreload.config import Settings
 from forkreload.pool import ControllerError, WorkerHandle, WorkerPool
 from forkreload.worker import worker_connection

@@ -89,11 +89,10 @@ def _without_package_init(*names: str) -> None:
 if __name__ == "__main__":
     _without_package_init("jupyter_client", "forkreload")
 
-from jupyter_client.session import Session  # noqa: E402
-
 from forkreload import protocol  # noqa: E402
 from forkreload.channel import set_parent_death_signal  # noqa: E402
 from forkreload.worker import worker_connection  # noqa: E402
+from jupyter_client.session import Session  # noqa: E402
 
 DEFAULT_RELOAD: dict[str, Any] = {"kind": "fresh", "reasons": ["fake worker: fresh by default"]}
 

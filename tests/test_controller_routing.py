@@ -25,18 +25,14 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import psutil
 import pytest
 import zmq
-from jupyter_client import BlockingKernelClient
-from jupyter_client.connect import write_connection_file
-from jupyter_client.session import Session
-
-from conftest import wait_no_processes
 from forkreload import notices
 from forkreload.protocol import (
     AGENT_REPLY,
@@ -47,6 +43,11 @@ from forkreload.protocol import (
     TAG_COMMAND,
     TAG_NOTICE,
 )
+from jupyter_client import BlockingKernelClient
+from jupyter_client.connect import write_connection_file
+from jupyter_client.session import Session
+
+from conftest import wait_no_processes
 
 # One controller serves the module's tests (a clean restart between two);
 # each test checks that it has only its current and spare workers, the
@@ -377,7 +378,7 @@ def test_cells_sent_together_run_one_at_a_time_in_order(any_front: Front) -> Non
     # The controller held b and c until the cell before was answered: none
     # was waiting at the worker when the cell before it ended.
     assert [c.reply["metadata"]["shell_queued"] for c in cells] == [False] * 3
-    for before, after in zip(cells, cells[1:]):
+    for before, after in zip(cells, cells[1:], strict=False):
         assert after.reply["metadata"]["started"] >= before.reply["metadata"]["ended"]
     for c in cells:
         states = [m["content"]["execution_state"] for m in c.iopub if m["msg_type"] == "status"]
