@@ -104,7 +104,13 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
             if k.startswith("__") and k.endswith("__"):
                 continue
             try:
-                fp[k] = hashlib.sha1(cloudpickle.dumps(v, protocol=5)).hexdigest()
+                # No memo: bytes that do not depend on which equal strings
+                # happen to be the same object in this process.
+                buf = io.BytesIO()
+                p = cloudpickle.CloudPickler(buf, protocol=5)
+                p.fast = True
+                p.dump(v)
+                fp[k] = hashlib.sha1(buf.getvalue()).hexdigest()
             except Exception:
                 fp[k] = "?"  # cannot tell: never reported as changed
         return fp
@@ -140,6 +146,20 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
         os._exit(0)
     os.close(r_job)
     os.close(w_res)
+
+    def culprit(exc: BaseException, name: str) -> str:
+        """The user module whose own code failed (b, when importing a imports b)."""
+        files = [getattr(exc, "filename", None)] if isinstance(exc, SyntaxError) else []
+        tb = exc.__traceback__
+        while tb is not None:
+            files.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        for f in reversed([f for f in files if f]):
+            f = os.path.realpath(f)
+            if f.startswith(root + os.sep) and f.endswith(".py"):
+                rel = os.path.relpath(f, root)[:-3].replace(os.sep, ".")
+                return rel.removesuffix(".__init__")
+        return name
 
     def run_cell(code: str, ns: dict) -> dict[str, Any]:
         buf = io.StringIO()
@@ -182,7 +202,7 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
                     with contextlib.redirect_stdout(io.StringIO()):
                         importlib.import_module(name)
                 except BaseException as exc:  # noqa: BLE001
-                    rep["import_errors"][name] = f"{type(exc).__name__}: {exc}"
+                    rep["import_errors"][culprit(exc, name)] = f"{type(exc).__name__}: {exc}"
             for name, blob in data["values"].items():
                 try:
                     ns[name] = cloudpickle.loads(bytes.fromhex(blob))
@@ -200,15 +220,24 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
             prev = json.loads(Path(ex["load"]).read_text())["modules"]
             mods = prev + [m for m in mods if m not in prev]
         mods = [m for m in mods if m in sys.modules]
+        if rep["import_errors"]:
+            # The new code cannot be imported: what carries on to the next
+            # edit is the state before this one (the session keeps the old
+            # worker), plus the variables this cell made.
+            prev_data = json.loads(Path(ex["load"]).read_text())
+            values = {**values, **prev_data["values"]}
+            mods = prev_data["modules"]
+            rep["dump_lost"] = {k: v for k, v in rep["dump_lost"].items() if k not in values}
+            rep["broken"] = True
         Path(ex["dump"]).write_text(json.dumps({"modules": mods, "values": values}))
         rep["modules"] = mods
-        rep["after_fp"] = {m: fingerprint(sys.modules[m]) for m in mods}
-        rep["_sources"] = [[m, sources.get(m, "")] for m in mods]
+        rep["after_fp"] = {m: fingerprint(sys.modules[m]) for m in mods if m in sys.modules}
+        rep["_sources"] = [] if rep.get("broken") else [[m, sources.get(m, "")] for m in mods]
         kept_ns[ex_id] = ns
         results[ex_id] = rep
     # The next cell against the old code, after everything was dumped.
     for ex in job["examples"]:
-        if ex.get("next_cell") is not None:
+        if ex.get("next_cell") is not None and not results[ex["id"]].get("broken"):
             results[ex["id"]]["old_next"] = run_cell(ex["next_cell"], kept_ns[ex["id"]])
     # Module state the cells changed, against a fresh import of the same files.
     with os.fdopen(w_job, "w") as f:
@@ -244,6 +273,13 @@ class Example:
     steps: list[tuple[dict[str, str | None], str]]
     prefixes: list[str] = field(default_factory=list)  # module-name prefixes (batching)
     expect: str | None = None  # optional: what the last cell must print (ground truth)
+    kinds: list[str] = field(default_factory=list)  # generated: the kinds of edits applied
+
+    def __repr__(self) -> str:
+        return f"Example({self.id!r}, {len(self.steps) - 1} edits{': ' + ', '.join(self.kinds) if self.kinds else ''})"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # hypothesis' and IPython's printers
+        p.text(repr(self))
 
 
 def write_files(root: Path, files: dict[str, str | None]) -> None:
