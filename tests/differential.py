@@ -149,11 +149,13 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
 
     def culprit(exc: BaseException, name: str) -> str:
         """The user module whose own code failed (b, when importing a imports b)."""
-        files = [getattr(exc, "filename", None)] if isinstance(exc, SyntaxError) else []
+        files = []
         tb = exc.__traceback__
         while tb is not None:
             files.append(tb.tb_frame.f_code.co_filename)
             tb = tb.tb_next
+        if isinstance(exc, SyntaxError):
+            files.append(exc.filename)  # innermost: the file that does not parse
         for f in reversed([f for f in files if f]):
             f = os.path.realpath(f)
             if f.startswith(root + os.sep) and f.endswith(".py"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import shutil
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -466,6 +466,13 @@ SCENARIOS = [
         "print(x, m.f())",
     ),
     Scenario(
+        "a set of strings printed on both sides (same hash seed)",
+        {"m.py": "NAMES = {'alpha', 'beta', 'gamma', 'delta', 'epsilon'}\nK = 1\n"},
+        "import m; s = set(m.NAMES) | {'zeta'}",
+        {"m.py": "NAMES = {'alpha', 'beta', 'gamma', 'delta', 'epsilon'}\nK = 2\n"},
+        "print(m.NAMES, s, m.K)",
+    ),
+    Scenario(
         "two edits in one module: body and constant",
         {"m.py": "K = 1\n\ndef f():\n    return 'f1'\n"},
         "import m; h = m.f",
@@ -614,7 +621,8 @@ class Mod:
     funcs: list
     classes: list
     imports: list
-    computed: dict  # name -> function name called at import
+    computed: dict  # name -> the call (a token) made at import
+    from_imports: list = field(default_factory=list)  # (module index, name)
     deco_add: int = 1000
     comment: str = ""
 
@@ -644,11 +652,14 @@ class Project:
                 out.append(f"{val}()")
             elif kind == "mcall":
                 out.append(f"{self.modname(val)}.{tok[2]}()")
+            elif kind == "fcall":
+                out.append(f"{val}()")
         return " + ".join(out) or "0"
 
     def render(self, i: int) -> str:
         m = self.mods[i]
         lines = ["import functools"] + [f"import {self.modname(j)}" for j in m.imports]
+        lines += [f"from {self.modname(j)} import {name}" for j, name in m.from_imports]
         if m.comment:
             lines.append(f"# {m.comment}")
         lines += [f"{k} = {v}" for k, v in m.consts.items()]
@@ -672,7 +683,7 @@ class Project:
                 lines.append("    pass")
         if m.computed:
             lines.append("")
-        lines += [f"{k} = {f}()" for k, f in m.computed.items()]
+        lines += [f"{k} = {self.render_expr([tok])}" for k, tok in m.computed.items()]
         return "\n".join(lines) + "\n"
 
     def observations(self) -> list[str]:
@@ -711,6 +722,8 @@ def _draw_expr(draw, pr: Project, i: int, own: int | None = None, cls: Cls | Non
         options.append(("call",))
     if not pure and any(pr.mods[j].funcs for j in m.imports):
         options.append(("mcall",))
+    if not pure and m.from_imports:
+        options.append(("fcall",))
     if cls is not None and cls.attrs:
         options.append(("attr",))
     expr = []
@@ -725,6 +738,8 @@ def _draw_expr(draw, pr: Project, i: int, own: int | None = None, cls: Cls | Non
         elif kind == "mcall":
             j = draw(st.sampled_from([j for j in m.imports if pr.mods[j].funcs]))
             expr.append(("mcall", j, draw(st.sampled_from([fn.name for fn in pr.mods[j].funcs]))))
+        elif kind == "fcall":
+            expr.append(("fcall", draw(st.sampled_from([name for _, name in m.from_imports]))))
         else:
             expr.append(("attr", draw(st.sampled_from(sorted(cls.attrs)))))
     return expr
@@ -766,7 +781,10 @@ def _draw_project(draw, prefix: str) -> Project:
                 c.methods[f"m{next(pr.counter)}"] = _draw_expr(draw, pr, i, cls=c)
             m.classes.append(c)
         if draw(st.booleans()) and _ok("computed_at_import"):
-            m.computed[f"V{next(pr.counter)}"] = draw(st.sampled_from([fn.name for fn in m.funcs]))
+            calls = [("call", fn.name) for fn in m.funcs]
+            if _ok("computed_at_import_other_module"):
+                calls += [("mcall", j, fn.name) for j in m.imports for fn in pr.mods[j].funcs]
+            m.computed[f"V{next(pr.counter)}"] = draw(st.sampled_from(calls))
     # What the first cell keeps in variables.
     a = pr.mods[0]
     pr.held[f"{prefix}v"] = ("value",)
@@ -810,7 +828,7 @@ def _held_names(pr: Project, i: int) -> set[str]:
 EDIT_KINDS = [
     "func_body", "func_doc", "func_add", "func_rename", "func_delete", "deco_change", "deco_body",
     "const_value", "const_add", "class_attr_value", "class_attr_add", "method_body", "method_add",
-    "class_base", "import_add", "comment",
+    "class_base", "import_add", "from_import_add", "comment",
 ]
 
 
@@ -832,6 +850,8 @@ def _edit(draw, pr: Project) -> str:
     if kind in ("const_value",) and not m.consts:
         kind = "const_add"
     if kind == "import_add" and not [j for j in range(i + 1, len(pr.mods)) if j not in m.imports]:
+        kind = "func_body"
+    if kind == "from_import_add" and not [j for j in range(i + 1, len(pr.mods)) if pr.mods[j].funcs]:
         kind = "func_body"
     if kind in ("func_body", "func_doc", "deco_change") and not m.funcs:
         kind = "func_add"
@@ -890,6 +910,15 @@ def _edit(draw, pr: Project) -> str:
         if pr.mods[j].funcs and callers:
             fn = draw(st.sampled_from(callers))
             fn.expr = fn.expr + [("mcall", j, draw(st.sampled_from([f.name for f in pr.mods[j].funcs])))]
+    elif kind == "from_import_add":
+        j = draw(st.sampled_from([j for j in range(i + 1, len(pr.mods)) if pr.mods[j].funcs]))
+        name = draw(st.sampled_from([f.name for f in pr.mods[j].funcs]))
+        if (j, name) not in m.from_imports and name not in {f.name for f in m.funcs}:
+            m.from_imports.append((j, name))
+        callers = [fn for fn in m.funcs if not _lru_pure(fn)]
+        if callers:
+            fn = draw(st.sampled_from(callers))
+            fn.expr = fn.expr + [("fcall", name)]
     elif kind == "comment":
         m.comment = draw(st.sampled_from(["", "a comment", "another comment"]))
     return kind
@@ -971,3 +1000,56 @@ def test_generated_edits(batch: tuple[Example, ...]) -> None:
         assert not failures, f"{len(failures)} of {len(examples)} edit sequences disagree:\n\n" + "\n\n".join(failures)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the judge itself, on hand-made session results ---------------------------
+
+
+def _fake(stdout: str, notice: str = "", mode: str | None = None, lost: dict | None = None, ok: bool = True):
+    from forkreload.session import Reload, Result
+
+    rl = None if mode is None else Reload(mode=mode, ok=ok, modules=[], migrated=[], lost=lost or {}, seconds=0.0)
+    return Result(status="ok", stdout=stdout, notice=notice, reload=rl)
+
+
+def test_judge_flags_stale_lost_and_unnamed_resets(tmp_path: Path) -> None:
+    ex = Example(
+        "j",
+        [
+            ({"m.py": "K = 1\nREG = {}\n\ndef f():\n    return K\n"}, "import m; m.REG['a'] = 1; gen = (i for i in range(3)); keep = 5"),
+            ({"m.py": "K = 2\nREG = {}\n\ndef f():\n    return K\n"}, "print(m.f(), keep)"),
+        ],
+    )
+    refs = run_reference(tmp_path / "proj", [ex])["j"]
+    assert refs[0]["dump_lost"].keys() == {"gen"} and refs[0]["reset"] == ["m.REG"]
+    assert refs[0]["old_next"]["stdout"] == "1 5\n" and refs[1]["out"]["stdout"] == "2 5\n"
+    first = _fake("")
+    # the fresh process's output, with every loss and reset named: agrees
+    good = _fake("2 5\n", "forkreload: fresh worker: K changed · migrated 2 · lost: gen (generator) · reset: m.REG", "fresh", {"gen": "generator"})
+    assert judge(ex, [first, good], refs) == []
+    # the old code's output, no notice: silently stale
+    (p,) = judge(ex, [first, _fake("1 5\n", "", None)], refs)
+    assert "silently stale" in p
+    # a variable the fresh process carries, lost
+    probs = judge(ex, [first, _fake("2 5\n", "forkreload: fresh worker: lost: keep (int) · reset: REG", "fresh", {"keep": "int"})], refs)
+    assert any("lost keep" in p for p in probs)
+    # the registry reset without a word
+    probs = judge(ex, [first, _fake("2 5\n", "forkreload: fresh worker: lost: gen (generator)", "fresh", {"gen": "generator"})], refs)
+    assert any("reset m.REG" in p for p in probs)
+
+
+def test_judge_import_failure_keeps_the_old_code(tmp_path: Path) -> None:
+    ex = Example(
+        "j",
+        [
+            ({"a.py": "def f():\n    return 1\n", "b.py": "import a\n"}, "import b; x = b.a.f()"),
+            ({"a.py": "def f(:\n"}, "print(x, b.a.f())"),
+        ],
+    )
+    refs = run_reference(tmp_path / "proj", [ex])["j"]
+    assert list(refs[1]["import_errors"]) == ["a"]  # the culprit, not b that imports it
+    first = _fake("")
+    kept = _fake("1 1\n", "forkreload: kept the old code: a.py does not parse", "none", ok=False)
+    assert judge(ex, [first, kept], refs) == []
+    probs = judge(ex, [first, _fake("1 1\n", "forkreload: something", "none", ok=False)], refs)
+    assert any("does not say so" in p for p in probs)
