@@ -303,6 +303,20 @@ SCENARIOS = [
         "print(c.X)",
     ),
     Scenario(
+        "a value computed at another module's import, through a call inside the edited module",
+        {"c.py": "def f3():\n    return f4() + 100\n\ndef f4():\n    return 1\n", "b.py": "import c\n\nV = c.f3()\n"},
+        "import b",
+        {"c.py": "def f3():\n    return f4() + 100\n\ndef f4():\n    return 2\n"},
+        "print(b.V)",
+    ),
+    Scenario(
+        "a value computed at import by a same-module function calling an edited function of another module",
+        {"c.py": "def g():\n    return 1\n", "b.py": "import c\n\ndef f():\n    return c.g() + 100\n\nV = f()\n"},
+        "import b",
+        {"c.py": "def g():\n    return 2\n"},
+        "print(b.V, b.f())",
+    ),
+    Scenario(
         "a value computed at the same module's import",
         {"m.py": "def helper():\n    return 1\n\nX = helper()\n"},
         "import m",
@@ -487,6 +501,8 @@ SCENARIOS = [
 KNOWN_BAD = {
     "a value computed at import through a third module":
         "in place: a.helper is patched but c.X, computed at c's import through b.compute -> a.helper, keeps the old value (silently stale)",
+    "a value computed at another module's import, through a call inside the edited module":
+        "in place: c.f4 is patched but b.V, computed at b's import by c.f3 -> c.f4, keeps the old value (silently stale)",
     "__hash__ edited with a dict keyed by instances":
         "in place: __hash__ patched, but dicts built with the old hash are not rehashed (lookups miss), and the notice does not say so",
     "__eq__ edited with a set of instances":
@@ -584,6 +600,9 @@ GRAMMAR_KNOWN_BAD: dict[str, str] = {
     "func_rename_held": "renaming a function that a variable holds: the swap is refused and the old code keeps running",
     # scenario "a variable holding a function the edit deletes"
     "func_delete_held": "deleting a function that a variable holds: the swap is refused and the old code keeps running",
+    # scenarios "a value computed at import through a third module", "... through
+    # a call inside the edited module", "... by a same-module function calling ..."
+    "computed_at_import_transitive": "a value computed at import by a call chain that reaches a function edited in place keeps the old value",
     # scenario "lru_cache'd function calling a function edited in place"
     "lru_cache_calls": "an lru_cache'd function that calls another: the callee is patched in place, the cache keeps results of the old code",
 }
@@ -756,6 +775,19 @@ def _lru_pure(fn: Fn) -> bool:
     return fn.deco == "lru" and not _ok("lru_cache_calls")
 
 
+def _used_at_import(pr: Project, i: int, fn: Fn) -> bool:
+    for j, m in enumerate(pr.mods):
+        for tok in m.computed.values():
+            if (j == i and tok == ("call", fn.name)) or tok == ("mcall", i, fn.name):
+                return True
+    return False
+
+
+def _pure(pr: Project, i: int, fn: Fn) -> bool:
+    """Must `fn` call nothing (a known-bad kind would follow otherwise)?"""
+    return _lru_pure(fn) or (not _ok("computed_at_import_transitive") and _used_at_import(pr, i, fn))
+
+
 def _draw_project(draw, prefix: str) -> Project:
     pr = Project(prefix, draw(st.integers(2, 3)))
     n = len(pr.mods)
@@ -770,7 +802,7 @@ def _draw_project(draw, prefix: str) -> Project:
         # Functions may only call later ones: re-draw in creation order.
         for fn in m.funcs:
             fn.deco = draw(st.sampled_from([None, None, "lru", "wrap"]))
-            fn.expr = _draw_expr(draw, pr, i, own=fn.idx, pure=_lru_pure(fn))
+            fn.expr = _draw_expr(draw, pr, i, own=fn.idx, pure=_pure(pr, i, fn))
         for _ in range(draw(st.integers(0, 2))):
             idx = next(pr.counter)
             bases = [c.name for c in m.classes]
@@ -784,7 +816,12 @@ def _draw_project(draw, prefix: str) -> Project:
             calls = [("call", fn.name) for fn in m.funcs]
             if _ok("computed_at_import_other_module"):
                 calls += [("mcall", j, fn.name) for j in m.imports for fn in pr.mods[j].funcs]
-            m.computed[f"V{next(pr.counter)}"] = draw(st.sampled_from(calls))
+            tok = draw(st.sampled_from(calls))
+            m.computed[f"V{next(pr.counter)}"] = tok
+            j = i if tok[0] == "call" else tok[1]
+            target = next(fn for fn in pr.mods[j].funcs if fn.name == tok[-1])
+            if _pure(pr, j, target):
+                target.expr = _draw_expr(draw, pr, j, own=target.idx, pure=True)
     # What the first cell keeps in variables.
     a = pr.mods[0]
     pr.held[f"{prefix}v"] = ("value",)
@@ -857,7 +894,7 @@ def _edit(draw, pr: Project) -> str:
         kind = "func_add"
     if kind == "func_body":
         fn = draw(st.sampled_from(m.funcs))
-        fn.expr = _draw_expr(draw, pr, i, own=fn.idx, pure=_lru_pure(fn))
+        fn.expr = _draw_expr(draw, pr, i, own=fn.idx, pure=_pure(pr, i, fn))
     elif kind == "func_doc":
         fn = draw(st.sampled_from(m.funcs))
         fn.doc = draw(st.sampled_from([None, "Doc.", "Other doc."]))
@@ -872,7 +909,7 @@ def _edit(draw, pr: Project) -> str:
     elif kind == "deco_change":
         fn = draw(st.sampled_from(m.funcs))
         fn.deco = draw(st.sampled_from([d for d in (None, "lru", "wrap") if d != fn.deco]))
-        if _lru_pure(fn) and any(tok[0] in ("call", "mcall") for tok in fn.expr):
+        if _pure(pr, i, fn) and any(tok[0] in ("call", "mcall", "fcall") for tok in fn.expr):
             fn.expr = _draw_expr(draw, pr, i, own=fn.idx, pure=True)
     elif kind == "deco_body":
         m.deco_add = draw(st.sampled_from([d for d in (1000, 2000, 3000) if d != m.deco_add]))
@@ -906,7 +943,7 @@ def _edit(draw, pr: Project) -> str:
     elif kind == "import_add":
         j = draw(st.sampled_from([j for j in range(i + 1, len(pr.mods)) if j not in m.imports]))
         m.imports.append(j)
-        callers = [fn for fn in m.funcs if not _lru_pure(fn)]
+        callers = [fn for fn in m.funcs if not _pure(pr, i, fn)]
         if pr.mods[j].funcs and callers:
             fn = draw(st.sampled_from(callers))
             fn.expr = fn.expr + [("mcall", j, draw(st.sampled_from([f.name for f in pr.mods[j].funcs])))]
@@ -915,7 +952,7 @@ def _edit(draw, pr: Project) -> str:
         name = draw(st.sampled_from([f.name for f in pr.mods[j].funcs]))
         if (j, name) not in m.from_imports and name not in {f.name for f in m.funcs}:
             m.from_imports.append((j, name))
-        callers = [fn for fn in m.funcs if not _lru_pure(fn)]
+        callers = [fn for fn in m.funcs if not _pure(pr, i, fn)]
         if callers:
             fn = draw(st.sampled_from(callers))
             fn.expr = fn.expr + [("fcall", name)]
