@@ -973,6 +973,9 @@ def _examples(draw, n: int) -> Example:
             kinds.append(_edit(draw, pr))
             if pr.files() != before:
                 break
+        else:
+            pr.mods[0].funcs.append(_new_fn(draw, pr, 0))  # an edit that always changes something
+            kinds.append("func_add")
         after = pr.files()
         changed = {k: v for k, v in after.items() if before.get(k) != v}
         steps.append((changed, _print_cell(pr.observations())))
@@ -994,6 +997,7 @@ def _describe(ex: Example) -> str:
 
 
 _BATCHES = max(1, -(-EXAMPLES // BATCH))
+_STATS: dict[str, int] = {}  # FORKRELOAD_DIFF_STATS=1: how the generated edits were applied
 
 
 @pytest.mark.timeout(900)
@@ -1023,6 +1027,11 @@ def test_generated_edits(batch: tuple[Example, ...]) -> None:
             for ex in examples:
                 results = run_in_session(s, root, ex)
                 problems = judge(ex, results, refs[ex.id])
+                if os.environ.get("FORKRELOAD_DIFF_STATS"):
+                    for r, ref in zip(results[1:], refs[ex.id][1:]):
+                        mode = (r.reload.mode if r.reload else "no reload") + (" import-error" if ref["import_errors"] else "")
+                        _STATS[mode] = _STATS.get(mode, 0) + 1
+                    print(_STATS, flush=True)
                 if problems:
                     failures.append("\n".join(problems) + "\n" + _describe(ex))
                 p = ex.prefixes[0]
