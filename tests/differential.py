@@ -74,7 +74,7 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
     job = json.loads(Path(job_path).read_text())
     root = os.path.realpath(job["cwd"])
     os.chdir(root)
-    sys.path.insert(0, root)
+    sys.path[0] = root  # in place of this script's directory, as a session's project
     sys.dont_write_bytecode = True
 
     # Which user modules were asked for, in order, and the source each executed.

@@ -40,6 +40,7 @@ class Scenario:
     after: str
     expect: str | None = None  # optional ground truth for the last cell's stdout
     xfail: str | None = None  # what forkreload does wrong today
+    then: list = field(default_factory=list)  # more (files, cell) steps after `after`
 
 
 def d(s: str) -> str:
@@ -487,6 +488,25 @@ SCENARIOS = [
         "print(m.NAMES, s, m.K)",
     ),
     Scenario(
+        "a constant edited, then a body, then the constant reverted",
+        {"m.py": "K = 1\n\ndef f():\n    return 'a'\n"},
+        "import m; h = m.f; n = 10",
+        {"m.py": "K = 2\n\ndef f():\n    return 'a'\n"},
+        "print(m.K, h(), n); n += 1",
+        then=[
+            ({"m.py": "K = 2\n\ndef f():\n    return 'b'\n"}, "print(m.K, h(), m.f(), n)"),
+            ({"m.py": "K = 1\n\ndef f():\n    return 'b'\n"}, "print(m.K, h(), m.f(), n)"),
+        ],
+    ),
+    Scenario(
+        "a broken edit, then its fix",
+        {"m.py": "K = 1\n\ndef f():\n    return 'a'\n"},
+        "import m; x = m.f()",
+        {"m.py": "K = 1\n\ndef f(:\n    return 'b'\n"},
+        "print(m.K, m.f(), x)",
+        then=[({"m.py": "K = 2\n\ndef f():\n    return 'b'\n"}, "print(m.K, m.f(), x)")],
+    ),
+    Scenario(
         "two edits in one module: body and constant",
         {"m.py": "K = 1\n\ndef f():\n    return 'f1'\n"},
         "import m; h = m.f",
@@ -548,7 +568,7 @@ def test_differential_scenario(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     from forkreload import Session
 
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    ex = Example(sc.name, [(sc.v1, sc.before), (sc.v2, sc.after)], expect=sc.expect)
+    ex = Example(sc.name, [(sc.v1, sc.before), (sc.v2, sc.after), *sc.then], expect=sc.expect)
     refs = run_reference(tmp_path / "ref" / "proj", [ex])[ex.id]
     root = tmp_path / "proj"
     root.mkdir()
