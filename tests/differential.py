@@ -147,6 +147,24 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
     os.close(r_job)
     os.close(w_res)
 
+    class Pickler(cloudpickle.CloudPickler):
+        """cloudpickle, except that an open file is not carried.
+
+        (cloudpickle would turn it into a StringIO snapshot of its contents: not
+        the open file a fresh process could have, and README names open files
+        among what cannot be kept.)
+        """
+
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, io.IOBase):
+                raise TypeError(f"cannot pickle an open file ({type(obj).__name__})")
+            return super().reducer_override(obj)
+
+    def dumps(value: Any) -> bytes:
+        buf = io.BytesIO()
+        Pickler(buf, protocol=5).dump(value)
+        return buf.getvalue()
+
     def culprit(exc: BaseException, name: str) -> str:
         """The user module whose own code failed (b, when importing a imports b)."""
         files = []
@@ -214,7 +232,7 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
         values = {}
         for name in user_names(ns):
             try:
-                values[name] = cloudpickle.dumps(ns[name], protocol=5).hex()
+                values[name] = dumps(ns[name]).hex()
             except BaseException as exc:  # noqa: BLE001
                 rep["dump_lost"][name] = f"{type(exc).__name__}: {exc}"
         mods = [m for m in order if m.startswith(tuple(ex.get("prefixes") or [""]))]
