@@ -67,7 +67,6 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
     import importlib.machinery
     import importlib.util
     import io
-    import traceback
 
     import cloudpickle
 
@@ -277,7 +276,6 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
         rep["reset"] = reset
     sys.stdout.flush()
     os.write(1, ("\n@@RESULT@@" + json.dumps(results)).encode())
-    del traceback
 
 
 # ---------------------------------------------------------------------------

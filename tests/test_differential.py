@@ -18,13 +18,17 @@ batch against one reference process per step.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
+import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from differential import DETERMINISTIC_ENV, Example, judge, run_in_session, run_reference, write_files
 
@@ -39,7 +43,6 @@ class Scenario:
     v2: dict[str, str | None]
     after: str
     expect: str | None = None  # optional ground truth for the last cell's stdout
-    xfail: str | None = None  # what forkreload does wrong today
     then: list = field(default_factory=list)  # more (files, cell) steps after `after`
 
 
@@ -579,7 +582,7 @@ KNOWN_BAD = {
 
 def _params():
     for sc in SCENARIOS:
-        reason = sc.xfail or KNOWN_BAD.get(sc.name)
+        reason = KNOWN_BAD.get(sc.name)
         marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         yield pytest.param(sc, id=sc.name, marks=marks)
 
@@ -623,16 +626,6 @@ def test_known_bad_names_are_scenarios() -> None:
 # Each hypothesis example is a batch of edit sequences with distinct module
 # and variable prefixes: one Session runs them one after another, and one
 # reference process per step checks the whole batch.
-
-import copy
-import itertools
-import tempfile
-import time
-
-from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis import strategies as st
-
-from differential import run_reference as _run_reference
 
 # Kinds of generated edits excluded for now because forkreload gets them wrong
 # (each has an explicit xfail scenario above). TODO: remove an entry once its
@@ -1083,7 +1076,7 @@ def test_generated_edits(batch: tuple[Example, ...]) -> None:
     examples = list(batch)
     tmp = Path(tempfile.mkdtemp(prefix="frdiff-"))
     try:
-        refs = _run_reference(tmp / "ref" / "proj", examples)
+        refs = run_reference(tmp / "ref" / "proj", examples)
         root = tmp / "proj"
         root.mkdir()
         env = {**os.environ, **DETERMINISTIC_ENV, "IPYTHONDIR": str(tmp / "ipython")}
