@@ -26,6 +26,7 @@ Environment:
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -37,6 +38,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from differential import DETERMINISTIC_ENV, Example, judge, run_in_session, run_reference, write_files
 
@@ -662,6 +664,12 @@ MAX_EDITS = 3
 # FORKRELOAD_DIFF_ENABLE=kind,kind (or "all") turns excluded kinds back on, to
 # check a fix before removing its entry.
 _ENABLED = set(filter(None, os.environ.get("FORKRELOAD_DIFF_ENABLE", "").split(",")))
+
+
+# No .hypothesis/ directory in the checkout (examples are not stored anyway).
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="forkreload-hypothesis-")
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, True)
 
 
 def _ok(kind: str) -> bool:
