@@ -582,7 +582,7 @@ KNOWN_BAD = {
     "a deleted module held in a variable":
         "refuses the swap (keeps the old code) because g and gone name a deleted module, instead of swapping and naming them as lost",
     "a circular import introduced by the edit":
-        "the fresh worker re-imports in another order than the cells first asked for (a before b), so a circular import that fails in a fresh process works in the session and no failure is shown",
+        "a circular import that fails in a fresh process (importing b first, as the cells did) works in the fresh worker, apparently re-imported in another order (a first): the swap succeeds and no failure is shown",
     "a project file csv.py shadowing the stdlib":
         "`import csv` gets the stdlib csv the snapshot already imported, not the project's csv.py that a fresh `python` in the project imports",
     "an edit saved while the importing cell runs":
