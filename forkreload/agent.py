@@ -43,7 +43,7 @@ import traceback
 import types
 from typing import Any
 
-from . import carry, migrate, protocol, reload
+from . import carry, migrate, notices, protocol, reload
 
 __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
 
@@ -566,17 +566,21 @@ class Agent:
                     return f"{_shown_file(file)}'s import ran {name}.{qualname}"
         return None
 
-    def _state_notes(self, names: list[str]) -> list[str]:
-        """What an in-place patch of these modules keeps that the old code computed."""
+    def _state_notes(self, patched: list[str]) -> list[str]:
+        """What an in-place patch keeps that a fresh import would not have:
+        the user modules' state changed since their import (by the cells, or
+        by the old code of a patched module)."""
         notes = []
-        for name in names:
+        for name in self.user_modules:
             mod, before = sys.modules.get(name), self.states.get(name)
             if mod is None or before is None:
                 continue
-            for attr, _what in state_changes(mod, before):
+            for attr, what in state_changes(mod, before):
                 value = vars(mod).get(attr)
-                if isinstance(value, _CONTAINERS) and len(value):
+                if name in patched and isinstance(value, _CONTAINERS) and len(value):
                     notes.append(f"kept {name}.{attr} ({_entries(len(value))} computed by the old code)")
+                else:
+                    notes.append(f"kept {name}.{attr} ({what})")
         return notes
 
     def _state_reset(self) -> list[str]:
@@ -615,10 +619,7 @@ class Agent:
                     shown = entry + "/"
                 else:
                     continue
-                if name in stdlib:
-                    self._shadows[name] = f"forkreload: {shown} in your project shadows the standard library's {name} module"
-                elif name in preloaded:
-                    self._shadows[name] = f"forkreload: {shown} in your project shadows the preloaded {name} module"
+                self._shadows[name] = notices.shadow_text(shown, name, stdlib=name in stdlib)
 
     def _warn_shadows(self, found: list[dict[str, Any]], cell: str) -> None:
         """Once per name: the cell imported a name that one of the project's files shadows."""
@@ -633,7 +634,12 @@ class Agent:
                 ) is not None
             if hit:
                 self._warned.add(name)
-                print(text, file=sys.stderr)
+                # A notice of this cell's, like the controller's own.
+                self.kernel.session.send(
+                    self.kernel.iopub_socket, "stream", {"name": "stderr", "text": text + "\n"},
+                    parent=self.kernel.get_parent("shell"), ident=b"stream",
+                    metadata={protocol.REPLY_METADATA_KEY: protocol.TAG_NOTICE},
+                )
 
     @staticmethod
     def _is_third_party(name: str, mod: types.ModuleType) -> bool:
@@ -644,8 +650,13 @@ class Agent:
 
     def _post_run_cell(self, result: Any = None) -> None:
         found = self.scan()
+        cell = getattr(getattr(result, "info", None), "raw_cell", None) or ""
+        if "import" in cell:
+            # A file may have been created since the last look (a listdir of
+            # the project's directories, only for cells that import).
+            self._find_shadows()
         if self._shadows and len(self._warned) < len(self._shadows):
-            self._warn_shadows(found, getattr(getattr(result, "info", None), "raw_cell", None) or "")
+            self._warn_shadows(found, cell)
         third, self._new_third_party = self._new_third_party, []
         if found or third:
             self._tell_controller(protocol.MODULES_EVENT, {"modules": found, "third_party": third})

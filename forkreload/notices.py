@@ -27,6 +27,7 @@ __all__ = [
     "not_applied_inplace",
     "progress_text",
     "report_text",
+    "shadow_text",
     "snapshot_failed",
     "stale_reminder",
     "status_text",
@@ -118,6 +119,14 @@ def kept_old_code(reasons: list[str]) -> str:
 def stale_reminder(files: list[str], why: str) -> str:
     """Each later cell while the worker runs older code than the files hold."""
     return f"{PREFIX}still running the old code of {fold(files, sep=', ')} ({why}); save a fix or run %forkreload fresh"
+
+
+def shadow_text(file: str, module: str, stdlib: bool) -> str:
+    """A project file named like a module the worker already imported: the
+    cells get that module, where a plain `python` in the project would get
+    the file."""
+    whose = "the standard library's" if stdlib else "the preloaded"
+    return f"{PREFIX}{file} in your project shadows {whose} {module} module; `import {module}` gives that module, not your file"
 
 
 def snapshot_failed(error: str) -> str:

@@ -153,12 +153,15 @@ def test_project_file_named_like_a_stdlib_module(project, make_session):
     project.write("csv.py", "MINE = True\n")
     s = make_session(preload=["pandas"])
     r = s.execute("import os; print(1)")
-    assert r.stdout == "1\n" and "shadows" not in r.stderr
+    assert r.stdout == "1\n" and "shadows" not in r.notice
     r = s.execute("import pandas, csv\nprint(hasattr(csv, 'reader'), hasattr(pandas, 'read_csv'))")
     assert r.stdout == "True True\n", r
-    assert r.stderr == "forkreload: csv.py in your project shadows the standard library's csv module\n", r
+    assert r.notice == (
+        "forkreload: csv.py in your project shadows the standard library's csv module; "
+        "`import csv` gives that module, not your file\n"
+    ), r
     r = s.execute("import csv")
-    assert r.stderr == ""
+    assert r.notice == "" and r.stderr == ""
     r = s.execute("%forkreload status")
     assert "failed" not in r.stdout, r.stdout
 
