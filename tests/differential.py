@@ -85,13 +85,12 @@ def _runner_main(job_path: str) -> None:  # pragma: no cover - runs in a subproc
         @staticmethod
         def find_spec(name: str, path: Any = None, target: Any = None) -> Any:
             spec = importlib.machinery.PathFinder.find_spec(name, path)
-            if spec is not None and spec.origin and os.path.realpath(spec.origin).startswith(root + os.sep):
-                if name not in sources:
-                    order.append(name)
-                    try:
-                        sources[name] = Path(spec.origin).read_text()
-                    except OSError:
-                        sources[name] = ""
+            if spec is not None and spec.origin and os.path.realpath(spec.origin).startswith(root + os.sep) and name not in sources:
+                order.append(name)
+                try:
+                    sources[name] = Path(spec.origin).read_text()
+                except OSError:
+                    sources[name] = ""
             return spec
 
     # After the builtin and frozen importers, like the path finder it mirrors.
@@ -396,7 +395,7 @@ def judge(ex: Example, results: list[Any], refs: list[dict]) -> list[str]:
     - a fresh worker must name the cell-made module state it resets.
     """
     problems: list[str] = []
-    for k, (r, ref) in enumerate(zip(results, refs)):
+    for k, (r, ref) in enumerate(zip(results, refs, strict=True)):
         ses = session_out(r)
         want = ref["out"]
         where = f"step {k}"

@@ -1053,7 +1053,7 @@ def test_generated_edits(batch: tuple[Example, ...]) -> None:
                 results = run_in_session(s, root, ex)
                 problems = judge(ex, results, refs[ex.id])
                 if os.environ.get("FORKRELOAD_DIFF_STATS"):
-                    for r, ref in zip(results[1:], refs[ex.id][1:]):
+                    for r, ref in zip(results[1:], refs[ex.id][1:], strict=True):
                         mode = (r.reload.mode if r.reload else "no reload") + (" import-error" if ref["import_errors"] else "")
                         _STATS[mode] = _STATS.get(mode, 0) + 1
                     print(_STATS, flush=True)
