@@ -27,7 +27,6 @@ import _imp
 import builtins
 import collections
 import functools
-import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
@@ -44,6 +43,7 @@ import types
 from typing import Any
 
 from . import carry, migrate, notices, protocol, reload
+from .watch import source_sha
 
 __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
 
@@ -461,7 +461,7 @@ class Agent:
                     data = f.read()
             except OSError:
                 continue
-            entry = {"name": name, "file": path, "sha": hashlib.sha256(data).hexdigest()}
+            entry = {"name": name, "file": path, "sha": source_sha(data)}
             self.user_modules[name] = dict(entry, source=data)
             found.append(entry)
         self._nmods = len(sys.modules)
@@ -521,7 +521,7 @@ class Agent:
         read = self._read.pop(name, None)
         if read is not None:
             real, data = read
-            self._imported[name] = {"name": name, "file": real, "sha": hashlib.sha256(data).hexdigest(), "source": data}
+            self._imported[name] = {"name": name, "file": real, "sha": source_sha(data), "source": data}
         self.states[name] = module_state(module)
         if ran is None:
             self.untraced.add(name)
@@ -878,7 +878,7 @@ class Agent:
             entry = self.user_modules[mod.__name__]
             data = new_sources[entry["file"]]
             entry["source"] = data
-            entry["sha"] = hashlib.sha256(data).hexdigest()
+            entry["sha"] = source_sha(data)
             applied_files[entry["file"]] = entry["sha"]
         patched = [
             f"{d.module}.{c.qualname}" for _m, d in edits for c in d.plan
@@ -1075,7 +1075,7 @@ def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     return agent
 
 
-_AUTORELOAD_NOTE = "forkreload: edits to your modules are already picked up before each cell; %autoreload is not needed (see %forkreload status)"
+_AUTORELOAD_NOTE = notices.AUTORELOAD_NOTE
 
 
 def _autoreload_note_module() -> types.ModuleType:

@@ -90,7 +90,7 @@ def run_doctor(cwd: str = ".", cli: dict[str, Any] | None = None, out: Callable[
     if fork:
         _row(out, "os.fork", "available")
     else:
-        _row(out, "os.fork", "NOT AVAILABLE", "forkreload needs fork (Linux, macOS)")
+        _row(out, "os.fork", "NOT AVAILABLE", "forkreload needs os.fork (it is built and tested on Linux)")
         healthy = False
 
     out("")

@@ -14,6 +14,7 @@ from typing import Any
 from .protocol import Reload
 
 __all__ = [
+    "AUTORELOAD_NOTE",
     "back_text",
     "command_text",
     "comms_closed",
@@ -119,6 +120,10 @@ def kept_old_code(reasons: list[str]) -> str:
 def stale_reminder(files: list[str], why: str) -> str:
     """Each later cell while the worker runs older code than the files hold."""
     return f"{PREFIX}still running the old code of {fold(files, sep=', ')} ({why}); save a fix or run %forkreload fresh"
+
+
+# `%load_ext autoreload` / `%autoreload 2` in a forkreload worker.
+AUTORELOAD_NOTE = f"{PREFIX}edits to your modules are already picked up before each cell; %autoreload is not needed (see %forkreload status)"
 
 
 def shadow_text(file: str, module: str, stdlib: bool) -> str:

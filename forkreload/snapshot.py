@@ -14,7 +14,6 @@ it starts itself again without the project directory on sys.path.
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib
 import json
 import os
@@ -27,6 +26,7 @@ import warnings
 from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
+from .watch import file_sha
 
 __all__ = ["main", "command", "native_threads", "KERNEL_MODULES"]
 
@@ -174,12 +174,9 @@ def _user_files(preloads: set[str], watch: list[str]) -> list[dict[str, str]]:
         path = user_module_file(mod, prefixes)
         if path is None:
             continue
-        try:
-            with open(path, "rb") as f:
-                sha = hashlib.sha256(f.read()).hexdigest()
-        except OSError:
-            continue
-        found.append({"name": name, "file": path, "sha": sha})
+        sha = file_sha(path)
+        if sha is not None:
+            found.append({"name": name, "file": path, "sha": sha})
     return found
 
 

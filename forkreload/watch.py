@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["SourceWatch"]
+__all__ = ["SourceWatch", "file_sha", "source_sha"]
 
 # A file modified this recently may be modified again within the same
 # timestamp tick; hash it on every check until it has settled.
@@ -29,10 +29,16 @@ class _File:
     current: str | None = None  # hash at last check
 
 
-def _hash(path: str) -> str | None:
+def source_sha(data: bytes) -> str:
+    """The hash a source's content is known by everywhere (watch, agent, snapshot)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha(path: str) -> str | None:
+    """`source_sha` of a file's content; None when it cannot be read."""
     try:
         with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+            return source_sha(f.read())
     except OSError:
         return None
 
@@ -79,7 +85,7 @@ class SourceWatch:
                 continue
             key = (st.st_mtime_ns, st.st_size, st.st_ino)
             if key != entry.stat or now - st.st_mtime_ns < _SETTLE_NS:
-                entry.current = _hash(path)
+                entry.current = file_sha(path)
                 entry.stat = key
             if entry.current != entry.sha:
                 out[path] = entry.current
