@@ -405,6 +405,9 @@ class Agent:
         self.libs = _library_prefixes()
         # Everything imported so far (snapshot, kernel start) is not the user's.
         self.seen: set[str] = set(sys.modules)
+        # What the snapshot and the kernel imported: a project file named
+        # like one of these is shadowed (the user's own modules come later).
+        self.preloaded: frozenset[str] = frozenset(n.partition(".")[0] for n in sys.modules)
         self._nmods = len(sys.modules)
         # name -> {"file", "sha", "source"}: the source as it was executed
         self.user_modules: dict[str, dict[str, Any]] = {}
@@ -598,7 +601,7 @@ class Agent:
     def _find_shadows(self) -> None:
         """The user's files named like a standard or preloaded module."""
         stdlib: frozenset[str] = getattr(sys, "stdlib_module_names", frozenset())
-        preloaded = {n.partition(".")[0] for n in self.seen} - stdlib
+        preloaded = self.preloaded - stdlib
         dirs = []
         for p in sys.path:
             where = os.path.realpath(p or os.getcwd())

@@ -422,7 +422,8 @@ def judge(ex: Example, results: list[Any], refs: list[dict]) -> list[str]:
             # The old worker keeps module state the cells set, which the
             # reference's old-code run (a fresh process) lacks: explained if
             # an earlier notice named it as kept.
-            kept_named = any(_named(i, r2.notice or "") and "kept" in (r2.notice or "") for i in prev["reset"] for r2 in results[1:k])
+            earlier = [i for j in range(k) for i in refs[j]["reset"]]
+            kept_named = any(_named(i, r2.notice or "") and "kept" in (r2.notice or "") for i in earlier for r2 in results[1:k])
             if old is not None and ses != old and not kept_named:
                 problems.append(f"{where}: the old code should keep running: session {_show(ses)} != old code {_show(old)}")
             continue

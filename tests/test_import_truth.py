@@ -162,6 +162,10 @@ def test_project_file_named_like_a_stdlib_module(project, make_session):
     ), r
     r = s.execute("import csv")
     assert r.notice == "" and r.stderr == ""
+    # The project's own modules, once imported, are not taken for preloads.
+    project.write("mine.py", "X = 1\n")
+    assert s.execute("import mine").notice == ""
+    assert s.execute("import mine").notice == ""
     r = s.execute("%forkreload status")
     assert "failed" not in r.stdout, r.stdout
 
