@@ -14,11 +14,13 @@ import hmac
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import tempfile
 from typing import Any
 
-__all__ = ["ForgedMessage", "Channel", "make_private_dir", "set_parent_death_signal"]
+__all__ = ["ForgedMessage", "Channel", "make_private_dir", "remove_dead_private_dirs", "set_parent_death_signal"]
 
 log = logging.getLogger("forkreload.channel")
 
@@ -33,13 +35,52 @@ class ForgedMessage(Exception):
 def make_private_dir(prefix: str = "forkreload-") -> str:
     """Create a directory only this user can open, on tmpfs when there is one.
 
-    tmpfs matters twice: ipc sockets, and migration buffers that should cost
-    one copy in memory, not a round trip through a disk.
+    tmpfs matters for the ipc sockets and the small signed migration index
+    (the migrated data itself travels in anonymous memory, see `migrate`).
+    Its name carries this process's pid: directories left by processes of
+    the same prefix that died without cleaning up (SIGKILL) are removed
+    first.
     """
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    remove_dead_private_dirs(prefix, base)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
     os.chmod(path, 0o700)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_private_dirs(prefix: str = "forkreload-", base: str | None = None) -> list[str]:
+    """Remove this user's `make_private_dir` directories whose process is gone."""
+    base = base or tempfile.gettempdir()
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[^-]+$")
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path) or _alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def set_parent_death_signal(sig: int) -> None:

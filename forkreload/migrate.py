@@ -14,22 +14,35 @@ imported the edited code, loads it (``load_namespace``).  The rules:
 * Each variable is pickled on its own, so one unpicklable value is reported
   lost without taking the others down.  Variables that share objects are
   pickled together so that identity (``a is b``) survives.
-* Large contiguous buffers (numpy arrays, pandas blocks) go out of band into
-  a companion file ``path + ".buf"``, which the loader maps copy-on-write:
-  with ``path`` on tmpfs, the data is copied once (into tmpfs), never read
-  through the pickle stream.
-* The main file is authenticated with HMAC-SHA256 and verified before
-  anything is unpickled.  The companion file holds raw bytes only.
+* Large buffers (numpy arrays, pandas blocks) go out of band into an
+  anonymous shared memory file (``memfd_create``) that the dumping process
+  writes once and never maps; the loader opens it through
+  ``/proc/<pid>/fd/<fd>`` and maps it shared (``MAP_SHARED``), so arrays come
+  back writable at the cost of one copy, and writing them later costs no
+  second one.  The dumping process keeps only the file descriptor, until
+  ``release_exports`` (its next export or cell) or its exit: nothing is
+  named, so nothing outlives a killed process, and /dev/shm's size does not
+  matter.  The pickle stream travels in a second memfd.
+* A numpy view (a slice, a transpose, a strided or reshaped array) is
+  pickled as a view of the array that owns its memory: that base goes out of
+  band once and the view is rebuilt on it with the same offset and strides,
+  so ``np.shares_memory`` and writes through the view survive, and variables
+  whose arrays share a base (pandas objects sharing blocks) are pickled
+  together.
+* The index is authenticated with HMAC-SHA256 and verified before anything
+  is unpickled; it carries the HMAC of the pickle stream, checked before
+  unpickling too.  Buffers hold raw bytes only.
 * The global state of ``random`` and ``numpy.random`` travels along, so a
   seeded computation continues the same sequence.
 
-File layout of ``path`` (all integers little-endian)::
+File layout of ``path`` (all integers little-endian), a small file::
 
-    magic (8) | version (u32) | index length (u64) | index (JSON) | payload | HMAC (32)
+    magic (8) | version (u32) | index length (u64) | index (JSON) | HMAC (32)
 
-The index gives, for each group, its names, the offset and length of its
-pickle in the payload, and the offset and length of each of its out-of-band
-buffers in the companion file.
+The index names the dumping process and its two memfds (pickle stream,
+buffers) with their sizes, and gives, for each group, its names, the offset
+and length of its pickle in the stream, and the offset and length of each of
+its out-of-band buffers in the buffer memfd.
 """
 
 from __future__ import annotations
@@ -62,6 +75,7 @@ __all__ = [
     "capture_rng_state",
     "dump_namespace",
     "load_namespace",
+    "release_exports",
     "remove_dump",
     "restore_rng_state",
 ]
@@ -72,7 +86,7 @@ __all__ = [
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 
 _MAGIC = b"FRKMIGR\n"
-_VERSION = 1
+_VERSION = 2
 _HEADER = struct.Struct("<8sIQ")
 _MAC_SIZE = hashlib.sha256().digest_size
 _BUFFER_ALIGN = 64
@@ -200,6 +214,67 @@ def _refuse_open_file(obj: io.TextIOWrapper) -> tuple[Any, ...]:
     raise TypeError(f"cannot pickle file {getattr(obj, 'name', '?')!r}")
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _rebuild_view(root: Any, dtype: Any, shape: tuple[int, ...], strides: tuple[int, ...], offset: int, writeable: bool) -> Any:
+    """A view of ``root`` (C or F contiguous) as it was in the dumping process."""
+    import numpy
+
+    flat = root if root.flags.c_contiguous else root.ravel(order="K")
+    view = numpy.ndarray(shape, dtype, buffer=flat, offset=offset, strides=strides)
+    if not writeable and view.flags.writeable:
+        view.flags.writeable = False
+    return view
+
+
+def _address_range(arr: Any) -> tuple[int, int]:
+    """The first and one past the last address of the bytes ``arr`` reaches."""
+    low = high = arr.__array_interface__["data"][0]
+    for n, stride in zip(arr.shape, arr.strides, strict=True):
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return low, high + arr.itemsize
+
+
+def _reduce_ndarray(np: Any, obj: Any) -> Any:
+    """Pickle a view as a view of the array that owns its memory.
+
+    numpy pickles a view as a copy of its elements, in band when it is not
+    contiguous.  Here the owning array (the end of the ``.base`` chain) is
+    pickled instead, out of band and memoized like any object, so a view and
+    its base, or two views of one base, come back sharing memory, and a
+    strided view costs what its base costs.  Views of object arrays and of
+    bases that are not contiguous keep numpy's own reduction (a
+    non-contiguous one as a contiguous copy, out of band).
+    """
+    if obj.dtype.hasobject or obj.size == 0:
+        return NotImplemented
+    contiguous = obj.flags.c_contiguous or obj.flags.f_contiguous
+    root = obj
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    usable = (
+        root is not obj
+        and type(root) is np.ndarray
+        and not root.dtype.hasobject
+        and (root.flags.c_contiguous or root.flags.f_contiguous)
+    )
+    if usable:
+        start = root.__array_interface__["data"][0]
+        low, high = _address_range(obj)
+        usable = start <= low and high <= start + root.nbytes
+    if not usable:
+        if contiguous:
+            return NotImplemented
+        return _identity, (np.ascontiguousarray(obj),)
+    offset = obj.__array_interface__["data"][0] - start
+    return _rebuild_view, (root, obj.dtype, obj.shape, obj.strides, offset, bool(obj.flags.writeable))
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     dispatch_table = ChainMap(
         {io.TextIOWrapper: _refuse_open_file}, cloudpickle.Pickler.dispatch_table
@@ -214,6 +289,9 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         self.dynamic_classes: dict[int, type] = {}
 
     def reducer_override(self, obj: Any) -> Any:
+        np = sys.modules.get("numpy")
+        if np is not None and type(obj) is np.ndarray:
+            return _reduce_ndarray(np, obj)
         if (
             type(obj) is types.FunctionType
             and self._globals_ns is not None
@@ -455,10 +533,42 @@ def _create_private(path: str) -> int:
     return os.open(path, flags, 0o600)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data).cast("B")
     done = 0
-    while done < data.nbytes:
-        done += os.pwrite(fd, data[done:], offset + done)
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+# Memfds this process exported, by dump path: kept open until the loader had
+# its chance to open them (see release_exports).
+_exported: dict[str, list[int]] = {}
+
+
+def _new_memfd(name: str, size: int) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def release_exports(path: str | None = None) -> None:
+    """Close the memfds this process exported (for ``path``, or all).
+
+    The exporting worker calls this when the loader is done with them: at its
+    next export, or when it runs a cell again (the swap failed, or
+    ``%forkreload back``).  The loader's mappings keep the data alive; the
+    exporting process never mapped it, so its own arrays stay its own.
+    """
+    for key in [path] if path is not None else list(_exported):
+        for fd in _exported.pop(key, []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def dump_namespace(
@@ -527,34 +637,55 @@ def dump_namespace(
             {"names": names_in_group, "pickle": [payload_offset, len(data)], "buffers": spans}
         )
         payload_offset += len(data)
-    index = json.dumps(
-        {"rng": [0, len(rng)], "groups": index_groups, "buffer_file_size": buffer_offset, "meta": meta or {}},
-        separators=(",", ":"),
-    ).encode()
 
+    release_exports()
+    fds: list[int] = []
     try:
+        # The pickle stream and the buffers go to anonymous memory, written
+        # once, never mapped here: this process's arrays stay private to it.
+        stream_mac = hmac.new(key, digestmod=hashlib.sha256)
+        stream_fd = _new_memfd("forkreload-stream", payload_offset)
+        fds.append(stream_fd)
+        offset = 0
+        for piece in (rng, *(data for _, data, _ in groups)):
+            stream_mac.update(piece)
+            _pwrite_all(stream_fd, piece, offset)
+            offset += len(piece)
+        buffer_fd = -1
         if buffer_offset:
-            fd = _create_private(path + _BUFFER_SUFFIX)
-            try:
-                for (_, _, buffers), entry in zip(groups, index_groups, strict=True):
-                    for raw, (offset, _) in zip(buffers, entry["buffers"], strict=True):
-                        _pwrite_all(fd, raw, offset)
-            finally:
-                os.close(fd)
-        mac = hmac.new(key, digestmod=hashlib.sha256)
+            buffer_fd = _new_memfd("forkreload-buffers", buffer_offset)
+            fds.append(buffer_fd)
+            for (_, _, buffers), entry in zip(groups, index_groups, strict=True):
+                for raw, (offset, _) in zip(buffers, entry["buffers"], strict=True):
+                    _pwrite_all(buffer_fd, raw, offset)
+        index = json.dumps(
+            {
+                "pid": os.getpid(),
+                "stream": [stream_fd, payload_offset, stream_mac.hexdigest()],
+                "buffers": [buffer_fd, buffer_offset],
+                "rng": [0, len(rng)],
+                "groups": index_groups,
+                "meta": meta or {},
+            },
+            separators=(",", ":"),
+        ).encode()
         header = _HEADER.pack(_MAGIC, _VERSION, len(index))
-        with os.fdopen(_create_private(path), "wb") as f:
-            for piece in (header, index, rng, *(data for _, data, _ in groups)):
-                mac.update(piece)
-                f.write(piece)
-            f.write(mac.digest())
+        mac = hmac.new(key, header + index, hashlib.sha256).digest()
+        fd = _create_private(path)
+        try:
+            _pwrite_all(fd, header + index + mac, 0)
+        finally:
+            os.close(fd)
     except BaseException:
+        for fd in fds:
+            os.close(fd)
         remove_dump(path)
         raise
     finally:
         for _, _, buffers in groups:
             for raw in buffers:
                 raw.release()
+    _exported[path] = fds
 
     return DumpResult(
         path=path,
@@ -570,21 +701,34 @@ def dump_namespace(
 # Load
 
 
-def _map_buffers(path: str, size: int) -> memoryview:
+def _open_exported(pid: int, fd: int, size: int, writable: bool) -> int:
+    """Open the memfd ``fd`` of process ``pid``; ForgedPayload if it is gone."""
+    where = f"/proc/{pid}/fd/{fd}"
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        opened = os.open(where, flags)
     except FileNotFoundError:
-        raise ForgedPayload(f"buffer file {path} is missing") from None
+        raise ForgedPayload(f"the dumping process's memory {where} is missing") from None
     try:
-        actual = os.fstat(fd).st_size
+        actual = os.fstat(opened).st_size
         if actual != size:
-            raise ForgedPayload(f"buffer file {path} has {actual} bytes, index says {size}")
-        # Private copy-on-write mapping: arrays come back writable, and pages
-        # stay shared with tmpfs until written.  The mapping outlives the
-        # file's unlink (remove_dump) and this fd.
-        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
-    finally:
-        os.close(fd)
+            raise ForgedPayload(f"{where} has {actual} bytes, index says {size}")
+    except BaseException:
+        os.close(opened)
+        raise
+    return opened
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    chunks = []
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, min(size - done, 1 << 30), done)
+        if not chunk:
+            raise ForgedPayload("the pickle stream is shorter than the index says")
+        chunks.append(chunk)
+        done += len(chunk)
+    return b"".join(chunks)
 
 
 class Dump:
@@ -592,7 +736,8 @@ class Dump:
 
     Opening it checks the HMAC under ``key`` (ForgedPayload if it does not
     verify): the session state in ``meta`` can be read, and applied, before
-    anything is unpickled.
+    anything is unpickled.  The dumping process must still be alive (its
+    memfds hold the data) until ``load`` has run.
     """
 
     def __init__(self, path: str, key: bytes) -> None:
@@ -607,24 +752,56 @@ class Dump:
         _, version, index_size = _HEADER.unpack_from(blob)
         if version != _VERSION:
             raise ValueError(f"{path}: dump format version {version}, expected {_VERSION}")
-        index_end = _HEADER.size + index_size
+        if _HEADER.size + index_size != len(body):
+            raise ForgedPayload(f"{path}: index length does not match the file")
         self.path = path
-        self.index: dict[str, Any] = json.loads(bytes(body[_HEADER.size : index_end]))
+        self.key = key
+        self.index: dict[str, Any] = json.loads(bytes(body[_HEADER.size :]))
         self.meta: dict[str, Any] = self.index.get("meta", {})
-        self.payload = body[index_end:]
+
+    def _stream(self) -> bytes:
+        pid, (fd, size, digest) = self.index["pid"], self.index["stream"]
+        opened = _open_exported(pid, fd, size, writable=False)
+        try:
+            # Read into private memory, then verify: what is unpickled is
+            # what was verified.
+            stream = _read_all(opened, size)
+        finally:
+            os.close(opened)
+        if not hmac.compare_digest(hmac.new(self.key, stream, hashlib.sha256).hexdigest(), digest):
+            raise ForgedPayload(f"{self.path}: the pickle stream's HMAC does not verify")
+        return stream
+
+    def _buffers(self) -> memoryview:
+        fd, size = self.index["buffers"]
+        if not size:
+            return memoryview(b"")
+        opened = _open_exported(self.index["pid"], fd, size, writable=True)
+        try:
+            # Shared mapping of a memfd only this process maps: writing an
+            # array later writes these pages, no copy-on-write second copy.
+            # The mapping outlives the fd, and the exporter's.
+            return memoryview(mmap.mmap(opened, size, access=mmap.ACCESS_WRITE))
+        finally:
+            os.close(opened)
 
     def load(self, globals_ns: dict[str, Any]) -> LoadResult:
         """Unpickle every group (one failure costs only its group), then
         restore the random state.
 
-        Raises ForgedPayload if the buffer file does not match the index.
-        Functions defined in cells are rebuilt with ``globals_ns`` as their
-        globals; ``globals_ns`` is not otherwise touched (assign ``values``).
+        Raises ForgedPayload if the dumping process's memory is gone or does
+        not match the index.  Functions defined in cells are rebuilt with
+        ``globals_ns`` as their globals; ``globals_ns`` is not otherwise
+        touched (assign ``values``).
         """
-        index, payload = self.index, self.payload
-        buffer_file = memoryview(b"")
-        if index["buffer_file_size"]:
-            buffer_file = _map_buffers(self.path + _BUFFER_SUFFIX, index["buffer_file_size"])
+        index = self.index
+        payload = memoryview(self._stream())
+        buffer_file = self._buffers()
+        size = buffer_file.nbytes
+        for group in index["groups"]:
+            for o, n in group["buffers"]:
+                if o < 0 or n < 0 or o + n > size:
+                    raise ForgedPayload(f"{self.path}: a buffer lies outside the buffer memory")
 
         global _target_globals
         values: dict[str, Any] = {}
@@ -663,7 +840,9 @@ def load_namespace(path: str, key: bytes, globals_ns: dict[str, Any]) -> LoadRes
 
 
 def remove_dump(path: str) -> None:
-    """Delete a dump's files; already-loaded arrays stay valid (mapped)."""
+    """Delete a dump's file (and, in the dumping process, close its memory);
+    already-loaded arrays stay valid (mapped)."""
+    release_exports(path)
     for name in (path, path + _BUFFER_SUFFIX):
         try:
             os.unlink(name)
