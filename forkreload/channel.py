@@ -62,7 +62,7 @@ def remove_dead_private_dirs(prefix: str = "forkreload-", base: str | None = Non
     """Remove this user's `make_private_dir` directories whose process is gone."""
     base = base or tempfile.gettempdir()
     pattern = re.compile(re.escape(prefix) + r"(\d+)-[^-]+$")
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(base)
     except OSError:
