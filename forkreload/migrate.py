@@ -14,15 +14,19 @@ imported the edited code, loads it (``load_namespace``).  The rules:
 * Each variable is pickled on its own, so one unpicklable value is reported
   lost without taking the others down.  Variables that share objects are
   pickled together so that identity (``a is b``) survives.
-* Large buffers (numpy arrays, pandas blocks) go out of band into an
-  anonymous shared memory file (``memfd_create``) that the dumping process
-  writes once and never maps; the loader opens it through
-  ``/proc/<pid>/fd/<fd>`` and maps it shared (``MAP_SHARED``), so arrays come
-  back writable at the cost of one copy, and writing them later costs no
-  second one.  The dumping process keeps only the file descriptor, until
-  ``release_exports`` (its next export or cell) or its exit: nothing is
-  named, so nothing outlives a killed process, and /dev/shm's size does not
-  matter.  The pickle stream travels in a second memfd.
+* Large buffers (numpy arrays, pandas blocks) go out of band and are copied
+  once, straight into fresh private memory of the loader: it reads them in
+  the dumping process's memory (``process_vm_readv``, same user; the dumping
+  process keeps them alive and stays idle until ``release_exports``, at its
+  next export or cell).  Nothing is shared afterwards (writing an array in
+  the new worker never shows in the previous one, nor costs a second copy),
+  nothing is named (nothing outlives a killed process), and /dev/shm's size
+  does not matter.  Where one process may not read another's memory (Yama
+  ptrace_scope >= 2, seccomp), the buffers go into an anonymous memfd that
+  the dumping process writes once and never maps, and the loader opens
+  through ``/proc/<pid>/fd/<fd>`` and maps shared (``MAP_SHARED``): one
+  copy, and writing later costs no second one.  The pickle stream always
+  travels in a memfd.
 * A numpy view (a slice, a transpose, a strided or reshaped array) is
   pickled as a view of the array that owns its memory: that base goes out of
   band once and the view is rebuilt on it with the same offset and strides,
@@ -39,14 +43,16 @@ File layout of ``path`` (all integers little-endian), a small file::
 
     magic (8) | version (u32) | index length (u64) | index (JSON) | HMAC (32)
 
-The index names the dumping process and its two memfds (pickle stream,
-buffers) with their sizes, and gives, for each group, its names, the offset
-and length of its pickle in the stream, and the offset and length of each of
-its out-of-band buffers in the buffer memfd.
+The index names the dumping process, its memfds (pickle stream; buffers,
+when they are not read in place) with their sizes, and gives, for each
+group, its names, the offset and length of its pickle in the stream, and the
+address (read in place) or memfd offset of each of its out-of-band buffers,
+with its length.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import hashlib
 import hmac
@@ -540,9 +546,18 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-# Memfds this process exported, by dump path: kept open until the loader had
-# its chance to open them (see release_exports).
-_exported: dict[str, list[int]] = {}
+@dataclass
+class _Export:
+    #: memfds written for the loader (pickle stream; buffers when not read
+    #: in place).
+    fds: list[int]
+    #: Buffers the loader reads in place from this process's memory.
+    holds: list[memoryview]
+
+
+# What this process exported, by dump path: kept until the loader had its
+# chance to read it (see release_exports).
+_exported: dict[str, _Export] = {}
 
 
 def _new_memfd(name: str, size: int) -> int:
@@ -556,19 +571,164 @@ def _new_memfd(name: str, size: int) -> int:
 
 
 def release_exports(path: str | None = None) -> None:
-    """Close the memfds this process exported (for ``path``, or all).
+    """Let go of what this process exported (for ``path``, or all).
 
-    The exporting worker calls this when the loader is done with them: at its
-    next export, or when it runs a cell again (the swap failed, or
-    ``%forkreload back``).  The loader's mappings keep the data alive; the
-    exporting process never mapped it, so its own arrays stay its own.
+    The exporting worker calls this when the loader is done: at its next
+    export, or when it runs a cell again (the swap failed, or
+    ``%forkreload back``).  The loader has its own copy by then.
     """
     for key in [path] if path is not None else list(_exported):
-        for fd in _exported.pop(key, []):
+        export = _exported.pop(key, None)
+        if export is None:
+            continue
+        for fd in export.fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
+        for raw in export.holds:
+            raw.release()
+    if not _exported and _ptracer_set:
+        _set_ptracer(0)
+
+
+# --------------------------------------------------------------------------
+# Reading buffers in place: process_vm_readv
+#
+# The fastest single copy is the loader reading the exporter's memory
+# directly into fresh private memory of its own (transparent huge pages
+# where the kernel gives them): no intermediate file, nothing shared
+# afterwards.  It needs ptrace-level access between two processes of the
+# same user; where that is refused (Yama ptrace_scope >= 2, a seccomp
+# filter, a non-dumpable process) the buffers go through a memfd instead.
+
+_PR_GET_DUMPABLE = 3
+_PR_SET_PTRACER = 0x59616D61
+_PR_SET_PTRACER_ANY = 2**64 - 1
+_READ_CHUNK = 1 << 30
+_HUGE = 2 << 20
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_libc_handle: Any = None
+_vm_self_test: bool | None = None
+_ptracer_set = False
+
+
+def _libc() -> Any:
+    global _libc_handle
+    if _libc_handle is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.process_vm_readv.restype = ctypes.c_ssize_t
+        lib.process_vm_readv.argtypes = [
+            ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,
+        ]
+        lib.prctl.restype = ctypes.c_int
+        lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        _libc_handle = lib
+    return _libc_handle
+
+
+def _set_ptracer(value: int) -> bool:
+    global _ptracer_set
+    ok = bool(_libc().prctl(_PR_SET_PTRACER, value, 0, 0, 0) == 0)
+    _ptracer_set = ok and value != 0
+    return ok
+
+
+def _address(raw: memoryview) -> int:
+    """The address of a contiguous buffer's first byte (read-only ones too)."""
+    view = _PyBuffer()
+    if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(raw), ctypes.byref(view), 0) != 0:
+        raise BufferError("no address for this buffer")
+    try:
+        return int(view.buf or 0)
+    finally:
+        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+
+
+def _read_process(pid: int, address: int, dest: int, size: int) -> None:
+    fn = _libc().process_vm_readv
+    done = 0
+    while done < size:
+        n = min(size - done, _READ_CHUNK)
+        local, remote = _IOVec(dest + done, n), _IOVec(address + done, n)
+        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if got <= 0:
+            err = ctypes.get_errno()
+            raise ForgedPayload(f"cannot read the dumping process's memory: {os.strerror(err) if got else 'short read'}")
+        done += got
+
+
+def _readable_in_place() -> bool:
+    """Whether a loader of the same user may read this process's memory.
+
+    Under Yama's ptrace_scope 1 this process names any process as its
+    ptracer until release_exports (ptrace_scope 0 needs nothing; 2 and 3
+    refuse).  ``FORKRELOAD_MIGRATE_VIA=memfd`` forces the memfd path.
+    """
+    global _vm_self_test
+    if os.environ.get("FORKRELOAD_MIGRATE_VIA") == "memfd" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = _libc()
+        if _vm_self_test is None:
+            probe = bytearray(b"forkreload")
+            into = (ctypes.c_char * len(probe))()
+            try:
+                _read_process(os.getpid(), _address(memoryview(probe)), ctypes.addressof(into), len(probe))
+                _vm_self_test = into.raw == bytes(probe)
+            except ForgedPayload:
+                _vm_self_test = False
+        if not _vm_self_test or libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) != 1:
+            return False
+        try:
+            with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+                scope = int(f.read())
+        except (OSError, ValueError):
+            scope = 0
+        if scope >= 2:
+            return False
+        return scope == 0 or _set_ptracer(_PR_SET_PTRACER_ANY)
+    except (OSError, AttributeError, BufferError):
+        return False
+
+
+def _read_buffer(pid: int, address: int, size: int) -> memoryview:
+    """``size`` bytes at ``address`` in process ``pid``, copied once into
+    fresh private memory of this process (its own mapping, so dropping the
+    array frees it)."""
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+    if size >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    dest = ctypes.c_char.from_buffer(region)
+    try:
+        _read_process(pid, address, ctypes.addressof(dest), size)
+    finally:
+        del dest
+    return memoryview(region)
 
 
 def dump_namespace(
@@ -639,6 +799,8 @@ def dump_namespace(
         payload_offset += len(data)
 
     release_exports()
+    in_place = bool(buffer_offset) and _readable_in_place()
+    holds: list[memoryview] = []
     fds: list[int] = []
     try:
         # The pickle stream and the buffers go to anonymous memory, written
@@ -652,7 +814,13 @@ def dump_namespace(
             _pwrite_all(stream_fd, piece, offset)
             offset += len(piece)
         buffer_fd = -1
-        if buffer_offset:
+        if in_place:
+            # The loader reads each buffer where it lies; it stays alive (and
+            # this process idle) until release_exports.
+            for (_, _, buffers), entry in zip(groups, index_groups, strict=True):
+                entry["buffers"] = [[_address(raw), raw.nbytes] for raw in buffers]
+                holds += buffers
+        elif buffer_offset:
             buffer_fd = _new_memfd("forkreload-buffers", buffer_offset)
             fds.append(buffer_fd)
             for (_, _, buffers), entry in zip(groups, index_groups, strict=True):
@@ -662,6 +830,7 @@ def dump_namespace(
             {
                 "pid": os.getpid(),
                 "stream": [stream_fd, payload_offset, stream_mac.hexdigest()],
+                "via": "process" if in_place else "memfd",
                 "buffers": [buffer_fd, buffer_offset],
                 "rng": [0, len(rng)],
                 "groups": index_groups,
@@ -679,13 +848,16 @@ def dump_namespace(
     except BaseException:
         for fd in fds:
             os.close(fd)
+        holds.clear()
         remove_dump(path)
         raise
     finally:
+        kept = {id(raw) for raw in holds}
         for _, _, buffers in groups:
             for raw in buffers:
-                raw.release()
-    _exported[path] = fds
+                if id(raw) not in kept:
+                    raw.release()
+    _exported[path] = _Export(fds, holds)
 
     return DumpResult(
         path=path,
@@ -796,12 +968,19 @@ class Dump:
         """
         index = self.index
         payload = memoryview(self._stream())
-        buffer_file = self._buffers()
+        in_place = index.get("via") == "process"
+        buffer_file = memoryview(b"") if in_place else self._buffers()
         size = buffer_file.nbytes
         for group in index["groups"]:
             for o, n in group["buffers"]:
-                if o < 0 or n < 0 or o + n > size:
+                if o < 0 or n < 0 or (not in_place and o + n > size):
                     raise ForgedPayload(f"{self.path}: a buffer lies outside the buffer memory")
+        # Read every buffer before unpickling anything: the exporter's memory
+        # may only be read while it waits, and one that cannot be read fails
+        # the whole load, not some groups.
+        read = {
+            (o, n): _read_buffer(index["pid"], o, n) for group in index["groups"] for o, n in group["buffers"]
+        } if in_place else {}
 
         global _target_globals
         values: dict[str, Any] = {}
@@ -811,7 +990,10 @@ class Dump:
             for group in index["groups"]:
                 names = group["names"]
                 start, length = group["pickle"]
-                buffers = [buffer_file[o : o + n] for o, n in group["buffers"]]
+                if in_place:
+                    buffers = [read[o, n] for o, n in group["buffers"]]
+                else:
+                    buffers = [buffer_file[o : o + n] for o, n in group["buffers"]]
                 try:
                     loaded = pickle.loads(payload[start : start + length], buffers=buffers)
                 except Exception as exc:
