@@ -252,7 +252,9 @@ def bench_memory(gb: float, runs: int) -> None:
     # Both sessions open at once, their swaps alternated: the machine's noise
     # (huge pages to compact, the other core's load) falls on both alike.
     strided: dict[str, list[float]] = {"array": [], "array + strided view": []}
-    with Session(cwd=root, preload=["numpy"], quiet=True) as plain, Session(cwd=root, preload=["numpy"], quiet=True) as view:
+    roots = {label: make_project({"shapes.py": SHAPES.format(v=0)}) for label in strided}
+    with Session(cwd=roots["array"], preload=["numpy"], quiet=True) as plain, \
+            Session(cwd=roots["array + strided view"], preload=["numpy"], quiet=True) as view:
         sessions = {"array": plain, "array + strided view": view}
         for label, extra in (("array", ""), ("array + strided view", "view = big[::2]")):
             r = sessions[label].execute(STRIDED_SETUP.format(gb=gb, extra=extra))
@@ -260,7 +262,7 @@ def bench_memory(gb: float, runs: int) -> None:
         for i in range(runs):
             for label, sess in sessions.items():
                 time.sleep(THINK)
-                _, r = _edit_and_swap(sess, root, 2000 + i, "print(shapes.VERSION, big.shape)")
+                _, r = _edit_and_swap(sess, roots[label], 2000 + i, "print(shapes.VERSION, big.shape)")
                 strided[label].append(r.reload.seconds)
 
     gib = data_bytes / 2**30

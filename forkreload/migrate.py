@@ -829,6 +829,7 @@ def dump_namespace(
         index = json.dumps(
             {
                 "pid": os.getpid(),
+                "started": _process_start(os.getpid()),
                 "stream": [stream_fd, payload_offset, stream_mac.hexdigest()],
                 "via": "process" if in_place else "memfd",
                 "buffers": [buffer_fd, buffer_offset],
@@ -871,6 +872,42 @@ def dump_namespace(
 
 # --------------------------------------------------------------------------
 # Load
+
+
+def _process_start(pid: int) -> int:
+    """When process ``pid`` started (clock ticks since boot): with its pid,
+    names one process for good, even if the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
+class _Exporter:
+    """The dumping process, checked to be the one the index names, for as
+    long as its memory is read (a pid reused meanwhile is refused)."""
+
+    def __init__(self, pid: int, started: int) -> None:
+        self.pid = pid
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, AttributeError, OSError):
+            raise ForgedPayload(f"the dumping process {pid} is missing") from None
+        self.started = started
+        self.check()
+
+    def check(self) -> None:
+        import select
+
+        poll = select.poll()
+        poll.register(self.pidfd, select.POLLIN)
+        if poll.poll(0) or _process_start(self.pid) != self.started:
+            raise ForgedPayload(f"the dumping process {self.pid} is missing (exited)")
+
+    def close(self) -> None:
+        os.close(self.pidfd)
 
 
 def _open_exported(pid: int, fd: int, size: int, writable: bool) -> int:
@@ -967,20 +1004,26 @@ class Dump:
         touched (assign ``values``).
         """
         index = self.index
-        payload = memoryview(self._stream())
-        in_place = index.get("via") == "process"
-        buffer_file = memoryview(b"") if in_place else self._buffers()
-        size = buffer_file.nbytes
-        for group in index["groups"]:
-            for o, n in group["buffers"]:
-                if o < 0 or n < 0 or (not in_place and o + n > size):
-                    raise ForgedPayload(f"{self.path}: a buffer lies outside the buffer memory")
-        # Read every buffer before unpickling anything: the exporter's memory
-        # may only be read while it waits, and one that cannot be read fails
-        # the whole load, not some groups.
-        read = {
-            (o, n): _read_buffer(index["pid"], o, n) for group in index["groups"] for o, n in group["buffers"]
-        } if in_place else {}
+        exporter = _Exporter(index["pid"], index["started"])
+        try:
+            payload = memoryview(self._stream())
+            in_place = index.get("via") == "process"
+            buffer_file = memoryview(b"") if in_place else self._buffers()
+            size = buffer_file.nbytes
+            for group in index["groups"]:
+                for o, n in group["buffers"]:
+                    if o < 0 or n < 0 or (not in_place and o + n > size):
+                        raise ForgedPayload(f"{self.path}: a buffer lies outside the buffer memory")
+            # Read every buffer before unpickling anything: the exporter's
+            # memory may only be read while it waits, and one that cannot be
+            # read fails the whole load, not some groups.
+            read = {
+                (o, n): _read_buffer(index["pid"], o, n) for group in index["groups"] for o, n in group["buffers"]
+            } if in_place else {}
+            # Still the same process: what was read was its memory.
+            exporter.check()
+        finally:
+            exporter.close()
 
         global _target_globals
         values: dict[str, Any] = {}
