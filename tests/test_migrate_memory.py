@@ -102,6 +102,24 @@ def test_views_writes_and_the_previous_worker(project, make_session, monkeypatch
     assert memfds(s.status()["worker_pid"]) == []
     assert s.status()["previous_pid"] == new_pid
 
+    # From a worker whose arrays were migrated themselves: the next swap
+    # carries what was written there, and the worker left behind keeps its
+    # values while the new one writes.
+    s.execute("%forkreload back")  # to the worker that wrote 3.0
+    assert s.status()["worker_pid"] == new_pid
+    rep = s.restart()
+    assert rep.ok, rep
+    r = s.execute(
+        "print(a[0], a[2], v[1], bool(np.shares_memory(a, v)), bool(np.shares_memory(df['b'].values, ser.values)))\n"
+        "a[:] = 4.0\n"
+        "stale = [m for m in open('/proc/self/maps') if '(deleted)' in m and 'memfd:' not in m]\n"
+        "print(stale)"
+    )
+    assert r.stdout == "3.0 3.0 3.0 True True\n[]\n", r
+    r = s.execute("%forkreload back")
+    assert s.status()["worker_pid"] == new_pid
+    assert s.execute("print(a[0], a[-1], v[1])").stdout == "3.0 3.0 3.0\n"
+
 
 def test_a_small_dev_shm_is_no_limit(tmp_path):
     # Docker's default /dev/shm (64 MiB), in a private mount namespace.
