@@ -709,8 +709,9 @@ class Agent:
 
     def _release_export(self, info: Any = None) -> None:
         """A cell runs here again (the swap failed, or `%forkreload back`):
-        the fresh worker, if any, has mapped what the last export wrote, so
-        the memory it was written to is no longer this worker's to hold."""
+        the fresh worker, if any, has its copy of what the last export left
+        for it, so that (buffers kept for reading in place, memfds) is no
+        longer this worker's to hold."""
         migrate.release_exports()
 
     # -- migration: the new worker's side ----------------------------------

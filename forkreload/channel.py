@@ -9,6 +9,7 @@ descriptors (the pidfd of a fresh worker) ride along as SCM_RIGHTS.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -32,23 +33,46 @@ class ForgedMessage(Exception):
     """A message on a private channel failed authentication."""
 
 
-def make_private_dir(prefix: str = "forkreload-") -> str:
+# The directory lock of each private dir made with `hold=True`, held for the
+# life of this process: a directory whose lock can be taken has no owner.
+_held: dict[str, int] = {}
+
+
+def make_private_dir(prefix: str = "forkreload-", hold: bool | None = None) -> str:
     """Create a directory only this user can open, on tmpfs when there is one.
 
     tmpfs matters for the ipc sockets and the small signed migration index
     (the migrated data itself travels in anonymous memory, see `migrate`).
-    Its name carries this process's pid: directories left by processes of
-    the same prefix that died without cleaning up (SIGKILL) are removed
-    first.
+    Its name carries this process's pid; with `hold` (the default for the
+    controller's prefix, one directory per process) this process also holds
+    a lock on it.  Directories of the same prefix left by processes that
+    died without cleaning up (SIGKILL) are removed first.
     """
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     remove_dead_private_dirs(prefix, base)
     path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
     os.chmod(path, 0o700)
+    if hold if hold is not None else prefix == "forkreload-":
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _held[path] = fd
     return path
 
 
-def _alive(pid: int) -> bool:
+def _owned(path: str, pid: int) -> bool:
+    """Whether the process that made `path` may still be using it: its lock
+    is held (by a process of any pid namespace), or, for a directory made
+    without one, its pid is alive here."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -76,7 +100,7 @@ def remove_dead_private_dirs(prefix: str = "forkreload-", base: str | None = Non
             st = os.lstat(path)
         except OSError:
             continue
-        if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path) or _alive(int(m.group(1))):
+        if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path) or _owned(path, int(m.group(1))):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
