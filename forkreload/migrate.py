@@ -803,8 +803,9 @@ def dump_namespace(
     holds: list[memoryview] = []
     fds: list[int] = []
     try:
-        # The pickle stream and the buffers go to anonymous memory, written
-        # once, never mapped here: this process's arrays stay private to it.
+        # Nothing named but the small index: the pickle stream goes to a
+        # memfd; the buffers are read where they lie, or go to a memfd this
+        # process writes once and never maps (its arrays stay its own).
         stream_mac = hmac.new(key, digestmod=hashlib.sha256)
         stream_fd = _new_memfd("forkreload-stream", payload_offset)
         fds.append(stream_fd)
