@@ -721,6 +721,13 @@ class Agent:
             "seconds": round(time.perf_counter() - t0, 4),
         }
 
+    def _release_export(self, info: Any = None) -> None:
+        """A cell runs here again (the swap failed, or `%forkreload back`):
+        the fresh worker, if any, has its copy of what the last export left
+        for it, so that (buffers kept for reading in place, memfds) is no
+        longer this worker's to hold."""
+        migrate.release_exports()
+
     # -- migration: the new worker's side ----------------------------------
 
     def load(self, path: str, changed_files: list[str]) -> protocol.LoadAnswer:
@@ -1070,6 +1077,7 @@ def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     shell.user_ns["__forkreload__"] = agent
     shell.user_ns_hidden["__forkreload__"] = agent
     shell.events.register("post_run_cell", agent._post_run_cell)
+    shell.events.register("pre_run_cell", agent._release_export)
     shell.register_magic_function(agent.command, magic_kind="line", magic_name="forkreload")
     kernel.shell_handlers[protocol.AGENT_REQUEST] = agent.handle_request
     # A user coming from IPython types `%load_ext autoreload`: a second

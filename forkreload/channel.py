@@ -9,16 +9,19 @@ descriptors (the pidfd of a fresh worker) ride along as SCM_RIGHTS.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
+import shutil
 import socket
 import tempfile
 from typing import Any
 
-__all__ = ["ForgedMessage", "Channel", "make_private_dir", "set_parent_death_signal"]
+__all__ = ["ForgedMessage", "Channel", "make_private_dir", "remove_dead_private_dirs", "set_parent_death_signal"]
 
 log = logging.getLogger("forkreload.channel")
 
@@ -30,16 +33,78 @@ class ForgedMessage(Exception):
     """A message on a private channel failed authentication."""
 
 
-def make_private_dir(prefix: str = "forkreload-") -> str:
+# The directory lock of each private dir made with `hold=True`, held for the
+# life of this process: a directory whose lock can be taken has no owner.
+_held: dict[str, int] = {}
+
+
+def make_private_dir(prefix: str = "forkreload-", hold: bool | None = None) -> str:
     """Create a directory only this user can open, on tmpfs when there is one.
 
-    tmpfs matters twice: ipc sockets, and migration buffers that should cost
-    one copy in memory, not a round trip through a disk.
+    tmpfs matters for the ipc sockets and the small signed migration index
+    (the migrated data itself travels in anonymous memory, see `migrate`).
+    Its name carries this process's pid; with `hold` (the default for the
+    controller's prefix, one directory per process) this process also holds
+    a lock on it.  Directories of the same prefix left by processes that
+    died without cleaning up (SIGKILL) are removed first.
     """
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    remove_dead_private_dirs(prefix, base)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
     os.chmod(path, 0o700)
+    if hold if hold is not None else prefix == "forkreload-":
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _held[path] = fd
     return path
+
+
+def _owned(path: str, pid: int) -> bool:
+    """Whether the process that made `path` may still be using it: its lock
+    is held (by a process of any pid namespace), or, for a directory made
+    without one, its pid is alive here."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_private_dirs(prefix: str = "forkreload-", base: str | None = None) -> list[str]:
+    """Remove this user's `make_private_dir` directories whose process is gone."""
+    base = base or tempfile.gettempdir()
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[^-]+$")
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if m is None:
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path) or _owned(path, int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def set_parent_death_signal(sig: int) -> None:

@@ -62,3 +62,25 @@ def test_private_dir_is_for_this_user_only():
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     finally:
         os.rmdir(d)
+
+
+def test_private_dirs_of_dead_processes_are_removed_held_ones_kept(tmp_path):
+    import fcntl
+
+    from forkreload.channel import remove_dead_private_dirs
+
+    dead = tmp_path / "forkreload-999999999-deadbeef"  # no such pid
+    held = tmp_path / "forkreload-999999998-cafebabe"  # ... but locked: a live owner elsewhere
+    alive = tmp_path / f"forkreload-{os.getpid()}-a1b2c3d4"
+    other = tmp_path / "forkreload-client-999999999-deadbeef"
+    for d in (dead, held, alive, other):
+        d.mkdir()
+        (d / "sock").write_text("")
+    fd = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert remove_dead_private_dirs("forkreload-", str(tmp_path)) == [str(dead)]
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (held, alive, other))
+    assert remove_dead_private_dirs("forkreload-client-", str(tmp_path)) == [str(other)]

@@ -17,7 +17,7 @@ import textwrap
 import uuid
 
 import pytest
-from forkreload.migrate import ForgedPayload, dump_namespace, load_namespace, remove_dump
+from forkreload.migrate import Dump, ForgedPayload, dump_namespace, load_namespace, remove_dump
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +33,11 @@ names = [k for k in ns if not k.startswith("_")]
 res = dump_namespace(ns, names, KEY, PATH, globals_ns=ns)
 out = {{"result": dataclasses.asdict(res)}}
 {after}
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
+# The dump's data lives in this process's memory (memfds) until it exits:
+# stay until the test is done with it.
+import sys
+sys.stdin.read()
 """
 
 LOAD_SCRIPT = """
@@ -61,11 +65,34 @@ def run_python(code: str, cwd) -> dict:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+_dumpers: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _end_dumpers():
+    yield
+    while _dumpers:
+        proc = _dumpers.pop()
+        proc.stdin.close()
+        proc.wait(timeout=20)
+        proc.stdout.close()
+
+
 def dump_cell(tmp_path, cell: str, after: str = "", path=None) -> dict:
-    """Run ``cell`` in a fresh interpreter and dump its namespace; return the report."""
+    """Run ``cell`` in a fresh interpreter and dump its namespace; return the
+    report.  The interpreter stays (it holds the dump's memory) until the
+    test ends."""
     path = str(path or tmp_path / "dump")
     code = DUMP_SCRIPT.format(path=path, key=KEY, cell=textwrap.dedent(cell), after=textwrap.dedent(after))
-    return run_python(code, tmp_path)
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    _dumpers.append(proc)
+    line = proc.stdout.readline()
+    assert line, f"the dumping interpreter failed (exit {proc.wait()})"
+    return json.loads(line)
 
 
 def load_in_fresh(tmp_path, checks: str = "", path=None) -> dict:
@@ -96,8 +123,10 @@ def test_basic_values_round_trip(tmp_path):
     assert report["buffer_bytes"] >= 8_000_000 + 2 * 400_000
     # ... and only small things stay in the pickle stream.
     assert report["inband_bytes"] < 20_000
-    for name in ("dump", "dump.buf"):
-        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+    # One small private file; the data is in the dumping process's memory.
+    assert stat.S_IMODE(os.stat(tmp_path / "dump").st_mode) == 0o600
+    assert os.path.getsize(tmp_path / "dump") < 5000
+    assert sorted(os.listdir(tmp_path)) == ["dump"]
 
     out = load_in_fresh(
         tmp_path,
@@ -388,15 +417,24 @@ def test_forged_payload_is_refused_before_unpickling(tmp_path):
     assert marker.exists()
 
 
-def test_buffer_file_must_match_the_index(tmp_path):
+@pytest.mark.parametrize("via", ["process", "memfd"])
+def test_buffer_memory_must_match_the_index(tmp_path, monkeypatch, via):
+    monkeypatch.setenv("FORKRELOAD_MIGRATE_VIA", via)
     dump_cell(tmp_path, "import numpy as np\narr = np.zeros(100_000)\n")
-    buf = tmp_path / "dump.buf"
-    with open(buf, "ab") as f:
-        f.write(b"\0")
-    with pytest.raises(ForgedPayload, match="bytes"):
-        load_namespace(str(tmp_path / "dump"), KEY, {})
-    buf.unlink()
-    with pytest.raises(ForgedPayload, match="missing"):
+    index = Dump(str(tmp_path / "dump"), KEY).index
+    assert index["via"] == via
+    if via == "memfd":
+        fd, size = index["buffers"]
+        os.truncate(f"/proc/{index['pid']}/fd/{fd}", size + 1)
+        with pytest.raises(ForgedPayload, match="bytes"):
+            load_namespace(str(tmp_path / "dump"), KEY, {})
+    # The dumping process is gone, and its memory with it.
+    proc = _dumpers.pop()
+    proc.kill()
+    proc.wait()
+    proc.stdin.close()
+    proc.stdout.close()
+    with pytest.raises(ForgedPayload, match="missing|cannot read"):
         load_namespace(str(tmp_path / "dump"), KEY, {})
 
 
@@ -425,7 +463,9 @@ def test_random_state_continues_after_load(tmp_path):
     assert out["next"] == report["next"]
 
 
-def test_out_of_band_arrays_are_mapped_writable_and_outlive_the_files(tmp_path):
+@pytest.mark.parametrize("via", ["process", "memfd"])
+def test_out_of_band_arrays_are_writable_unshared_and_outlive_the_files(tmp_path, monkeypatch, via):
+    monkeypatch.setenv("FORKRELOAD_MIGRATE_VIA", via)
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
     path = os.path.join(shm, f"forkreload-test-{uuid.uuid4().hex}")
     try:
@@ -447,12 +487,14 @@ def test_out_of_band_arrays_are_mapped_writable_and_outlive_the_files(tmp_path):
             out["owndata"] = bool(arr.flags.owndata)
             out["writeable"] = bool(arr.flags.writeable)
             arr[0] = 7
-            # Private mapping: the write is not seen in the file.
-            out["file first"] = int(np.fromfile(PATH + ".buf", dtype=np.int64, count=1)[0])
             remove_dump(PATH)
             out["files left"] = [os.path.exists(PATH), os.path.exists(PATH + ".buf")]
             arr[1] = 8
             out["values"] = [int(arr[0]), int(arr[1]), int(arr[-1]), int(arr.sum())]
+            # Private memory, or a shared mapping of a memfd only this
+            # process maps: either way writes cost no second copy.
+            maps = open("/proc/self/maps").read().splitlines()
+            out["maps"] = [m.split()[1] for m in maps if "memfd:forkreload" in m]
             """,
             path=path,
         )
@@ -463,9 +505,9 @@ def test_out_of_band_arrays_are_mapped_writable_and_outlive_the_files(tmp_path):
     assert out["mapped"] is True
     assert out["owndata"] is False
     assert out["writeable"] is True
-    assert out["file first"] == 0
     assert out["files left"] == [False, False]
     assert out["values"] == [7, 8, n - 1, n * (n - 1) // 2 + 7 + 7]
+    assert out["maps"] == (["rw-s"] if via == "memfd" else [])
 
 
 def test_a_group_that_fails_to_load_costs_only_itself(tmp_path):
@@ -510,3 +552,62 @@ def test_missing_names_and_empty_dumps(tmp_path):
     remove_dump(path)
     remove_dump(path)  # already gone: no error
     assert not os.path.exists(path)
+
+
+def test_views_come_back_as_views_of_their_base(tmp_path):
+    report = dump_cell(
+        tmp_path,
+        """
+        import numpy as np, pandas as pd
+        a = np.arange(1_000_000.0)
+        every_other = a[::2]
+        window = a[1000:2000]
+        backwards = a[::-1]
+        as_int = a.view(np.int64)[5:50]
+        m = np.arange(600_000.0).reshape(1000, 600)
+        mt = m.T
+        col = m[:, 3]
+        df = pd.DataFrame({c: np.arange(100_000.0) for c in "abcd"})
+        s = df["b"]
+        lonely = np.ones(400_000)[::4]
+        """,
+    )["result"]
+    groups = sorted(sorted(g) for g in report["groups"] if len(g) > 1)
+    assert groups == [
+        ["a", "as_int", "backwards", "every_other", "window"],
+        ["col", "m", "mt"],
+        ["df", "s"],
+    ]
+    # Every base once, out of band (a, m, the frame's block, lonely's base);
+    # nothing strided was copied into the pickle stream.
+    assert report["buffer_bytes"] == 8_000_000 + 4_800_000 + 3_200_000 + 3_200_000
+    assert report["inband_bytes"] < 20_000
+    out = load_in_fresh(
+        tmp_path,
+        """
+        import numpy as np
+        a, m = v["a"], v["m"]
+        out["shares"] = [
+            bool(np.shares_memory(a, v[n])) for n in ("every_other", "window", "backwards", "as_int")
+        ] + [bool(np.shares_memory(m, v["mt"])), bool(np.shares_memory(m, v["col"]))]
+        out["frame"] = bool(np.shares_memory(v["df"]["b"].values, v["s"].values))
+        out["strides"] = [list(v[n].strides) for n in ("every_other", "backwards", "mt", "col", "lonely")]
+        out["equal"] = bool(
+            np.array_equal(v["every_other"], np.arange(0, 1_000_000.0, 2))
+            and np.array_equal(v["backwards"], np.arange(999_999.0, -1, -1))
+            and np.array_equal(v["as_int"], np.arange(1_000_000.0).view(np.int64)[5:50])
+            and np.array_equal(v["mt"], np.arange(600_000.0).reshape(1000, 600).T)
+            and np.array_equal(v["lonely"], np.ones(100_000))
+        )
+        v["every_other"][1] = -1
+        v["backwards"][0] = -2
+        v["col"][0] = -3
+        out["through"] = [float(a[2]), float(a[-1]), float(m[0, 3])]
+        """,
+    )
+    assert out["failed"] == {}
+    assert out["shares"] == [True] * 6
+    assert out["frame"] is True
+    assert out["strides"] == [[16], [-8], [8, 4800], [4800], [32]]
+    assert out["equal"] is True
+    assert out["through"] == [-1.0, -2.0, -3.0]
