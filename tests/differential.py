@@ -372,6 +372,16 @@ def _show(out: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _lines_about(ses: dict[str, Any], want: dict[str, Any], names: list[str]) -> bool:
+    """Whether the two outputs differ only in stdout lines that mention one of `names`."""
+    if {k: v for k, v in ses.items() if k != "stdout"} != {k: v for k, v in want.items() if k != "stdout"}:
+        return False
+    a, b = (ses["stdout"] or "").splitlines(), (want["stdout"] or "").splitlines()
+    if len(a) != len(b):
+        return False
+    return all(x == y or any(n in x for n in names) for x, y in zip(a, b, strict=True))
+
+
 def shadow_warned(r: Any) -> bool:
     """Whether a cell's notice said that a project file shadows a module."""
     return re.search(r"\S+ in your project shadows .* module", r.notice or "") is not None
@@ -444,6 +454,12 @@ def judge(ex: Example, results: list[Any], refs: list[dict]) -> list[str]:
         if ses != want:
             explained = [n for n in lost_ref if _named(n, notice)]
             explained += [i for i in reset_ref if _named(i, notice) or _named(i.rsplit(".", 1)[1], notice)]
+            # Module state a cell set in any earlier step, which every fresh
+            # reference process lacks, and the session kept and names as kept.
+            # Only where each line that differs is about one of them.
+            earlier_state = [i for i in {i for j in range(k) for i in refs[j]["reset"]} if _named(i, notice) and "kept" in notice]
+            if earlier_state and _lines_about(ses, want, [i.rsplit(".", 1)[1] for i in earlier_state]):
+                explained += earlier_state
             if mode == "inplace":
                 explained += [n for n in lost_ref if n not in lost_ses]
             if shadowing or any(shadow_warned(r2) for r2 in results[:k]):
