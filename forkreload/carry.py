@@ -462,16 +462,21 @@ def _read_pandas(m: types.ModuleType) -> Any:
     return value or None
 
 
-def _apply_pandas(m: types.ModuleType, value: dict[str, Any]) -> list[str]:
+def _apply_keys(value: dict[str, Any], set_one: Callable[[str, Any], None], shown: Callable[[str], str]) -> list[str]:
+    """Set each key of a library's option table on its own; one failure costs only that key."""
     lines = []
     for key, v in value.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecated options warn; the cell that set them did already
-                m.set_option(key, _unpack(v))
+                set_one(key, _unpack(v))
         except Exception as exc:
-            lines.append(f"reset: pandas option {key} ({_why(exc)})")
+            lines.append(f"reset: {shown(key)} ({_why(exc)})")
     return lines
+
+
+def _apply_pandas(m: types.ModuleType, value: dict[str, Any]) -> list[str]:
+    return _apply_keys(value, m.set_option, lambda key: f"pandas option {key}")
 
 
 # torch: default dtype, grad mode (the main thread's: the agent runs there),
@@ -531,15 +536,7 @@ def _read_matplotlib(m: types.ModuleType) -> Any:
 
 
 def _apply_matplotlib(m: types.ModuleType, value: dict[str, Any]) -> list[str]:
-    lines = []
-    for key, v in value.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecated rcParams warn; the cell that set them did already
-                m.rcParams[key] = _unpack(v)
-        except Exception as exc:
-            lines.append(f"reset: matplotlib rcParams[{key!r}] ({_why(exc)})")
-    return lines
+    return _apply_keys(value, m.rcParams.__setitem__, lambda key: f"matplotlib rcParams[{key!r}]")
 
 
 SETTINGS: tuple[Setting, ...] = (
