@@ -26,6 +26,7 @@ __all__ = [
     "inplace_text",
     "kept_old_code",
     "not_applied_inplace",
+    "previous_not_kept",
     "progress_text",
     "report_text",
     "shadow_text",
@@ -132,6 +133,12 @@ def shadow_text(file: str, module: str, stdlib: bool) -> str:
     the file."""
     whose = "the standard library's" if stdlib else "the preloaded"
     return f"{PREFIX}{file} in your project shadows {whose} {module} module; `import {module}` gives that module, not your file"
+
+
+def previous_not_kept(data_bytes: int) -> str:
+    """A swap of a session too large to keep twice."""
+    size = f"{data_bytes / 2**30:.1f} GiB" if data_bytes >= 2**30 else f"{data_bytes / 2**20:.0f} MiB"
+    return f"previous worker not kept ({size} of data, more than a quarter of the free memory): %forkreload back is not available"
 
 
 def snapshot_failed(error: str) -> str:

@@ -47,6 +47,21 @@ Changed = dict[str, "str | None"]  # path -> new content hash (None: file gone)
 PoolFactory = Callable[[Any, bytes, str, Settings, list[str], "itertools.count[int]"], WorkerPool]
 
 
+def _room_for_previous(data_bytes: int) -> bool:
+    """Whether keeping the old worker (its own copy of `data_bytes`) beside
+    the new one leaves memory to spare: at most a quarter of what is
+    available now, or FORKRELOAD_PREVIOUS_BUDGET bytes when set."""
+    budget = os.environ.get("FORKRELOAD_PREVIOUS_BUDGET")
+    if budget is not None:
+        return data_bytes <= int(budget)
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    return data_bytes <= available // 4
+
+
 class _SwapFailed(Exception):
     """The fresh worker refused the user's code; the report says why."""
 
@@ -394,8 +409,14 @@ class Swapper:
                 raise WorkerDied(f"could not export the namespace: {exported.get('error')}")
             log.debug("export: %d variables, %d bytes pickled, %d bytes of buffers out of band, groups %s",
                       len(exported.get("saved", [])), exported.get("inband_bytes", 0), exported.get("buffer_bytes", 0), exported.get("groups", []))
+            size = exported.get("inband_bytes", 0) + exported.get("buffer_bytes", 0)
+            if keep_old and not _room_for_previous(size):
+                # Two full copies of a large session would not fit: the old
+                # worker ends with the swap, and the cell says so.
+                keep_old = False
+                report.notes.append(notices.previous_not_kept(size))
             report.lost = dict(exported.get("lost", {}))
-            report.notes = list(exported.get("reset", []))
+            report.notes += list(exported.get("reset", []))
             loaded: LoadAnswer = self.proxy.call_agent(new, "load", path, [f for f in changed if changed[f] is not None])
             phase("load")
             if not loaded.get("ok"):
@@ -429,6 +450,8 @@ class Swapper:
         report.notes += loaded.get("notes", [])
         log.debug("load: %d variables in %.1f ms (agent side); modules gone: %s", len(report.migrated), loaded.get("seconds", 0.0) * 1000, loaded.get("gone", []))
         report.previous = keep_old
+        if not keep_old and self.previous is not None:
+            self._retire(self.previous)  # the one before: older than what `back` promises
         self.switch(new, parent, keep_old=keep_old, modules=loaded.get("modules", []))
         phase("switch")
         report.ok = True

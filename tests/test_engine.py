@@ -530,3 +530,19 @@ def test_the_snapshot_learns_within_the_session(project, make_session):
     assert r.stdout == "3 True\n" and r.reload.mode == "fresh"
     assert not any("imported" in n for n in r.reload.notes), r.reload.notes
     assert s.status()["learning"] is None
+
+
+def test_a_session_too_large_to_keep_twice_does_not_keep_the_previous_worker(project, make_session):
+    project.write("m.py", "K = 1\n")
+    s = make_session(env={**os.environ, "FORKRELOAD_PREVIOUS_BUDGET": str(4 * 2**20)})
+    s.execute("import m, numpy as np; small = 1")
+    project.write("m.py", "K = 2\n")
+    r = s.execute("print(m.K)")
+    assert r.reload.previous and s.status()["previous_pid"] is not None  # under the budget: kept
+    s.execute("big = np.ones(2**20)")  # 8 MiB, over the 4 MiB budget
+    project.write("m.py", "K = 3\n")
+    r = s.execute("print(m.K, big.sum())")
+    assert r.stdout == "3 1048576.0\n" and r.reload.mode == "fresh"
+    assert not r.reload.previous and s.status()["previous_pid"] is None
+    assert "previous worker not kept (8 MiB of data, more than a quarter of the free memory)" in r.notice
+    assert "back" in s.execute("%forkreload back").notice and "no previous worker" in s.execute("%forkreload back").notice
