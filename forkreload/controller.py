@@ -519,10 +519,6 @@ class Controller:
             return {"status": "ok" if report.ok else "error", "report": report.as_dict()}
         return {"status": "error", "evalue": f"unknown command {cmd!r}"}
 
-    def status(self) -> dict[str, Any]:
-        """What a user asks `%forkreload status` or `Session.status()` for."""
-        return self.swapper.status()
-
     def interrupt(self) -> None:
         """Interrupt the current worker's running cell."""
         if self.worker is not None:

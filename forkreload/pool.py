@@ -174,6 +174,18 @@ class WorkerPool:
         self.proc.stdin.write(json.dumps(cfg).encode() + b"\n")
         self.proc.stdin.close()
 
+    def _drop_listener(self) -> None:
+        """Close the socket the snapshot connects to, and remove its name."""
+        if self._listener is None:
+            return
+        sock_path = self._listener.getsockname()
+        self._listener.close()
+        self._listener = None
+        try:
+            os.unlink(sock_path)
+        except OSError:
+            pass
+
     def pending_fileno(self) -> int | None:
         """While the snapshot starts: a descriptor readable once it connected."""
         return self._listener.fileno() if self._listener is not None else None
@@ -186,13 +198,10 @@ class WorkerPool:
         """Accept the launched snapshot and read its hello (the preload report)."""
         listener = self._listener
         assert listener is not None
-        sock_path = listener.getsockname()
         try:
             conn = self._accept(listener)
         finally:
-            listener.close()
-            self._listener = None
-            os.unlink(sock_path)
+            self._drop_listener()
         self.chan = Channel(conn, self.key)
         hello, _ = self.chan.recv()
         if not hello or hello.get("op") != "hello":
@@ -350,14 +359,7 @@ class WorkerPool:
 
     def close(self) -> None:
         """End the spare and the snapshot (whose death ends its other workers)."""
-        if self._listener is not None:
-            sock_path = self._listener.getsockname()
-            self._listener.close()
-            self._listener = None
-            try:
-                os.unlink(sock_path)
-            except OSError:
-                pass
+        self._drop_listener()
         if self.spare is not None:
             self.retire(self.spare)
         if self.chan is not None:

@@ -116,13 +116,22 @@ class Swapper:
 
     def new_pool(self) -> WorkerPool:
         """Start a snapshot (with this session's preloads) and report on it."""
-        proxy = self.proxy
-        pool = self.pool_factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, self.preload_list(), self._wids)
+        pool = self._make_pool(self.preload_list())
         try:
             hello = pool.start()
         except BaseException:
             pool.close()
             raise
+        self._check_hello(hello)
+        return pool
+
+    def _make_pool(self, preload: list[str]) -> WorkerPool:
+        proxy = self.proxy
+        return self.pool_factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, preload, self._wids)
+
+    def _check_hello(self, hello: dict[str, Any]) -> None:
+        """What a new snapshot says about its preloads: failures are
+        forgotten from what is learned, threads started by them warned about."""
         failed = hello.get("preload_failed", {})
         for name, why in failed.items():
             if name in self.settings.preload:
@@ -133,7 +142,6 @@ class Swapper:
         if risky:
             log.warning("preload modules started threads %s: forking with them is a fork-safety risk", risky)
         log.debug("snapshot %s ready in %.3f s, preloaded %s", hello.get("pid"), hello.get("seconds", 0.0), list(hello.get("preload", {})))
-        return pool
 
     def preload_list(self) -> list[str]:
         """The explicit preloads, then what this project's sessions imported before."""
@@ -563,9 +571,7 @@ class Swapper:
         beside the current one; a swap never waits for it."""
         if self.building is not None or self.pool is None or not self._missing(self.pool):
             return
-        preload = [*self.pool.preload, *sorted(self._missing(self.pool))]
-        proxy = self.proxy
-        pool = self.pool_factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, preload, self._wids)
+        pool = self._make_pool([*self.pool.preload, *sorted(self._missing(self.pool))])
         try:
             pool.launch()
         except (OSError, ControllerError) as exc:
@@ -573,7 +579,7 @@ class Swapper:
             pool.close()
             return
         self.building = pool
-        log.debug("building a snapshot with %s in the background", preload)
+        log.debug("building a snapshot with %s in the background", pool.preload)
 
     def pending_fileno(self) -> int | None:
         """A descriptor readable when the snapshot being built is ready to connect."""
@@ -590,8 +596,8 @@ class Swapper:
             self.unlearnable.update(self._missing(self.pool))
             pool.close()
             return
-        failed = set(hello.get("preload_failed", {}))
-        self.unlearnable.update(failed)
+        self._check_hello(hello)
+        self.unlearnable.update(hello.get("preload_failed", {}))
         old, self.pool = self.pool, pool
         if old.spare is not None:
             old.retire(old.spare)
