@@ -42,7 +42,7 @@ import traceback
 import types
 from typing import Any
 
-from . import carry, migrate, notices, protocol, reload
+from . import carry, checkpoint, migrate, notices, protocol, reload
 from .watch import source_sha
 
 __all__ = ["Agent", "install", "user_module_file", "user_variable_names", "watch_prefixes"]
@@ -426,6 +426,12 @@ class Agent:
         self._depth = 0  # user module imports in progress (main thread)
         self._shadows: dict[str, str] = {}  # module name -> the warning its project file deserves
         self._warned: set[str] = set()
+        # Checkpoints: whether a cell changed the state since the last one
+        # (a worker fresh from a swap holds what the old one's last checkpoint
+        # or state held), whether the last cell succeeded, and the pids forked.
+        self.dirty = False
+        self.last_ok = True
+        self.checkpoint_pids: list[int] = []
 
     # -- module tracking -------------------------------------------------
 
@@ -654,6 +660,13 @@ class Agent:
     def _post_run_cell(self, result: Any = None) -> None:
         found = self.scan()
         cell = getattr(getattr(result, "info", None), "raw_cell", None) or ""
+        self.last_ok = bool(getattr(result, "success", True))
+        if not self.dirty:
+            try:
+                code = self.shell.transform_cell(cell)
+            except Exception:
+                code = cell
+            self.dirty = not checkpoint.trivial_cell(code)
         if "import" in cell:
             # A file may have been created since the last look (a listdir of
             # the project's directories, only for cells that import).
@@ -1028,14 +1041,54 @@ class Agent:
                 reasons.append(why)
         return reasons
 
+    # -- checkpoints ------------------------------------------------------------
+
+    def checkpoint(self, sock_path: str) -> protocol.CheckpointAnswer:
+        """Fork a checkpoint of this worker, if the last cell changed the
+        state and succeeded; it connects to the controller at `sock_path`."""
+        self._reap_checkpoints()
+        if not self.dirty:
+            return {"taken": False, "why": "nothing changed"}
+        if not self.last_ok:
+            return {"taken": False, "why": "the last cell failed"}
+        cell = self.shell.execution_count - 1
+        pid = checkpoint.take(self.shell, sock_path, self.key, cell)
+        self.checkpoint_pids.append(pid)
+        self.dirty = False
+        return {"taken": True, "pid": pid, "cell": cell}
+
+    def checkpoint_info(self) -> protocol.CheckpointInfo:
+        self._reap_checkpoints()
+        return {"dirty": self.dirty, "cell": self.shell.execution_count - 1, "pids": list(self.checkpoint_pids),
+                "names": user_variable_names(self.shell)}
+
+    def _reap_checkpoints(self) -> None:
+        # A discarded checkpoint is this worker's child until reaped here.
+        for pid in list(self.checkpoint_pids):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.checkpoint_pids.remove(pid)
+
+    def rehome(self, kernel: Any) -> None:
+        """A checkpoint became a worker: answer through its new kernel."""
+        self.kernel = kernel
+        self.key = kernel.session.key
+        kernel.shell_handlers[protocol.AGENT_REQUEST] = self.handle_request
+        # Checkpoints forked by the worker this one copies are not its children.
+        self.checkpoint_pids = []
+        self.dirty = False
+
     # -- %forkreload -----------------------------------------------------------
 
     def command(self, line: str) -> None:
         """`%forkreload status|fresh|back|mode M|quiet [on|off]`: asks the controller."""
         words = line.split()
         cmd, args = (words[0], words[1:]) if words else ("status", [])
-        if cmd not in ("status", "fresh", "back", "mode", "quiet"):
-            print("usage: %forkreload status | fresh | back | mode auto|fresh|inplace|off | quiet [on|off]")
+        if cmd not in ("status", "fresh", "back", "undo", "checkpoints", "mode", "quiet"):
+            print("usage: %forkreload status | fresh | back | undo [N] | checkpoints | mode auto|fresh|inplace|off | quiet [on|off]")
             return
         self._tell_controller(protocol.COMMAND_EVENT, {"cmd": cmd, "args": args})
 
@@ -1061,9 +1114,19 @@ class Agent:
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "internal": True}
 
 
+_current: Agent | None = None
+
+
+def current() -> Agent | None:
+    """This worker's agent, once installed."""
+    return _current
+
+
 def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     """Create the agent and hook it into the kernel's shell."""
+    global _current
     agent = Agent(kernel, cwd, watch)
+    _current = agent
     shell = kernel.shell
     # The user's modules load through the agent from now on (none is imported
     # yet: the snapshot never imports them). Finders cached for the user's

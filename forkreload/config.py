@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Settings:
     quiet: bool = False
     watch: list[str] = field(default_factory=list)
     learn: bool = True
+    # Bytes the checkpoints may use (None: a quarter of the available memory; 0: none).
+    checkpoints: int | None = None
     project_root: str = "."
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
@@ -54,6 +57,7 @@ class Settings:
             "quiet": self.quiet,
             "watch": self.watch,
             "learn": self.learn,
+            "checkpoints": "auto" if self.checkpoints is None else self.checkpoints,
             "project_root": self.project_root,
             "sources": self.sources,
         }
@@ -85,6 +89,27 @@ def _as_bool(value: Any, what: str) -> bool:
     raise ConfigError(f"{what} must be true or false")
 
 
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: Any, what: str) -> int | None:
+    """A `checkpoints` budget: "auto" (None), "off"/false/0, bytes, or "500M", "2G"."""
+    if isinstance(value, bool):
+        return None if value else 0
+    if isinstance(value, int):
+        return max(value, 0)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "auto", "on", "yes", "true"):
+            return None
+        if text in ("off", "no", "false", "none"):
+            return 0
+        m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", text)
+        if m is not None:
+            return int(float(m.group(1)) * _UNITS[m.group(2)])
+    raise ConfigError(f"{what} must be auto, off, or a size like 2G, not {value!r}")
+
+
 def _apply(s: Settings, values: dict[str, Any], origin: str) -> None:
     for key, value in values.items():
         if value is None:
@@ -102,6 +127,8 @@ def _apply(s: Settings, values: dict[str, Any], origin: str) -> None:
             s.quiet = _as_bool(value, what)
         elif key == "learn":
             s.learn = _as_bool(value, what)
+        elif key == "checkpoints":
+            s.checkpoints = parse_size(value, what)
         else:
             raise ConfigError(f"{what}: unknown setting")
         s.sources[key] = origin
@@ -125,7 +152,7 @@ def load_settings(cwd: str | os.PathLike[str] = ".", cli: dict[str, Any] | None 
             _apply(s, table, str(pyproject))
     env_values = {
         key: environ.get(f"FORKRELOAD_{key.upper()}")
-        for key in ("preload", "mode", "quiet", "watch", "learn")
+        for key in ("preload", "mode", "quiet", "watch", "learn", "checkpoints")
     }
     _apply(s, env_values, "environment")
     _apply(s, dict(cli or {}), "command line")

@@ -61,7 +61,7 @@ _ANSWERED = frozenset(
     {"execute_request", "complete_request", "inspect_request", "history_request", "is_complete_request", "kernel_info_request", "comm_info_request"}
 )
 # Cells that are only this magic act before they run, so the notice lands in them.
-_UPFRONT: dict[tuple[str, ...], str] = {("%forkreload", "fresh"): "fresh", ("%forkreload", "back"): "back"}
+_UPFRONT = frozenset({"fresh", "back", "undo"})
 
 
 def _json(frame: bytes) -> dict[str, Any]:
@@ -95,6 +95,7 @@ class Controller:
         self.held: list[Frames] = []  # cells waiting for the worker, in order
         self.internal_ids: set[str] = set()  # agent calls: their busy/idle are not forwarded
         self.answers: dict[str, dict[str, Any]] = {}  # agent answers not yet taken
+        self.unawaited: set[str] = set()  # agent calls whose answers nobody waits for
         self.reports: dict[str, Reload] = {}  # msg_id -> report for that cell's reply
         self.upfront: set[str] = set()  # cells whose magic was done before they ran
         # Control requests that came while waiting in `_wait`, already verified.
@@ -177,6 +178,14 @@ class Controller:
         self._wait(w, lambda: msg_id in self.answers)
         log.debug("agent call %s in worker %s: %.1f ms", method, w.pid, (time.perf_counter() - t0) * 1000)
         return self.answers.pop(msg_id)
+
+    def post_agent(self, w: WorkerHandle, method: str, *args: Any) -> None:
+        """Send an agent call and go on; its answer is logged, not awaited."""
+        msg = self.session.msg(AGENT_REQUEST, {"method": method, "args": list(args)})
+        msg_id = msg["header"]["msg_id"]
+        self.internal_ids.add(msg_id)
+        self.unawaited.add(msg_id)
+        self.session.send(w.shell, msg, ident=[INTERNAL_IDENT])
 
     def drain(self, w: WorkerHandle, timeout: float = 2.0) -> None:
         """Forward what a retiring worker still owes the front end (the last
@@ -333,6 +342,12 @@ class Controller:
             elif state == "idle":
                 w.busy_for.discard(msg_id)
                 self.busy_sent.discard(msg_id)
+                if parent.get("msg_type") == "execute_request":
+                    self.fe_iopub.send_multipart(frames)
+                    self.swapper.after_cell(w)
+                    return
+        elif msg_type == "execute_input":
+            self.swapper.cell_started(str(parent.get("msg_id", "")), int(_json(parts[4]).get("execution_count") or 0))
         self.fe_iopub.send_multipart(frames)
 
     def _on_agent_event(self, msg_type: str, parent: dict[str, Any], content: dict[str, Any]) -> None:
@@ -348,7 +363,10 @@ class Controller:
         if idents[:1] == [INTERNAL_IDENT]:
             # An agent call's answer (a late one, of a call that gave up, is dropped).
             call_id = str(_json(parts[2]).get("msg_id", ""))
-            if call_id in self.internal_ids:
+            if call_id in self.unawaited:
+                self.unawaited.discard(call_id)
+                log.debug("agent answer (not awaited): %s", _json(parts[4]))
+            elif call_id in self.internal_ids:
                 self.answers[call_id] = _json(parts[4])
             return
         msg_id = str(_json(parts[2]).get("msg_id", ""))
@@ -429,18 +447,20 @@ class Controller:
                 self.held.append(frames)
                 return
             msg_id = header.get("msg_id", "")
-            words = tuple(content.get("code", "").split())
-            upfront = _UPFRONT.get(words) if len(words) == 2 else None
-            if upfront is not None:
+            words = content.get("code", "").split()
+            if 2 <= len(words) <= 3 and words[0] == "%forkreload" and words[1] in _UPFRONT and (len(words) == 2 or words[1:] == ["undo", words[2]] and words[2].isdigit()):
                 self.upfront.add(msg_id)
-                if upfront == "fresh":
+                if words[1] == "fresh":
                     self.swapper.force_fresh = True
-                else:
+                elif words[1] == "back":
                     self.swapper.back_requested = True
+                else:
+                    self.swapper.undo_requested = int(words[2]) if len(words) == 3 else 1
             report = self.swapper.before_cell(header)
             if report is not None:
                 self.reports[msg_id] = report
             w = self.swapper.ensure_worker()
+            self.swapper.cell_routed(msg_id, str(content.get("code", "")))
             if content.get("stop_on_error", True) and not content.get("silent", False):
                 self.stop_on_error.add(msg_id)
         if msg_type in _ANSWERED:
@@ -512,6 +532,12 @@ class Controller:
         cmd = content.get("cmd")
         if cmd == "status":
             return {"status": "ok", **self.swapper.status()}
+        if cmd == "undo":
+            if self.worker is None or self.worker.inflight:
+                return {"status": "error", "evalue": "the worker is busy"}
+            n = content.get("n", 1)
+            text = self.swapper.undo(None, n if isinstance(n, int) else 1)
+            return {"status": "ok", "text": text, "undone": text.startswith(notices.PREFIX + "undone")}
         if cmd == "restart":
             if self.worker is None or self.worker.inflight:
                 return {"status": "error", "evalue": "the worker is busy"}
@@ -576,7 +602,8 @@ class Controller:
         assert pool is not None
         workers = self.swapper.workers()
         building = self.swapper.pending_fileno()
-        key = (pool.fileno(), building, id(self.worker), *((id(w), w.pidfd) for w in workers))
+        checkpoints = self.swapper.timeline.fileno()
+        key = (pool.fileno(), building, checkpoints, id(self.worker), *((id(w), w.pidfd) for w in workers))
         if key != self._poll_key:
             poller = zmq.Poller()
             for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
@@ -585,6 +612,8 @@ class Controller:
             poller.register(pool.fileno(), zmq.POLLIN)
             if building is not None:
                 poller.register(building, zmq.POLLIN)
+            if checkpoints is not None:
+                poller.register(checkpoints, zmq.POLLIN)
             for w in workers:
                 poller.register(w.pidfd, zmq.POLLIN)
                 # A spare says nothing until it is taken (its welcome is read
@@ -610,6 +639,9 @@ class Controller:
         building = self.swapper.pending_fileno()
         if building is not None and building in events:
             self.swapper.building_ready()
+        checkpoints = self.swapper.timeline.fileno()
+        if checkpoints is not None and checkpoints in events:
+            self.swapper.timeline.accept()
         if pool.fileno() in events:
             try:
                 pool.read_message()

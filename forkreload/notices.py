@@ -163,6 +163,51 @@ def crash_text(reason: str) -> str:
     return f"{PREFIX}fresh worker: {reason}"
 
 
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def crash_restored(status: str, cell: int) -> str:
+    """The reply of the cell the worker died in, when a checkpoint takes over."""
+    return f"the worker {status}; the state after cell {cell} is restored for the next cell"
+
+
+def restored_text(status: str, crashed_cell: int | None, cell: int, age: float, lost: list[str]) -> str:
+    """The first cell after a crash, when a checkpoint took over."""
+    where = f" in cell {crashed_cell}" if crashed_cell is not None else ""
+    text = f"{PREFIX}the worker {status}{where}; restored the state after cell {cell} ({_ago(age)} old)"
+    if lost:
+        text += f"; lost: {fold(lost, sep=', ')} (set by later cells)"
+    return text
+
+
+def undo_text(cell: int | None, age: float, lost: list[str], why: str = "") -> str:
+    """`%forkreload undo`: the state after an earlier cell is back."""
+    if cell is None:
+        return f"{PREFIX}nothing to undo: {why}"
+    text = f"{PREFIX}undone: the state after cell {cell} ({_ago(age)} old) is back"
+    if lost:
+        text += f"; {fold(lost, sep=', ')} as they were then"
+    return text
+
+
+def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool) -> str:
+    """`%forkreload checkpoints`: the saved states, newest first."""
+    if not enabled:
+        return f"{PREFIX}checkpoints are off (setting checkpoints = 0)"
+    if not items:
+        return f"{PREFIX}no checkpoint yet (one is taken after each cell that changes something)"
+    lines = [f"forkreload checkpoints (budget {budget / 2**20:.0f} MiB)"]
+    for cp in reversed(items):
+        use = "  (the current worker's origin)" if cp.get("in_use") else ""
+        lines.append(f"  after cell {cp['cell']:<5} {_ago(cp['age']):>7} old  {cp['uss'] / 2**20:8.1f} MiB  pid {cp['pid']}{use}")
+    return "\n".join(lines)
+
+
 def back_text(pid: int | None, files: list[str]) -> str:
     """`%forkreload back`: the previous worker is current again."""
     if pid is None:
@@ -179,6 +224,8 @@ def command_text(cmd: str, value: str, choices: tuple[str, ...] = ()) -> str:
         return f"{PREFIX}a fresh worker (variables migrated) takes over before the next cell"
     if cmd == "back":
         return f"{PREFIX}the previous worker takes over again before the next cell"
+    if cmd == "undo":
+        return f"{PREFIX}the state before {value} takes over before the next cell"
     if cmd == "mode" and choices:
         return f"{PREFIX}mode is {value}; choose one of {', '.join(choices)}"
     if cmd == "mode":

@@ -62,6 +62,7 @@ class WorkerHandle:
         self.ready = False
         self.dead = False
         self.pool: WorkerPool | None = None  # the snapshot it was forked from
+        self.origin: Any = None  # the checkpoint it was restored from (timeline.Checkpoint)
         # Front-end requests forwarded and not answered yet: msg_id -> (identities, header).
         self.inflight: dict[str, tuple[list[bytes], dict[str, Any]]] = {}
         # Requests the worker said busy for and not idle yet.

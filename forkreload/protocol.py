@@ -65,8 +65,27 @@ INTERNAL_IDENT = b"forkreload-internal"
 MODULES_EVENT = "forkreload_modules"
 COMMAND_EVENT = "forkreload_command"
 
-AgentCall = Literal["modules", "export", "load", "inplace"]
-AGENT_CALLS: frozenset[str] = frozenset({"modules", "export", "load", "inplace"})
+AgentCall = Literal["modules", "export", "load", "inplace", "checkpoint", "checkpoint_info"]
+AGENT_CALLS: frozenset[str] = frozenset({"modules", "export", "load", "inplace", "checkpoint", "checkpoint_info"})
+
+
+class CheckpointAnswer(TypedDict, total=False):
+    """What `checkpoint` did: forked one (its pid, after which cell), or not and why."""
+
+    taken: bool
+    pid: int
+    cell: int
+    why: str
+
+
+class CheckpointInfo(TypedDict):
+    """Whether the state changed since the worker's last checkpoint, and the
+    checkpoints it forked (so the controller can wait for them to connect)."""
+
+    dirty: bool
+    cell: int
+    pids: list[int]
+    names: list[str]  # the user's variables
 
 
 class AgentRequest(TypedDict):

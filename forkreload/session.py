@@ -65,6 +65,7 @@ class Session:
         learn: bool = False,
         startup_timeout: float = 120.0,
         env: dict[str, str] | None = None,
+        checkpoints: str | int | None = None,
     ) -> None:
         if not hasattr(os, "fork"):
             raise ForkUnavailable("forkreload needs os.fork(), which this platform does not provide")
@@ -77,6 +78,10 @@ class Session:
             watch=None if watch is None else [os.fspath(w) for w in watch],
             learn=learn,
         )
+        if checkpoints is not None:
+            # The budget of the undo/crash checkpoints: "auto", "off", 0, "2G".
+            env = dict(os.environ if env is None else env)
+            env["FORKRELOAD_CHECKPOINTS"] = str(checkpoints)
         self._launched = launch_controller(settings, env=env)
         self.proc = self._launched.proc
         self.connection_file = self._launched.connection_file
@@ -232,6 +237,18 @@ class Session:
         if report is None:
             raise SessionError(reply.get("evalue", "restart failed"))
         return report
+
+    def undo(self, n: int = 1, timeout: float = 60.0) -> str:
+        """Return to the state before the last `n` cells that changed it (a
+        checkpoint becomes the worker); the notice that says which.
+
+        Raises SessionError when there is nothing that far back to undo.
+        """
+        reply = self._request({"cmd": "undo", "n": n}, timeout=timeout)
+        text = str(reply.get("text", reply.get("evalue", "")))
+        if not reply.get("undone"):
+            raise SessionError(text)
+        return text
 
     def interrupt(self) -> None:
         """Interrupt the running cell (in the worker; the session stays)."""

@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import notices
+from .checkpoint import assigned_names
 from .config import MODES, LearnedModules, Settings
 from .migrate import remove_dump
 from .pool import ControllerError, Stopping, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import LoadAnswer, ModuleInfo, Reload
+from .timeline import Checkpoint, Timeline
 from .watch import SourceWatch
 
 if TYPE_CHECKING:
@@ -105,6 +107,11 @@ class Swapper:
         self.building: WorkerPool | None = None
         self.old_pools: list[WorkerPool] = []
         self._told_imports = False
+        # Checkpoints: the saved states, an undo asked for, and the cells
+        # (execution count, code) run since, whose values a restore loses.
+        self.timeline = Timeline(proxy.privdir, proxy.key, settings.checkpoints)
+        self.undo_requested: int | None = None
+        self.cells: list[tuple[int | None, str, str]] = []  # (count once known, code, msg_id)
 
     # -- start and stop --------------------------------------------------------
 
@@ -156,6 +163,7 @@ class Swapper:
         return [w for w in found if w is not None and w.pidfd >= 0]
 
     def close(self) -> None:
+        self.timeline.close()
         if self.previous is not None:
             self._retire(self.previous)
         for pool in [self.building, *self.old_pools, self.pool]:
@@ -167,6 +175,7 @@ class Swapper:
         if self.want_spare and self.pool is not None:
             self.pool.refill_spare()
             self.want_spare = False
+        self.timeline.tick()
         if self.building is not None and self.building.starting_failed():
             log.warning("the snapshot built to learn %s exited before it was ready", self.building.preload)
             self.unlearnable.update(self._missing(self.pool))
@@ -189,6 +198,8 @@ class Swapper:
         if old is not None and not old.dead:
             proxy.drain(old)
         proxy.worker = new
+        if new is not None:
+            self.timeline.workers.add(new.pid)
         proxy.close_comms(parent)
         self.watch.clear()
         for m in modules or []:
@@ -222,7 +233,10 @@ class Swapper:
         if w is not self.proxy.worker:
             self._retire(w)  # the spare, or the previous worker
             return
-        why = notices.crash_reason((w.pool or self.pool).exit_status(w.pid))
+        status = self._exit_status(w)
+        if self._restore_after_crash(w, status):
+            return
+        why = notices.crash_reason(status)
         self.proxy.fail_inflight(w, why)
         try:
             spare: WorkerHandle | None = self.pool.take_spare()
@@ -232,6 +246,116 @@ class Swapper:
         self.switch(spare, None)
         self.pending_report = Reload("fresh", ok=True, reason=why, lost={"*": why})
         log.debug("worker %s died: %s", w.pid, why)
+
+    def _exit_status(self, w: WorkerHandle) -> str:
+        """How a worker ended, as its parent (a snapshot or a checkpoint) saw it."""
+        source = w.origin or w.pool or self.pool
+        assert source is not None
+        status: str = source.exit_status(w.pid)
+        return status
+
+    def _restore_after_crash(self, w: WorkerHandle, status: str) -> bool:
+        """The current worker died: the newest checkpoint becomes the worker.
+        The next cell says which state came back and what was lost."""
+        self.timeline.accept()
+        for cp in reversed(self.timeline.live()):
+            try:
+                (new, modules), names = self._restore(cp)
+            except (WorkerDied, ControllerError, KeyError) as exc:
+                log.warning("checkpoint %d could not be restored: %s", cp.pid, exc)
+                self.timeline.drop(cp)
+                continue
+            crashed = self._crashed_cell()
+            lost = self._lost_since(cp, names)
+            self.proxy.fail_inflight(w, notices.crash_restored(status, cp.cell))
+            if self.previous is not None:
+                self._retire(self.previous)
+            self.switch(new, None, modules=modules)
+            why = notices.restored_text(status, crashed if crashed is not None and crashed > cp.cell else None, cp.cell, cp.age(), lost)
+            self.pending_report = Reload("restore", ok=True, reason=why, lost={n: "set by a cell after the checkpoint" for n in lost})
+            log.debug("worker %s died: %s; restored checkpoint %d (cell %d)", w.pid, status, cp.pid, cp.cell)
+            return True
+        return False
+
+    def _restore(self, cp: Checkpoint) -> tuple[tuple[WorkerHandle, list[ModuleInfo]], list[str]]:
+        """A worker from checkpoint `cp`: (worker, its modules), its variable names."""
+        proxy = self.proxy
+        new = cp.restore(proxy.ctx, proxy.privdir, proxy.key, next(self._wids))
+        try:
+            info = proxy.call_agent(new, "checkpoint_info")
+            modules = proxy.call_agent(new, "modules")["modules"]
+        except BaseException:
+            new.kill()
+            new.close()
+            raise
+        return (new, modules), list(info.get("names", []))
+
+    def _lost_since(self, cp: Checkpoint, names: list[str]) -> list[str]:
+        """Names bound by the cells run after checkpoint `cp`: their values
+        are those of the checkpoint now, or gone."""
+        lost: list[str] = []
+        for n, code, _ in self.cells:
+            if n is None or n > cp.cell:
+                lost += [name for name in assigned_names(code) if name not in lost and not name.startswith("_")]
+        self.cells = [c for c in self.cells if c[0] is not None and c[0] <= cp.cell]
+        return lost
+
+    def _crashed_cell(self) -> int | None:
+        """The number of the cell the worker died in (it may have died before
+        saying it, as a segfault does: then the one after the last known)."""
+        known = [n for n, _, _ in self.cells if n is not None]
+        if not self.cells:
+            return None
+        last = self.cells[-1][0]
+        return last if last is not None else (max(known) + 1 if known else None)
+
+    def after_cell(self, w: WorkerHandle) -> None:
+        """A cell ended in the current worker (its reply and idle are out):
+        ask for a checkpoint; the worker decides whether the cell changed anything."""
+        if self.timeline.enabled and w is self.proxy.worker and not w.dead:
+            self.proxy.post_agent(w, "checkpoint", self.timeline.sock_path)
+
+    def cell_routed(self, msg_id: str, code: str) -> None:
+        """A cell goes to the current worker: what a restore would lose."""
+        self.cells.append((None, code, msg_id))
+        if len(self.cells) > 200:
+            del self.cells[:100]
+
+    def cell_started(self, msg_id: str, count: int) -> None:
+        """The worker's execute_input: the cell's number."""
+        for i in range(len(self.cells) - 1, -1, -1):
+            if self.cells[i][2] == msg_id:
+                self.cells[i] = (count, self.cells[i][1], msg_id)
+                return
+
+    def undo(self, parent: dict[str, Any] | None, n: int) -> str:
+        """The state before the last `n` cells that changed it comes back in a
+        worker restored from a checkpoint; the current worker ends."""
+        w = self.proxy.worker
+        if not self.timeline.enabled:
+            return notices.undo_text(None, 0, [], "checkpoints are off (setting checkpoints = 0)")
+        if w is None or w.dead:
+            return notices.undo_text(None, 0, [], "no worker")
+        info = self.proxy.call_agent(w, "checkpoint_info")
+        self.timeline.wait_for(list(info.get("pids", [])))
+        self.timeline.accept()
+        items = self.timeline.live()
+        index = len(items) - n - (0 if info.get("dirty") else 1)
+        if n < 1 or index < 0:
+            have = len(items) - (0 if info.get("dirty") else 1)
+            return notices.undo_text(None, 0, [], f"{max(have, 0)} earlier state{'s' if have != 1 else ''} kept")
+        target = items[index]
+        try:
+            (new, modules), names = self._restore(target)
+        except (WorkerDied, ControllerError, KeyError) as exc:
+            self.timeline.drop(target)
+            return notices.undo_text(None, 0, [], f"the checkpoint could not be restored ({exc})")
+        changed = [name for name in self._lost_since(target, names)]
+        self.timeline.drop_newer(target)
+        if self.previous is not None:
+            self._retire(self.previous)
+        self.switch(new, parent, modules=modules)
+        return notices.undo_text(target.cell, target.age(), changed)
 
     def ensure_worker(self) -> WorkerHandle:
         """The current worker, starting one if the last could not be."""
@@ -247,6 +371,10 @@ class Swapper:
         self.pending_report = None
         if self.previous is not None:
             self._retire(self.previous)
+        for cp in self.timeline.live():
+            if cp.restored is None or cp.restored is not self.proxy.worker:
+                self.timeline.drop(cp)
+        self.cells.clear()
         try:
             new: WorkerHandle | None = self.pool.take_spare()
         except (WorkerDied, ControllerError) as exc:
@@ -285,6 +413,15 @@ class Swapper:
         if went_back:
             self.back_requested = False
             self.back(parent)
+        if self.undo_requested is not None:
+            n, self.undo_requested = self.undo_requested, None
+            self.proxy.notice(parent, self.undo(parent, n), error=False)
+        crash: Reload | None = None
+        if self.pending_report is not None:
+            # Said first: an edit applied next must not hide that the worker died.
+            crash, self.pending_report = self.pending_report, None
+            text = crash.reason if crash.mode == "restore" else notices.crash_text(crash.reason)
+            self.proxy.notice(parent, text, error=True)
         t0 = time.perf_counter()
         pending = self._pending_change()
         self.check_times.append(time.perf_counter() - t0)
@@ -292,17 +429,15 @@ class Swapper:
             self.proxy.status_message(parent, "busy")
             forced, self.force_fresh = self.force_fresh, False
             return self.apply_edit(parent, *pending, forced=forced)
-        if self.pending_report is not None:
-            report, self.pending_report = self.pending_report, None
-            self.proxy.notice(parent, notices.crash_text(report.reason), error=True)
-            return report
+        if crash is not None:
+            return crash
         if self.stale is not None and not went_back:  # the back notice said it already
             self.proxy.notice(parent, notices.stale_reminder(self.stale.files(), self.stale.why), error=True)
         return None
 
     def edit_pending(self) -> bool:
         """Whether the next cell would first reload something."""
-        return self.force_fresh or self.back_requested or self._pending_change() is not None
+        return self.force_fresh or self.back_requested or self.undo_requested is not None or self._pending_change() is not None
 
     def _changed(self) -> Changed:
         changed = self.watch.changed()
@@ -533,6 +668,14 @@ class Swapper:
             # This cell runs in the current worker: switch before the next one.
             self.back_requested = True
             text = notices.command_text("back", "")
+        elif cmd == "undo":
+            n = int(args[0]) if args and args[0].isdigit() else 1
+            self.undo_requested = n
+            text = notices.command_text("undo", f"the last {n} cells that changed it" if n > 1 else "the last cell that changed it")
+        elif cmd == "checkpoints":
+            self.timeline.accept()
+            self.timeline.measure()
+            text = notices.checkpoints_text([c.describe() for c in self.timeline.live()], self.timeline.budget, self.timeline.enabled)
         elif cmd == "mode":
             if len(args) != 1 or args[0] not in MODES:
                 text = notices.command_text("mode", self.settings.mode, MODES)
@@ -635,6 +778,8 @@ class Swapper:
             "spare_pid": self.pool.spare.pid if self.pool is not None and self.pool.spare else None,
             "previous_pid": self.previous.pid if self.previous else None,
             "learning": list(self.building.preload) if self.building is not None else None,
+            "checkpoints": [c.describe() for c in self.timeline.live()],
+            "checkpoint_budget": self.timeline.budget,
             "watched": dict(self.watch.modules),
             "stale": f"{', '.join(self.stale.files())}: {self.stale.why}" if self.stale else None,
             "last_reload": self.last_report.as_dict() if self.last_report else None,

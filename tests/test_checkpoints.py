@@ -1,0 +1,260 @@
+"""Checkpoints: undo a cell, and a crash that costs one cell, not the session.
+
+Real sessions, real forks: each checkpoint is a forked copy of the worker;
+undo and crash recovery turn one back into the worker. The reference for
+what a restore must give is the state right after the checkpointed cell.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from forkreload.checkpoint import assigned_names, trivial_cell
+from forkreload.session import SessionError
+
+from conftest import tagged_processes, wait_no_processes
+
+
+def _checkpoints(s) -> list[dict]:
+    return s.status()["checkpoints"]
+
+
+def _wait_checkpoints(s, n: int, timeout: float = 10.0) -> list[dict]:
+    """Checkpoints are forked after the cell's idle: wait until `n` connected."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cps = _checkpoints(s)
+        if len(cps) >= n or time.monotonic() > deadline:
+            return cps
+        time.sleep(0.05)
+
+
+# -- the rules that decide what a checkpoint is taken for ----------------------------
+
+
+@pytest.mark.parametrize(
+    "code, trivial",
+    [
+        ("print(x)", True),
+        ("x", True),
+        ("len(a), a.shape, a[0]", True),
+        ("print(a.sum(), df['b'].tolist(), df.head())", True),
+        ("get_ipython().run_line_magic('forkreload', 'checkpoints')", True),
+        ("x = 1", False),
+        ("a.append(1)", False),
+        ("df.drop(columns=['a'], inplace=True)", False),
+        ("print(f())", False),
+        ("import os", False),
+        ("del x", False),
+        ("for i in range(3): pass", False),
+        ("not valid python (", False),
+    ],
+)
+def test_trivial_cells_take_no_checkpoint(code, trivial):
+    assert trivial_cell(code) is trivial
+
+
+def test_names_a_cell_binds():
+    code = "x = 1\na[:] = 0\nobj.attr = 2\ny, (z, *w) = f()\nimport numpy as np, os.path\nfrom m import k as q\ndef g(): pass\nfor i in r: j = i\nwith open(p) as fh: pass\n"
+    assert assigned_names(code) == ["x", "a", "obj", "y", "z", "w", "np", "os", "q", "g", "i", "fh"]
+
+
+# -- undo ----------------------------------------------------------------------------
+
+
+def test_undo_after_rebinding_and_three_levels(make_session):
+    s = make_session()
+    for n in range(1, 6):
+        assert s.execute(f"x = {n}").status == "ok"
+    _wait_checkpoints(s, 5)
+    s.execute("print(x)")  # trivial: no checkpoint
+    assert len(_checkpoints(s)) == 5
+    text = s.undo()
+    assert "undone: the state after cell 4" in text and "x" in text
+    assert s.execute("print(x)").stdout == "4\n"
+    s.undo(3)
+    r = s.execute("print(x)")
+    assert r.stdout == "1\n"
+    # The execution count goes on from the restored state's.
+    assert r.execution_count is not None and r.execution_count <= 4
+    with pytest.raises(SessionError, match="nothing to undo"):
+        s.undo(5)
+    assert s.execute("print(x)").stdout == "1\n"
+
+
+def test_undo_in_place_mutation_of_array_and_dataframe(make_session):
+    s = make_session(preload=["numpy", "pandas"])
+    s.execute("import numpy as np, pandas as pd\na = np.arange(1_000_000, dtype=float)\ndf = pd.DataFrame({'a': [1, 2, 3], 'b': [4, 5, 6]})")
+    s.execute("a *= 0; df.pop('a'); df['b'] += 10")
+    _wait_checkpoints(s, 2)
+    assert s.execute("print(a.sum(), list(df.columns), df['b'].tolist())").stdout == "0.0 ['b'] [14, 15, 16]\n"
+    s.undo()
+    r = s.execute("print(a.sum(), list(df.columns), df['b'].tolist())")
+    assert r.stdout == "499999500000.0 ['a', 'b'] [4, 5, 6]\n", r
+
+
+def test_undo_with_the_magic_in_a_cell(make_session):
+    s = make_session()
+    s.execute("x = 'before'")
+    s.execute("x = 'after'")
+    _wait_checkpoints(s, 2)
+    r = s.execute("%forkreload undo")
+    assert "undone: the state after cell 1" in r.notice, r
+    assert s.execute("print(x)").stdout == "before\n"
+    r = s.execute("%forkreload checkpoints")
+    assert "after cell 1" in r.stdout and "MiB" in r.stdout, r
+
+
+def test_undo_brings_back_an_open_file_at_its_position(make_session, project):
+    project.write("data.txt", "".join(f"line {i}\n" for i in range(10)))
+    s = make_session()
+    s.execute("f = open('data.txt'); first = f.readline()")
+    s.execute("rest = f.readlines()")
+    _wait_checkpoints(s, 2)
+    s.undo()
+    r = s.execute("print(repr(first), repr(f.readline()), 'rest' in dir())")
+    assert r.stdout == "'line 0\\n' 'line 1\\n' False\n", r
+
+
+def test_undo_then_the_edit_made_since_is_applied(make_session, project):
+    project.write("ops.py", "def f(x):\n    return x + 1\n")
+    s = make_session()
+    s.execute("import ops\ny = ops.f(1)")
+    s.execute("y = 100")
+    _wait_checkpoints(s, 2)
+    project.write("ops.py", "def f(x):\n    return x * 10\n")
+    s.undo()
+    r = s.execute("print(y, ops.f(y))")
+    assert r.stdout == "2 20\n", r
+
+
+def test_checkpoints_off(make_session):
+    s = make_session(checkpoints="off")
+    s.execute("x = 1")
+    s.execute("x = 2")
+    with pytest.raises(SessionError, match="checkpoints are off"):
+        s.undo()
+    assert _checkpoints(s) == []
+
+
+def test_budget_drops_the_oldest(make_session):
+    # Each cell rewrites 40 MB of an array the older checkpoints share: they
+    # become private there, and a 100 MB budget keeps only the newest ones.
+    s = make_session(preload=["numpy"], checkpoints="100M")
+    s.execute("import numpy as np\na = np.zeros(5_000_000)")
+    for n in range(1, 6):
+        s.execute(f"a[:] = {n}")
+        time.sleep(0.2)
+    s.execute("b = 1")
+    time.sleep(0.5)
+    cps = _checkpoints(s)
+    total = sum(c["uss"] for c in cps)
+    assert 1 <= len(cps) < 7 and cps[0]["cell"] > 1, cps
+    assert total <= 100 * 2**20, cps
+
+
+# -- crash recovery ------------------------------------------------------------------------
+
+CRASHES = {
+    "segfault": "import ctypes; ctypes.string_at(0)",
+    "os._exit": "import os; os._exit(3)",
+    "sigkill": None,  # from outside, as the OOM killer does
+}
+
+
+@pytest.mark.parametrize("how", list(CRASHES))
+def test_crash_restores_the_last_good_state(make_session, how):
+    s = make_session(preload=["numpy"])
+    s.execute("import numpy as np\na = np.arange(10)\nx = 'kept'")
+    s.execute("a += 1")
+    _wait_checkpoints(s, 2)
+    worker = s.status()["worker_pid"]
+    if CRASHES[how] is None:
+        r_holder = {}
+
+        def kill_soon():
+            time.sleep(0.5)
+            os.kill(worker, signal.SIGKILL)
+
+        import threading
+
+        t = threading.Thread(target=kill_soon)
+        t.start()
+        r = s.execute("doomed = 1\nimport time; time.sleep(30)")
+        t.join()
+        r_holder["r"] = r
+    else:
+        r = s.execute("doomed = 1\n" + CRASHES[how])
+    assert r.status == "error" and r.error is not None
+    assert "restored" in r.error[1], r.error
+    r = s.execute("print(x, a.tolist(), 'doomed' in dir())")
+    assert r.stdout == "kept [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] False\n", r
+    assert "restored the state after cell 2" in r.notice and "doomed" in r.notice, r.notice
+    assert s.status()["worker_pid"] != worker
+
+
+def test_a_memory_limit_that_fails_an_allocation_keeps_the_session(make_session):
+    # RLIMIT_AS makes the allocation fail inside the worker (MemoryError), it
+    # does not kill it: the values stay, no restore is needed.
+    s = make_session(preload=["numpy"])
+    s.execute("import numpy as np, resource\na = np.ones(1000)")
+    r = s.execute("resource.setrlimit(resource.RLIMIT_AS, (2**31, resource.RLIM_INFINITY))\nb = np.ones(2**31)")
+    assert r.error is not None and r.error[0] == "MemoryError"
+    assert s.execute("print(a.sum())").stdout == "1000.0\n"
+
+
+def test_crash_then_edit_applies_the_edit_to_the_restored_state(make_session, project):
+    project.write("ops.py", "def f(x):\n    return x + 1\n")
+    s = make_session()
+    s.execute("import ops\ny = ops.f(1)")
+    _wait_checkpoints(s, 1)
+    project.write("ops.py", "def f(x):\n    return x * 10\n")
+    r = s.execute("import os; os._exit(1)")
+    assert r.status == "error"
+    r = s.execute("print(y, ops.f(y))")
+    assert r.stdout == "2 20\n", r
+
+
+def test_blas_works_in_a_restored_worker(make_session):
+    s = make_session(preload=["numpy"])
+    s.execute("import numpy as np\nm = np.random.default_rng(0).random((400, 400))\np = m @ m")
+    _wait_checkpoints(s, 1)
+    s.execute("m = None")
+    s.undo()
+    r = s.execute("q = m @ m\nprint(bool(np.allclose(p, q)), (m @ m.T).shape)", timeout=60)
+    assert r.stdout == "True (400, 400)\n", r
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def _session_pids(s) -> set[int]:
+    return {p.pid for p in psutil.Process(s.pid).children(recursive=True)} | {c["pid"] for c in _checkpoints(s)}
+
+
+def test_checkpoints_end_with_the_session(make_session):
+    s = make_session()
+    s.execute("x = 1")
+    s.execute("x = 2")
+    cps = _wait_checkpoints(s, 2)
+    s.undo()
+    pids = {c["pid"] for c in cps}
+    assert all(psutil.pid_exists(p) for p in pids)
+    s.close()
+    assert wait_no_processes() == []
+
+
+def test_checkpoints_end_when_the_controller_is_killed(make_session):
+    s = make_session()
+    s.execute("x = 1")
+    s.execute("x = 2")
+    _wait_checkpoints(s, 2)
+    s.undo()
+    assert len(tagged_processes()) >= 4  # controller, snapshot, worker(s), checkpoints
+    os.kill(s.pid, signal.SIGKILL)
+    assert wait_no_processes() == []
+    s.close()
