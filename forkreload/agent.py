@@ -1052,10 +1052,11 @@ class Agent:
         if not self.last_ok:
             return {"taken": False, "why": "the last cell failed"}
         cell = self.shell.execution_count - 1
+        t0 = time.perf_counter()
         pid = checkpoint.take(self.shell, sock_path, self.key, cell)
         self.checkpoint_pids.append(pid)
         self.dirty = False
-        return {"taken": True, "pid": pid, "cell": cell}
+        return {"taken": True, "pid": pid, "cell": cell, "seconds": round(time.perf_counter() - t0, 6)}
 
     def checkpoint_info(self) -> protocol.CheckpointInfo:
         self._reap_checkpoints()

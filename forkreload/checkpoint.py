@@ -111,6 +111,46 @@ def _file_offsets() -> dict[int, int]:
     return offsets
 
 
+_OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
+_openmp: tuple[int, list[Any]] = (-1, [])
+
+
+def _openmp_runtimes() -> list[Any]:
+    """The OpenMP runtimes loaded in this process (torch's libgomp, MKL's
+    libiomp5), looked up again only when modules were imported since."""
+    global _openmp
+    if _openmp[0] == len(sys.modules):
+        return _openmp[1]
+    import ctypes
+
+    found: list[Any] = []
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if ".so" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(p for p in paths if os.path.basename(p).startswith(_OPENMP_NAMES)):
+        try:
+            lib = ctypes.CDLL(path)
+            pause = lib.omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        pause.argtypes = [ctypes.c_int]
+        found.append(pause)
+    _openmp = (len(sys.modules), found)
+    return found
+
+
+def _pause_openmp() -> None:
+    """An OpenMP runtime whose thread pool ran in this process hangs in a
+    forked child at its next parallel region (the pool's threads are not
+    there): the pool is released before the fork (OpenMP 5's
+    omp_pause_resource_all); parent and child each start a new one when
+    they next need it."""
+    for pause in _openmp_runtimes():
+        pause(1)  # omp_pause_soft
+
+
 def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     """Fork a checkpoint of this worker; its pid (in the worker).
 
@@ -120,6 +160,7 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     hm = shell.history_manager
     locks = [lock for lock in (getattr(hm, "db_input_cache_lock", None), getattr(hm, "db_output_cache_lock", None)) if lock is not None]
     rng = random.getstate()  # `random` reseeds itself in a forked child
+    _pause_openmp()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -95,7 +95,8 @@ class Controller:
         self.held: list[Frames] = []  # cells waiting for the worker, in order
         self.internal_ids: set[str] = set()  # agent calls: their busy/idle are not forwarded
         self.answers: dict[str, dict[str, Any]] = {}  # agent answers not yet taken
-        self.unawaited: set[str] = set()  # agent calls whose answers nobody waits for
+        self.unawaited: dict[str, str] = {}  # agent calls nobody waits for: msg_id -> method
+        self.posted: dict[str, dict[str, Any]] = {}  # method -> the last such answer
         self.reports: dict[str, Reload] = {}  # msg_id -> report for that cell's reply
         self.upfront: set[str] = set()  # cells whose magic was done before they ran
         # Control requests that came while waiting in `_wait`, already verified.
@@ -184,7 +185,7 @@ class Controller:
         msg = self.session.msg(AGENT_REQUEST, {"method": method, "args": list(args)})
         msg_id = msg["header"]["msg_id"]
         self.internal_ids.add(msg_id)
-        self.unawaited.add(msg_id)
+        self.unawaited[msg_id] = method
         self.session.send(w.shell, msg, ident=[INTERNAL_IDENT])
 
     def drain(self, w: WorkerHandle, timeout: float = 2.0) -> None:
@@ -364,8 +365,9 @@ class Controller:
             # An agent call's answer (a late one, of a call that gave up, is dropped).
             call_id = str(_json(parts[2]).get("msg_id", ""))
             if call_id in self.unawaited:
-                self.unawaited.discard(call_id)
-                log.debug("agent answer (not awaited): %s", _json(parts[4]))
+                method = self.unawaited.pop(call_id)
+                self.posted[method] = _json(parts[4])
+                log.debug("agent answer to %s (not awaited): %s", method, self.posted[method])
             elif call_id in self.internal_ids:
                 self.answers[call_id] = _json(parts[4])
             return

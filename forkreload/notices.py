@@ -262,6 +262,15 @@ def status_text(st: dict[str, Any]) -> str:
     previous = f", previous {st['previous_pid']} (%forkreload back)" if st.get("previous_pid") else ""
     lines.append(f"  worker      pid {st['worker_pid']}, spare {st['spare_pid'] or 'starting'}{previous}")
     lines.append(f"  watching    {', '.join(st['watched']) or 'none yet'}")
+    if "checkpoints" in st:
+        cps = st["checkpoints"]
+        budget = st.get("checkpoint_budget") or 0
+        if not budget:
+            lines.append("  checkpoints off")
+        else:
+            after = ", ".join(f"{c['cell']} (pid {c['pid']})" for c in cps) or "none yet"
+            used = sum(c["uss"] for c in cps) / 2**20
+            lines.append(f"  checkpoints after cells {after}; {used:.0f} of {budget / 2**20:.0f} MiB")
     if st.get("stale"):
         lines.append(f"  old code    {st['stale']}")
     last = Reload.from_dict(st["last_reload"])

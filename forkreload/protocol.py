@@ -76,6 +76,7 @@ class CheckpointAnswer(TypedDict, total=False):
     pid: int
     cell: int
     why: str
+    seconds: float  # the fork, as the worker's main thread paid it
 
 
 class CheckpointInfo(TypedDict):

@@ -175,7 +175,8 @@ class Swapper:
         if self.want_spare and self.pool is not None:
             self.pool.refill_spare()
             self.want_spare = False
-        self.timeline.tick()
+        w = self.proxy.worker
+        self.timeline.tick(idle=w is None or not w.inflight)
         if self.building is not None and self.building.starting_failed():
             log.warning("the snapshot built to learn %s exited before it was ready", self.building.preload)
             self.unlearnable.update(self._missing(self.pool))
@@ -371,9 +372,6 @@ class Swapper:
         self.pending_report = None
         if self.previous is not None:
             self._retire(self.previous)
-        for cp in self.timeline.live():
-            if cp.restored is None or cp.restored is not self.proxy.worker:
-                self.timeline.drop(cp)
         self.cells.clear()
         try:
             new: WorkerHandle | None = self.pool.take_spare()
@@ -384,6 +382,8 @@ class Swapper:
         if old is not None:
             old.dead = True  # nothing it still says matters
         self.switch(new, None)
+        for cp in self.timeline.live():  # a restart is a clean slate: nothing to undo to
+            self.timeline.drop(cp)
 
     def back(self, parent: dict[str, Any] | None) -> None:
         """`%forkreload back`: the previous worker is current again, with its values."""
@@ -674,7 +674,7 @@ class Swapper:
             text = notices.command_text("undo", f"the last {n} cells that changed it" if n > 1 else "the last cell that changed it")
         elif cmd == "checkpoints":
             self.timeline.accept()
-            self.timeline.measure()
+            self.timeline.enforce()
             text = notices.checkpoints_text([c.describe() for c in self.timeline.live()], self.timeline.budget, self.timeline.enabled)
         elif cmd == "mode":
             if len(args) != 1 or args[0] not in MODES:
@@ -762,6 +762,8 @@ class Swapper:
         """What a user asks `%forkreload status` or `Session.status()` for."""
         snap = self.pool.info if self.pool is not None else {}
         worker = self.proxy.worker
+        self.timeline.accept()
+        self.timeline.enforce()  # the figures shown are measured now
         return {
             "mode": self.settings.mode,
             "cwd": self.settings.cwd,
@@ -780,6 +782,7 @@ class Swapper:
             "learning": list(self.building.preload) if self.building is not None else None,
             "checkpoints": [c.describe() for c in self.timeline.live()],
             "checkpoint_budget": self.timeline.budget,
+            "last_checkpoint": self.proxy.posted.get("checkpoint"),
             "watched": dict(self.watch.modules),
             "stale": f"{', '.join(self.stale.files())}: {self.stale.why}" if self.stale else None,
             "last_reload": self.last_report.as_dict() if self.last_report else None,

@@ -154,9 +154,12 @@ class Checkpoint:
             self.pidfd = -1
         self.dead = True
 
+    def in_use(self) -> bool:
+        """A live worker was restored from it (and dies with it)."""
+        return self.restored is not None and not self.restored.dead and self.restored.pidfd >= 0
+
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "cell": self.cell, "age": round(self.age(), 1), "uss": self.uss,
-                "in_use": self.restored is not None and not self.restored.dead}
+        return {"pid": self.pid, "cell": self.cell, "age": round(self.age(), 1), "uss": self.uss, "in_use": self.in_use()}
 
 
 class Timeline:
@@ -202,7 +205,7 @@ class Timeline:
                 new.append(cp)
                 log.debug("checkpoint %d after cell %d of worker %d", cp.pid, cp.cell, cp.worker_pid)
         if new:
-            self.enforce()
+            self.enforce(measure=False)
         return new
 
     def _admit(self, conn: socket.socket) -> Checkpoint | None:
@@ -242,22 +245,26 @@ class Timeline:
         self._measured = time.monotonic()
         return total
 
-    def enforce(self) -> None:
-        """Drop the oldest checkpoints (not in use) past the count or the budget."""
+    def enforce(self, measure: bool = True) -> None:
+        """Drop the oldest checkpoints (not in use) past the count or, when
+        measured (~5 ms per GB of a checkpoint's mappings), the budget."""
         def droppable() -> list[Checkpoint]:
-            return [c for c in self.items if c.restored is None or c.restored.dead]
+            return [c for c in self.items if not c.in_use()]
 
         while len(self.items) > MAX_CHECKPOINTS and droppable():
             self.drop(droppable()[0])
+        if not measure:
+            return
         total = self.measure()
         while total > self.budget and droppable():
             victim = droppable()[0]
             total -= victim.uss
             self.drop(victim)
 
-    def tick(self) -> None:
-        # The live worker's writes grow the checkpoints' memory between cells.
-        if self.items and time.monotonic() - self._measured > 5.0:
+    def tick(self, idle: bool) -> None:
+        # The live worker's writes grow the checkpoints' memory: measured
+        # between cells, when reading /proc cannot delay one.
+        if idle and self.items and time.monotonic() - self._measured > 2.0:
             self.enforce()
 
     def drop(self, cp: Checkpoint) -> None:
@@ -268,7 +275,7 @@ class Timeline:
     def drop_newer(self, cp: Checkpoint) -> list[Checkpoint]:
         """After an undo to `cp`: the states after it are gone (no redo)."""
         i = self.items.index(cp)
-        gone = [c for c in self.items[i + 1 :] if c.restored is None or c.restored.dead]
+        gone = [c for c in self.items[i + 1 :] if not c.in_use()]
         for c in gone:
             self.drop(c)
         return gone

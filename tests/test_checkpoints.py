@@ -258,3 +258,16 @@ def test_checkpoints_end_when_the_controller_is_killed(make_session):
     os.kill(s.pid, signal.SIGKILL)
     assert wait_no_processes() == []
     s.close()
+
+
+def test_torch_works_in_a_restored_worker(make_session):
+    # torch's intra-op pool ran in the worker before the checkpoint's fork.
+    pytest.importorskip("torch")
+    s = make_session(preload=["torch"])
+    r = s.execute("import torch\nm = torch.rand(512, 512)\np = m @ m\nn = torch.get_num_threads()", timeout=120)
+    assert r.status == "ok", r
+    _wait_checkpoints(s, 1)
+    s.execute("m = None")
+    s.undo()
+    r = s.execute("q = m @ m\nprint(bool(torch.allclose(p, q)), torch.get_num_threads() == n)", timeout=60)
+    assert r.stdout == "True True\n", r

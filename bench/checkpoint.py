@@ -1,0 +1,179 @@
+"""Benchmark: what checkpoints cost a session, and what undo and a crash cost.
+
+Measured through `forkreload.Session` (a real jupyter_client), side by side
+in one run, at two sizes of session data (a float64 array):
+
+- the added latency of a cell with checkpoints on against off: a cell that
+  writes little (rebinds a small variable), sent right after the previous
+  cell's reply, so the previous cell's checkpoint fork is on its way; and a
+  cell that rewrites 10% of the data (copy-on-write faults: reported per
+  100 MB written);
+- taking a checkpoint: the fork as the worker paid it, and the checkpoint's
+  unique memory after the next cell rewrote 10% of the data;
+- `%forkreload undo` -> that cell's reply (the restore included), and a
+  crash (`os._exit`) -> the next cell's reply with the restored values;
+- against ipykernel: its answer to a crash is a restart and re-running the
+  cells that built the data, timed to the same cell's reply.
+
+    python bench/checkpoint.py [--sizes 100M,2G] [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import median_ms, row  # noqa: E402
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="forkreload-bench-checkpoint-"))
+os.environ["FORKRELOAD_CACHE_DIR"] = str(_SCRATCH / "cache")
+os.environ.setdefault("IPYTHONDIR", str(_SCRATCH / "ipython"))
+
+from forkreload import Session  # noqa: E402
+from jupyter_client import KernelManager  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _size(text: str) -> int:
+    units = {"M": MiB, "G": 1 << 30}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def _build(nbytes: int) -> str:
+    # Random data, as a session's computed values are: no zero pages.
+    return f"import numpy as np\na = np.random.default_rng(0).random({nbytes // 8})\nx = 0"
+
+
+def _timed(s: Session, code: str) -> float:
+    t0 = time.perf_counter()
+    r = s.execute(code, timeout=600)
+    dt = time.perf_counter() - t0
+    if r.status != "ok":
+        raise RuntimeError(f"{code!r} failed: {r.error}")
+    return dt
+
+
+def _wait_checkpoint(s: Session, cell: int, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for cp in s.status()["checkpoints"]:
+            if cp["cell"] == cell:
+                return cp
+        time.sleep(0.05)
+    raise RuntimeError(f"no checkpoint after cell {cell}")
+
+
+def cell_latency(project: Path, nbytes: int, runs: int, checkpoints: str) -> tuple[list[float], list[float]]:
+    """(small cells, cells that rewrite 10%) round trips, back to back."""
+    with Session(cwd=project, preload=["numpy"], checkpoints=checkpoints) as s:
+        _timed(s, _build(nbytes))
+        small = [_timed(s, f"x = {i}") for i in range(runs)]
+        tenth = nbytes // 8 // 10
+        rewrite = [_timed(s, f"a[{i % 10} * {tenth}:{i % 10 + 1} * {tenth}] += 1") for i in range(runs)]
+    return small, rewrite
+
+
+def checkpoint_cost(project: Path, nbytes: int, runs: int) -> dict[str, float]:
+    with Session(cwd=project, preload=["numpy"], checkpoints="auto") as s:
+        _timed(s, _build(nbytes))
+        forks = []
+        for i in range(runs):
+            _timed(s, f"x = {i}")
+            time.sleep(0.3)
+            forks.append(s.status()["last_checkpoint"]["seconds"])
+        n = s.execute("x = -1").execution_count
+        _wait_checkpoint(s, n)
+        tenth = nbytes // 8 // 10
+        _timed(s, f"a[:{tenth}] *= 2")
+        time.sleep(0.5)
+        s.execute("%forkreload checkpoints")  # measures the checkpoints' memory now
+        cp = next(c for c in s.status()["checkpoints"] if c["cell"] == n)
+        # undo -> the reply of the undo cell itself (the restore is done before it runs)
+        undo = []
+        for i in range(max(runs // 3, 3)):
+            m = s.execute(f"x = {1000 + i}").execution_count
+            _wait_checkpoint(s, m)
+            undo.append(_timed(s, "%forkreload undo"))
+        # a crash -> the next cell's reply, with the restored values
+        crash = []
+        for i in range(max(runs // 3, 3)):
+            m = s.execute(f"x = {2000 + i}").execution_count
+            _wait_checkpoint(s, m)
+            r = s.execute("import os; os._exit(1)")
+            assert r.status == "error", r
+            t0 = time.perf_counter()
+            r = s.execute("print(x, a.shape)")
+            crash.append(time.perf_counter() - t0)
+            assert r.stdout.startswith(f"{2000 + i} "), r
+    return {
+        "fork_ms": statistics.median(forks) * 1000,
+        "uss_after_10pct": cp["uss"] / MiB,
+        "undo": undo,  # type: ignore[dict-item]
+        "crash": crash,  # type: ignore[dict-item]
+    }
+
+
+def ipykernel_restart_rerun(nbytes: int, runs: int) -> list[float]:
+    """A crash in ipykernel: restart, re-run the cell that built the data, then the cell."""
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    times = []
+    try:
+        for _ in range(runs):
+            kc.execute_interactive(_build(nbytes), timeout=600)
+            t0 = time.perf_counter()
+            km.restart_kernel(now=True)
+            kc.wait_for_ready(timeout=60)
+            kc.execute_interactive(_build(nbytes), timeout=600)
+            reply = kc.execute_interactive("print(x, a.shape)", timeout=60)
+            times.append(time.perf_counter() - t0)
+            assert reply["content"]["status"] == "ok"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100M,2G")
+    ap.add_argument("--runs", type=int, default=15)
+    args = ap.parse_args()
+    project = _SCRATCH / "project"
+    project.mkdir()
+    print(f"forkreload checkpoints: {args.runs} runs per figure, medians (machine: {os.cpu_count()} CPUs)")
+    for text in args.sizes.split(","):
+        nbytes = _size(text)
+        print(f"\nsession data {nbytes / MiB:.0f} MiB")
+        on_small, on_rewrite = cell_latency(project, nbytes, args.runs, "auto")
+        off_small, off_rewrite = cell_latency(project, nbytes, args.runs, "off")
+        print(row("small cell, checkpoints off", off_small))
+        print(row("small cell, checkpoints on", on_small))
+        added = median_ms(on_small) - median_ms(off_small)
+        print(f"  added latency of a small cell: {added:+.2f} ms")
+        print(row("cell rewriting 10%, checkpoints off", off_rewrite))
+        print(row("cell rewriting 10%, checkpoints on", on_rewrite))
+        per100 = (median_ms(on_rewrite) - median_ms(off_rewrite)) / (nbytes / 10 / (100 * 1e6))
+        print(f"  copy-on-write cost: {per100:+.1f} ms per 100 MB written")
+        cost = checkpoint_cost(project, nbytes, args.runs)
+        print(f"  fork of the worker (taking a checkpoint): median {cost['fork_ms']:.2f} ms")
+        print(f"  checkpoint's unique memory after a cell rewrote 10% ({nbytes / 10 / MiB:.0f} MiB): {cost['uss_after_10pct']:.0f} MiB")
+        print(row("%forkreload undo -> its reply", cost["undo"]))  # type: ignore[arg-type]
+        print(row("crash -> next cell's reply (values restored)", cost["crash"]))  # type: ignore[arg-type]
+        ipk = ipykernel_restart_rerun(nbytes, max(args.runs // 5, 2))
+        print(row("ipykernel: restart + re-run -> same reply", ipk))
+        print(f"  crash recovery: forkreload {statistics.median(ipk) / statistics.median(cost['crash']):.0f}x faster than ipykernel's restart-and-rerun")  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
