@@ -158,7 +158,12 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     the controller at `sock_path` and waits there; it never returns.
     """
     hm = shell.history_manager
-    locks = [lock for lock in (getattr(hm, "db_input_cache_lock", None), getattr(hm, "db_output_cache_lock", None)) if lock is not None]
+    # IPython 9 stops its history thread before any fork (and starts it again
+    # when next needed): taking the cache locks here would deadlock with that
+    # hook, which joins a thread that waits for them. Before, the locks are
+    # taken so the child never inherits one held by that thread.
+    own_hook = hasattr(type(hm), "_stop_thread")
+    locks = [] if own_hook else [lock for lock in (getattr(hm, "db_input_cache_lock", None), getattr(hm, "db_output_cache_lock", None)) if lock is not None]
     rng = random.getstate()  # `random` reseeds itself in a forked child
     _pause_openmp()
     for stream in (sys.stdout, sys.stderr):
