@@ -39,6 +39,7 @@ from forkreload import Session  # noqa: E402
 from jupyter_client import KernelManager  # noqa: E402
 
 MiB = 1 << 20
+PAUSE = 0.2  # a user's think time between two cells (seconds)
 
 
 def _size(text: str) -> int:
@@ -70,14 +71,21 @@ def _wait_checkpoint(s: Session, cell: int, timeout: float = 20.0) -> dict:
     raise RuntimeError(f"no checkpoint after cell {cell}")
 
 
-def cell_latency(project: Path, nbytes: int, runs: int, checkpoints: str) -> tuple[list[float], list[float]]:
-    """(small cells, cells that rewrite 10%) round trips, back to back."""
+def cell_latency(project: Path, nbytes: int, runs: int, checkpoints: str) -> dict[str, list[float]]:
+    """Round trips of small cells (after a user's pause, and back to back)
+    and of cells that rewrite 10% of the data (after a pause)."""
+    out: dict[str, list[float]] = {"paused": [], "b2b": [], "rewrite": []}
     with Session(cwd=project, preload=["numpy"], checkpoints=checkpoints) as s:
         _timed(s, _build(nbytes))
-        small = [_timed(s, f"x = {i}") for i in range(runs)]
         tenth = nbytes // 8 // 10
-        rewrite = [_timed(s, f"a[{i % 10} * {tenth}:{i % 10 + 1} * {tenth}] += 1") for i in range(runs)]
-    return small, rewrite
+        for i in range(runs):
+            time.sleep(PAUSE)
+            out["paused"].append(_timed(s, f"x = {i}"))
+        out["b2b"] = [_timed(s, f"x = {i}") for i in range(runs)]
+        for i in range(runs):
+            time.sleep(PAUSE)
+            out["rewrite"].append(_timed(s, f"a[{i % 10} * {tenth}:{i % 10 + 1} * {tenth}] += 1"))
+    return out
 
 
 def checkpoint_cost(project: Path, nbytes: int, runs: int) -> dict[str, float]:
@@ -155,15 +163,15 @@ def main() -> None:
     for text in args.sizes.split(","):
         nbytes = _size(text)
         print(f"\nsession data {nbytes / MiB:.0f} MiB")
-        on_small, on_rewrite = cell_latency(project, nbytes, args.runs, "auto")
-        off_small, off_rewrite = cell_latency(project, nbytes, args.runs, "off")
-        print(row("small cell, checkpoints off", off_small))
-        print(row("small cell, checkpoints on", on_small))
-        added = median_ms(on_small) - median_ms(off_small)
-        print(f"  added latency of a small cell: {added:+.2f} ms")
-        print(row("cell rewriting 10%, checkpoints off", off_rewrite))
-        print(row("cell rewriting 10%, checkpoints on", on_rewrite))
-        per100 = (median_ms(on_rewrite) - median_ms(off_rewrite)) / (nbytes / 10 / (100 * 1e6))
+        on = cell_latency(project, nbytes, args.runs, "auto")
+        off = cell_latency(project, nbytes, args.runs, "off")
+        for key, label in (("paused", f"small cell after a {PAUSE * 1000:.0f} ms pause"), ("b2b", "small cell right after the last reply")):
+            print(row(f"{label}, checkpoints off", off[key]))
+            print(row(f"{label}, checkpoints on", on[key]))
+            print(f"  added latency: {median_ms(on[key]) - median_ms(off[key]):+.2f} ms")
+        print(row("cell rewriting 10%, checkpoints off", off["rewrite"]))
+        print(row("cell rewriting 10%, checkpoints on", on["rewrite"]))
+        per100 = (median_ms(on["rewrite"]) - median_ms(off["rewrite"])) / (nbytes / 10 / (100 * 1e6))
         print(f"  copy-on-write cost: {per100:+.1f} ms per 100 MB written")
         cost = checkpoint_cost(project, nbytes, args.runs)
         print(f"  fork of the worker (taking a checkpoint): median {cost['fork_ms']:.2f} ms")

@@ -151,6 +151,84 @@ def _pause_openmp() -> None:
         pause(1)  # omp_pause_soft
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_HOT_CAP = (16 << 20) // _PAGE  # pages pre-faulted after a fork, at most
+_SMALL_MAPPING = 64 << 20  # bigger ones hold data a cell writes or not
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+
+
+def _hot_ranges() -> list[tuple[int, int]]:
+    """Where the next cell will write: the interpreter's pages that only this
+    process maps, in small private mappings (present and exclusive in
+    /proc/self/pagemap: written since the last checkpoint's fork, or new).
+    (start, length) ranges; none when they are more than the cap (the first
+    checkpoint of a worker: everything it allocated is exclusive then)."""
+    np = sys.modules.get("numpy")
+    ranges: list[tuple[int, int]] = []
+    pages = 0
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        for line in lines:
+            parts = line.split()
+            if parts[1][1] != "w" or parts[1][3] != "p" or (len(parts) > 5 and parts[5] != "[heap]"):
+                continue
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            if end - start > _SMALL_MAPPING:
+                continue
+            data = os.pread(fd, (end - start) // _PAGE * 8, start // _PAGE * 8)
+            if np is not None:
+                e = np.frombuffer(data, dtype=np.uint64)
+                hot = ((e >> np.uint64(63)) & (e >> np.uint64(56)) & np.uint64(1)).astype(bool)
+                idx = np.flatnonzero(hot)
+                if not len(idx):
+                    continue
+                breaks = np.flatnonzero(np.diff(idx) != 1)
+                firsts = np.concatenate(([idx[0]], idx[breaks + 1]))
+                lasts = np.concatenate((idx[breaks], [idx[-1]]))
+                found = [(start + int(a) * _PAGE, (int(b) - int(a) + 1) * _PAGE) for a, b in zip(firsts, lasts)]
+            else:
+                found = []
+                for i, entry in enumerate(memoryview(data).cast("Q")):
+                    if (entry >> 63) & (entry >> 56) & 1:
+                        addr = start + i * _PAGE
+                        if found and found[-1][0] + found[-1][1] == addr:
+                            found[-1] = (found[-1][0], found[-1][1] + _PAGE)
+                        else:
+                            found.append((addr, _PAGE))
+            pages += sum(n for _, n in found) // _PAGE
+            if pages > _HOT_CAP:
+                return []
+            ranges += found
+    except (OSError, ValueError, IndexError):
+        return []
+    finally:
+        os.close(fd)
+    return ranges
+
+
+_PREFAULT = True
+
+
+def _prefault(ranges: list[tuple[int, int]]) -> None:
+    """Take the copy-on-write faults of the hot pages now, between cells,
+    instead of in the next cell (the data is not changed)."""
+    if not ranges or not _PREFAULT:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for start, length in ranges:
+        if madvise(start, length, _MADV_POPULATE_WRITE) != 0:
+            return  # an old kernel (EINVAL), or the mapping changed: nothing lost
+
+
 def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     """Fork a checkpoint of this worker; its pid (in the worker).
 
@@ -166,6 +244,7 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     locks = [] if own_hook else [lock for lock in (getattr(hm, "db_input_cache_lock", None), getattr(hm, "db_output_cache_lock", None)) if lock is not None]
     rng = random.getstate()  # `random` reseeds itself in a forked child
     _pause_openmp()
+    hot = _hot_ranges()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -179,6 +258,7 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
         for lock in locks:
             lock.release()
     if pid:
+        _prefault(hot)
         return pid
     try:
         random.setstate(rng)
@@ -202,16 +282,15 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
         os._exit(0)  # the controller is gone, or takes no checkpoints now
     chan = Channel(sock, key)
     chan.send({"op": "checkpoint", "pid": os.getpid(), "worker": worker_pid, "cell": cell, "time": time.time()})
-    child = 0
-    child_fd = -1
+    children: dict[int, int] = {}  # pidfd -> pid of the workers made from this checkpoint
     while True:
-        watched = [chan.fileno()] + ([child_fd] if child_fd >= 0 else [])
-        ready, _, _ = select.select(watched, [], [])
-        if child_fd in ready:
-            _, status = os.waitpid(child, 0)
-            os.close(child_fd)
-            child_fd = -1
-            chan.send({"op": "exited", "pid": child, "status": _describe(status)})
+        ready, _, _ = select.select([chan.fileno(), *children], [], [])
+        for fd in [fd for fd in ready if fd in children]:
+            pid = children.pop(fd)
+            _, status = os.waitpid(pid, 0)
+            os.close(fd)
+            chan.send({"op": "exited", "pid": pid, "status": _describe(status)})
+        if chan.fileno() not in ready:
             continue
         try:
             msg, fds = chan.recv()
@@ -223,7 +302,8 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
             os.close(fd)
         if msg is None or msg.get("op") == "discard":
             os._exit(0)  # a worker of ours dies with us (its parent-death signal)
-        if msg.get("op") == "restore" and child_fd < 0:
+        if msg.get("op") == "restore":
+            # Restored again while the last one still ends: both are ours for a moment.
             child = os.fork()
             if child == 0:
                 try:
@@ -232,6 +312,7 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
                 finally:
                     os._exit(1)
             child_fd = os.pidfd_open(child)
+            children[child_fd] = child
             chan.send({"op": "restored", "pid": child}, fds=[child_fd])
 
 

@@ -264,7 +264,8 @@ class Swapper:
                 (new, modules), names = self._restore(cp)
             except (WorkerDied, ControllerError, KeyError) as exc:
                 log.warning("checkpoint %d could not be restored: %s", cp.pid, exc)
-                self.timeline.drop(cp)
+                if not cp.in_use():
+                    self.timeline.drop(cp)
                 continue
             crashed = self._crashed_cell()
             lost = self._lost_since(cp, names)
@@ -313,7 +314,9 @@ class Swapper:
     def after_cell(self, w: WorkerHandle) -> None:
         """A cell ended in the current worker (its reply and idle are out):
         ask for a checkpoint; the worker decides whether the cell changed anything."""
-        if self.timeline.enabled and w is self.proxy.worker and not w.dead:
+        # Cells already queued (a notebook's "Run all") are not delayed by a
+        # fork and its page faults: the checkpoint comes when the queue empties.
+        if self.timeline.enabled and w is self.proxy.worker and not w.dead and not self.proxy.held:
             self.proxy.post_agent(w, "checkpoint", self.timeline.sock_path)
 
     def cell_routed(self, msg_id: str, code: str) -> None:
@@ -349,7 +352,8 @@ class Swapper:
         try:
             (new, modules), names = self._restore(target)
         except (WorkerDied, ControllerError, KeyError) as exc:
-            self.timeline.drop(target)
+            if not target.in_use():  # the current worker may have come from it
+                self.timeline.drop(target)
             return notices.undo_text(None, 0, [], f"the checkpoint could not be restored ({exc})")
         changed = [name for name in self._lost_since(target, names)]
         self.timeline.drop_newer(target)

@@ -271,3 +271,20 @@ def test_torch_works_in_a_restored_worker(make_session):
     s.undo()
     r = s.execute("q = m @ m\nprint(bool(torch.allclose(p, q)), torch.get_num_threads() == n)", timeout=60)
     assert r.stdout == "True True\n", r
+
+
+def test_the_same_state_can_be_restored_twice(make_session):
+    s = make_session()
+    s.execute("x = 1")
+    s.execute("x = 2")
+    _wait_checkpoints(s, 2)
+    s.undo()
+    assert s.execute("print(x)").stdout == "1\n"
+    s.execute("x = 3")
+    time.sleep(0.3)
+    s.undo()  # back to the same checkpoint, while the worker made from it still runs
+    assert s.execute("print(x)").stdout == "1\n"
+    s.execute("x = 4")
+    time.sleep(0.3)
+    s.undo()
+    assert s.execute("print(x)").stdout == "1\n"
