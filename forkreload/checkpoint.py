@@ -190,7 +190,7 @@ def _hot_ranges() -> list[tuple[int, int]]:
                 breaks = np.flatnonzero(np.diff(idx) != 1)
                 firsts = np.concatenate(([idx[0]], idx[breaks + 1]))
                 lasts = np.concatenate((idx[breaks], [idx[-1]]))
-                found = [(start + int(a) * _PAGE, (int(b) - int(a) + 1) * _PAGE) for a, b in zip(firsts, lasts)]
+                found = [(start + int(a) * _PAGE, (int(b) - int(a) + 1) * _PAGE) for a, b in zip(firsts, lasts, strict=True)]
             else:
                 found = []
                 for i, entry in enumerate(memoryview(data).cast("Q")):
