@@ -195,16 +195,21 @@ def undo_text(cell: int | None, age: float, lost: list[str], why: str = "") -> s
     return text
 
 
-def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool) -> str:
-    """`%forkreload checkpoints`: the saved states, newest first."""
+def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool, previous: dict[str, Any] | None = None) -> str:
+    """`%forkreload checkpoints`: the saved states, newest first, and the
+    worker kept from before the last swap (%forkreload back)."""
+    lines = []
     if not enabled:
-        return f"{PREFIX}checkpoints are off (setting checkpoints = 0)"
-    if not items:
-        return f"{PREFIX}no checkpoint yet (one is taken after each cell that changes something)"
-    lines = [f"forkreload checkpoints (budget {budget / 2**20:.0f} MiB)"]
+        lines.append(f"{PREFIX}checkpoints are off (setting checkpoints = 0)")
+    elif not items:
+        lines.append(f"{PREFIX}no checkpoint yet (one is taken after each cell that changes something)")
+    else:
+        lines.append(f"forkreload checkpoints (budget {budget / 2**20:.0f} MiB)")
     for cp in reversed(items):
         use = "  (the current worker's origin)" if cp.get("in_use") else ""
         lines.append(f"  after cell {cp['cell']:<5} {_ago(cp['age']):>7} old  {cp['uss'] / 2**20:8.1f} MiB  pid {cp['pid']}{use}")
+    if previous is not None:
+        lines.append(f"  previous worker (before the last swap; %forkreload back)  {previous['uss'] / 2**20:8.1f} MiB  pid {previous['pid']}")
     return "\n".join(lines)
 
 

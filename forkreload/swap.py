@@ -34,7 +34,7 @@ from .config import MODES, LearnedModules, Settings
 from .migrate import remove_dump
 from .pool import ControllerError, Stopping, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import LoadAnswer, ModuleInfo, Reload
-from .timeline import Checkpoint, Timeline
+from .timeline import Checkpoint, Timeline, unique_memory
 from .watch import SourceWatch
 
 if TYPE_CHECKING:
@@ -679,7 +679,9 @@ class Swapper:
         elif cmd == "checkpoints":
             self.timeline.accept()
             self.timeline.enforce()
-            text = notices.checkpoints_text([c.describe() for c in self.timeline.live()], self.timeline.budget, self.timeline.enabled)
+            prev = self.previous
+            previous = {"pid": prev.pid, "uss": unique_memory(prev.pid)} if prev is not None and not prev.dead else None
+            text = notices.checkpoints_text([c.describe() for c in self.timeline.live()], self.timeline.budget, self.timeline.enabled, previous)
         elif cmd == "mode":
             if len(args) != 1 or args[0] not in MODES:
                 text = notices.command_text("mode", self.settings.mode, MODES)

@@ -288,3 +288,19 @@ def test_the_same_state_can_be_restored_twice(make_session):
     time.sleep(0.3)
     s.undo()
     assert s.execute("print(x)").stdout == "1\n"
+
+
+def test_the_list_shows_the_previous_worker_after_a_swap(make_session, project):
+    project.write("m.py", "K = 1\n")
+    s = make_session()
+    s.execute("import m\nx = m.K")
+    project.write("m.py", "K = 2\n")
+    r = s.execute("y = m.K")
+    assert r.reload is not None and r.reload.mode == "fresh", r
+    out = s.execute("%forkreload checkpoints").stdout
+    assert "after cell 1" in out and "previous worker" in out, out
+    # Undo across the swap: the state after cell 1 (old code), then the edit again.
+    time.sleep(0.3)
+    s.undo()
+    r = s.execute("print(x, m.K, 'y' in dir())")
+    assert r.stdout == "1 2 False\n", r
