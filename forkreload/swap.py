@@ -601,6 +601,10 @@ class Swapper:
             self._retire(self.previous)  # the one before: older than what `back` promises
         self.switch(new, parent, keep_old=keep_old, modules=loaded.get("modules", []))
         phase("switch")
+        if not keep_old:
+            # The old worker's checkpoints now hold its pages alone: the
+            # budget decides at once whether they stay.
+            self.timeline.enforce()
         report.ok = True
         report.seconds = round(time.perf_counter() - t0, 4)
         self.proxy.notice(parent, notices.fresh_text(report))
