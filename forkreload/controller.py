@@ -630,7 +630,7 @@ class Controller:
         poller, workers = self._poller(sigfd)
         pool = self.swapper.pool
         assert pool is not None
-        events = dict(poller.poll(1000))
+        events = dict(poller.poll(self.swapper.poll_timeout()))
         if os.getppid() != self._ppid:
             self.running = False  # our parent died: do not outlive it
             return

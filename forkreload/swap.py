@@ -46,6 +46,11 @@ log = logging.getLogger("forkreload.swap")
 
 Changed = dict[str, "str | None"]  # path -> new content hash (None: file gone)
 # WorkerPool's constructor: (zmq context, key, private dir, settings, preloads, worker ids).
+# A checkpoint is taken once the worker has been idle this long after a cell:
+# cells sent back to back (a script, "Run all") are not slowed by forks, and
+# the fork does not wait for IPython's history write of the cell just done.
+CHECKPOINT_DELAY = 0.05
+
 PoolFactory = Callable[[Any, bytes, str, Settings, list[str], "itertools.count[int]"], WorkerPool]
 
 
@@ -111,6 +116,7 @@ class Swapper:
         # (execution count, code) run since, whose values a restore loses.
         self.timeline = Timeline(proxy.privdir, proxy.key, settings.checkpoints)
         self.undo_requested: int | None = None
+        self.checkpoint_due: float | None = None  # when to ask for one, if the worker is still idle
         self.cells: list[tuple[int | None, str, str]] = []  # (count once known, code, msg_id)
 
     # -- start and stop --------------------------------------------------------
@@ -176,7 +182,13 @@ class Swapper:
             self.pool.refill_spare()
             self.want_spare = False
         w = self.proxy.worker
-        self.timeline.tick(idle=w is None or not w.inflight)
+        idle = w is None or not w.inflight
+        self.timeline.tick(idle=idle)
+        due = self.checkpoint_due
+        if due is not None and time.monotonic() >= due:
+            self.checkpoint_due = None
+            if w is not None and not w.dead and idle and not self.proxy.held:
+                self.proxy.post_agent(w, "checkpoint", self.timeline.sock_path)
         if self.building is not None and self.building.starting_failed():
             log.warning("the snapshot built to learn %s exited before it was ready", self.building.preload)
             self.unlearnable.update(self._missing(self.pool))
@@ -312,12 +324,17 @@ class Swapper:
         return last if last is not None else (max(known) + 1 if known else None)
 
     def after_cell(self, w: WorkerHandle) -> None:
-        """A cell ended in the current worker (its reply and idle are out):
-        ask for a checkpoint; the worker decides whether the cell changed anything."""
-        # Cells already queued (a notebook's "Run all") are not delayed by a
-        # fork and its page faults: the checkpoint comes when the queue empties.
-        if self.timeline.enabled and w is self.proxy.worker and not w.dead and not self.proxy.held:
-            self.proxy.post_agent(w, "checkpoint", self.timeline.sock_path)
+        """A cell ended in the current worker (its reply and idle are out): a
+        checkpoint is asked for once the worker stays idle for CHECKPOINT_DELAY
+        (and no cell waits); the worker decides whether the cell changed anything."""
+        if self.timeline.enabled and w is self.proxy.worker and not w.dead:
+            self.checkpoint_due = time.monotonic() + CHECKPOINT_DELAY
+
+    def poll_timeout(self) -> int:
+        """Milliseconds the controller may wait for a message before `tick`."""
+        if self.checkpoint_due is None:
+            return 1000
+        return max(int((self.checkpoint_due - time.monotonic()) * 1000) + 1, 0)
 
     def cell_routed(self, msg_id: str, code: str) -> None:
         """A cell goes to the current worker: what a restore would lose."""

@@ -19,6 +19,15 @@ from forkreload.session import SessionError
 from conftest import tagged_processes, wait_no_processes
 
 
+def cell(s, code: str):
+    """Run a cell, then pause as a user does: the checkpoint comes once the
+    worker has been idle for a moment."""
+    r = s.execute(code)
+    assert r.status == "ok", r
+    time.sleep(0.15)
+    return r
+
+
 def _checkpoints(s) -> list[dict]:
     return s.status()["checkpoints"]
 
@@ -69,7 +78,7 @@ def test_names_a_cell_binds():
 def test_undo_after_rebinding_and_three_levels(make_session):
     s = make_session()
     for n in range(1, 6):
-        assert s.execute(f"x = {n}").status == "ok"
+        cell(s, f"x = {n}")
     _wait_checkpoints(s, 5)
     s.execute("print(x)")  # trivial: no checkpoint
     assert len(_checkpoints(s)) == 5
@@ -86,10 +95,26 @@ def test_undo_after_rebinding_and_three_levels(make_session):
     assert s.execute("print(x)").stdout == "1\n"
 
 
+def test_cells_sent_back_to_back_take_one_checkpoint_at_the_end(make_session):
+    # A script or "Run all": no fork between cells, one once the worker rests.
+    s = make_session()
+    for n in range(1, 6):
+        assert s.execute(f"x = {n}").status == "ok"
+    cps = _wait_checkpoints(s, 1)
+    time.sleep(0.3)
+    cps = _checkpoints(s)
+    assert [c["cell"] for c in cps] == [5], cps
+    with pytest.raises(SessionError, match="nothing to undo"):
+        s.undo()
+    s.execute("x = 6")  # undone at once: the state after cell 5, before this one
+    assert "after cell 5" in s.undo()
+    assert s.execute("print(x)").stdout == "5\n"
+
+
 def test_undo_in_place_mutation_of_array_and_dataframe(make_session):
     s = make_session(preload=["numpy", "pandas"])
-    s.execute("import numpy as np, pandas as pd\na = np.arange(1_000_000, dtype=float)\ndf = pd.DataFrame({'a': [1, 2, 3], 'b': [4, 5, 6]})")
-    s.execute("a *= 0; df.pop('a'); df['b'] += 10")
+    cell(s, "import numpy as np, pandas as pd\na = np.arange(1_000_000, dtype=float)\ndf = pd.DataFrame({'a': [1, 2, 3], 'b': [4, 5, 6]})")
+    cell(s, "a *= 0; df.pop('a'); df['b'] += 10")
     _wait_checkpoints(s, 2)
     assert s.execute("print(a.sum(), list(df.columns), df['b'].tolist())").stdout == "0.0 ['b'] [14, 15, 16]\n"
     s.undo()
@@ -99,8 +124,8 @@ def test_undo_in_place_mutation_of_array_and_dataframe(make_session):
 
 def test_undo_with_the_magic_in_a_cell(make_session):
     s = make_session()
-    s.execute("x = 'before'")
-    s.execute("x = 'after'")
+    cell(s, "x = 'before'")
+    cell(s, "x = 'after'")
     _wait_checkpoints(s, 2)
     r = s.execute("%forkreload undo")
     assert "undone: the state after cell 1" in r.notice, r
@@ -112,8 +137,8 @@ def test_undo_with_the_magic_in_a_cell(make_session):
 def test_undo_brings_back_an_open_file_at_its_position(make_session, project):
     project.write("data.txt", "".join(f"line {i}\n" for i in range(10)))
     s = make_session()
-    s.execute("f = open('data.txt'); first = f.readline()")
-    s.execute("rest = f.readlines()")
+    cell(s, "f = open('data.txt'); first = f.readline()")
+    cell(s, "rest = f.readlines()")
     _wait_checkpoints(s, 2)
     s.undo()
     r = s.execute("print(repr(first), repr(f.readline()), 'rest' in dir())")
@@ -123,8 +148,8 @@ def test_undo_brings_back_an_open_file_at_its_position(make_session, project):
 def test_undo_then_the_edit_made_since_is_applied(make_session, project):
     project.write("ops.py", "def f(x):\n    return x + 1\n")
     s = make_session()
-    s.execute("import ops\ny = ops.f(1)")
-    s.execute("y = 100")
+    cell(s, "import ops\ny = ops.f(1)")
+    cell(s, "y = 100")
     _wait_checkpoints(s, 2)
     project.write("ops.py", "def f(x):\n    return x * 10\n")
     s.undo()
@@ -134,8 +159,8 @@ def test_undo_then_the_edit_made_since_is_applied(make_session, project):
 
 def test_checkpoints_off(make_session):
     s = make_session(checkpoints="off")
-    s.execute("x = 1")
-    s.execute("x = 2")
+    cell(s, "x = 1")
+    cell(s, "x = 2")
     with pytest.raises(SessionError, match="checkpoints are off"):
         s.undo()
     assert _checkpoints(s) == []
@@ -145,11 +170,11 @@ def test_budget_drops_the_oldest(make_session):
     # Each cell rewrites 40 MB of an array the older checkpoints share: they
     # become private there, and a 100 MB budget keeps only the newest ones.
     s = make_session(preload=["numpy"], checkpoints="100M")
-    s.execute("import numpy as np\na = np.zeros(5_000_000)")
+    cell(s, "import numpy as np\na = np.zeros(5_000_000)")
     for n in range(1, 6):
-        s.execute(f"a[:] = {n}")
+        cell(s, f"a[:] = {n}")
         time.sleep(0.2)
-    s.execute("b = 1")
+    cell(s, "b = 1")
     time.sleep(0.5)
     cps = _checkpoints(s)
     total = sum(c["uss"] for c in cps)
@@ -169,8 +194,8 @@ CRASHES = {
 @pytest.mark.parametrize("how", list(CRASHES))
 def test_crash_restores_the_last_good_state(make_session, how):
     s = make_session(preload=["numpy"])
-    s.execute("import numpy as np\na = np.arange(10)\nx = 'kept'")
-    s.execute("a += 1")
+    cell(s, "import numpy as np\na = np.arange(10)\nx = 'kept'")
+    cell(s, "a += 1")
     _wait_checkpoints(s, 2)
     worker = s.status()["worker_pid"]
     if CRASHES[how] is None:
@@ -201,7 +226,7 @@ def test_a_memory_limit_that_fails_an_allocation_keeps_the_session(make_session)
     # RLIMIT_AS makes the allocation fail inside the worker (MemoryError), it
     # does not kill it: the values stay, no restore is needed.
     s = make_session(preload=["numpy"])
-    s.execute("import numpy as np, resource\na = np.ones(1000)")
+    cell(s, "import numpy as np, resource\na = np.ones(1000)")
     r = s.execute("resource.setrlimit(resource.RLIMIT_AS, (2**31, resource.RLIM_INFINITY))\nb = np.ones(2**31)")
     assert r.error is not None and r.error[0] == "MemoryError"
     assert s.execute("print(a.sum())").stdout == "1000.0\n"
@@ -210,7 +235,7 @@ def test_a_memory_limit_that_fails_an_allocation_keeps_the_session(make_session)
 def test_crash_then_edit_applies_the_edit_to_the_restored_state(make_session, project):
     project.write("ops.py", "def f(x):\n    return x + 1\n")
     s = make_session()
-    s.execute("import ops\ny = ops.f(1)")
+    cell(s, "import ops\ny = ops.f(1)")
     _wait_checkpoints(s, 1)
     project.write("ops.py", "def f(x):\n    return x * 10\n")
     r = s.execute("import os; os._exit(1)")
@@ -221,9 +246,9 @@ def test_crash_then_edit_applies_the_edit_to_the_restored_state(make_session, pr
 
 def test_blas_works_in_a_restored_worker(make_session):
     s = make_session(preload=["numpy"])
-    s.execute("import numpy as np\nm = np.random.default_rng(0).random((400, 400))\np = m @ m")
+    cell(s, "import numpy as np\nm = np.random.default_rng(0).random((400, 400))\np = m @ m")
     _wait_checkpoints(s, 1)
-    s.execute("m = None")
+    cell(s, "m = None")
     s.undo()
     r = s.execute("q = m @ m\nprint(bool(np.allclose(p, q)), (m @ m.T).shape)", timeout=60)
     assert r.stdout == "True (400, 400)\n", r
@@ -238,8 +263,8 @@ def _session_pids(s) -> set[int]:
 
 def test_checkpoints_end_with_the_session(make_session):
     s = make_session()
-    s.execute("x = 1")
-    s.execute("x = 2")
+    cell(s, "x = 1")
+    cell(s, "x = 2")
     cps = _wait_checkpoints(s, 2)
     s.undo()
     pids = {c["pid"] for c in cps}
@@ -250,8 +275,8 @@ def test_checkpoints_end_with_the_session(make_session):
 
 def test_checkpoints_end_when_the_controller_is_killed(make_session):
     s = make_session()
-    s.execute("x = 1")
-    s.execute("x = 2")
+    cell(s, "x = 1")
+    cell(s, "x = 2")
     _wait_checkpoints(s, 2)
     s.undo()
     assert len(tagged_processes()) >= 4  # controller, snapshot, worker(s), checkpoints
@@ -267,7 +292,7 @@ def test_torch_works_in_a_restored_worker(make_session):
     r = s.execute("import torch\nm = torch.rand(512, 512)\np = m @ m\nn = torch.get_num_threads()", timeout=120)
     assert r.status == "ok", r
     _wait_checkpoints(s, 1)
-    s.execute("m = None")
+    cell(s, "m = None")
     s.undo()
     r = s.execute("q = m @ m\nprint(bool(torch.allclose(p, q)), torch.get_num_threads() == n)", timeout=60)
     assert r.stdout == "True True\n", r
@@ -275,16 +300,16 @@ def test_torch_works_in_a_restored_worker(make_session):
 
 def test_the_same_state_can_be_restored_twice(make_session):
     s = make_session()
-    s.execute("x = 1")
-    s.execute("x = 2")
+    cell(s, "x = 1")
+    cell(s, "x = 2")
     _wait_checkpoints(s, 2)
     s.undo()
     assert s.execute("print(x)").stdout == "1\n"
-    s.execute("x = 3")
+    cell(s, "x = 3")
     time.sleep(0.3)
     s.undo()  # back to the same checkpoint, while the worker made from it still runs
     assert s.execute("print(x)").stdout == "1\n"
-    s.execute("x = 4")
+    cell(s, "x = 4")
     time.sleep(0.3)
     s.undo()
     assert s.execute("print(x)").stdout == "1\n"
@@ -293,7 +318,7 @@ def test_the_same_state_can_be_restored_twice(make_session):
 def test_the_list_shows_the_previous_worker_after_a_swap(make_session, project):
     project.write("m.py", "K = 1\n")
     s = make_session()
-    s.execute("import m\nx = m.K")
+    cell(s, "import m\nx = m.K")
     project.write("m.py", "K = 2\n")
     r = s.execute("y = m.K")
     assert r.reload is not None and r.reload.mode == "fresh", r

@@ -358,6 +358,7 @@ def test_one_busy_and_one_idle_whatever_happens_before_the_cell(project, specs) 
     project.write("m.py", "K = 1\n")
     with kernel(project.root) as (km, kc):
         _one_busy_one_idle(ok(kc, "import m, os; v = [1]"))
+        time.sleep(0.3)  # a user's pause: the checkpoint after cell 1 is taken
         project.write("m.py", "K = 2\n")
         swapped = run(kc, "m.K", settle=0.3)
         assert "fresh worker" in swapped.notice and swapped.result == "2"
