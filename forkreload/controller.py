@@ -35,6 +35,7 @@ from jupyter_client.session import Session as JupyterSession
 from . import notices
 from .channel import ForgedMessage, make_private_dir
 from .config import Settings
+from .debugger import DebugSession
 from .pool import ControllerError, Stopping, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import (
     AGENT_REQUEST,
@@ -101,6 +102,7 @@ class Controller:
         self.deferred_control: list[tuple[Frames, Verified]] = []
         self.stop_on_error: set[str] = set()  # cells whose error aborts the cells queued behind
         self.comms: set[str] = set()  # comm ids open in the current worker
+        self.debugger = DebugSession(self)  # the front end's debug session, replayed in a new worker
         # Requests the controller itself said busy for (a swap before the
         # cell): the worker's own busy for them is not repeated.
         self.busy_sent: set[str] = set()
@@ -438,6 +440,7 @@ class Controller:
                 else:
                     self.swapper.back_requested = True
             report = self.swapper.before_cell(header)
+            self.debugger.before_cell(header)
             if report is not None:
                 self.reports[msg_id] = report
             w = self.swapper.ensure_worker()
@@ -496,6 +499,7 @@ class Controller:
             restart = bool(_json(content_frame).get("restart"))
             if restart and self.provisioned:
                 self.held = []
+                self.debugger.forget()  # as in a restarted kernel: the front end starts it again
                 self.swapper.clean_restart()
             else:
                 self.running = False
@@ -506,6 +510,7 @@ class Controller:
             answer = self._control_request(_json(content_frame))
             self.session.send(self.fe_control, CONTROL_REPLY, answer, parent=header, ident=idents)
         elif self.worker is not None:
+            self.debugger.on_request(header, content_frame)
             self.worker.control.send_multipart(frames)
 
     def _control_request(self, content: dict[str, Any]) -> dict[str, Any]:
@@ -637,7 +642,7 @@ class Controller:
                         self._on_worker_shell(w, frames)
                     elif s is w.stdin:
                         self.fe_stdin.send_multipart(frames)
-                    else:
+                    elif self.debugger.forward_reply(frames):
                         self.fe_control.send_multipart(frames)
             if w.pidfd in events and w.pidfd >= 0:
                 self.swapper.worker_exited(w)

@@ -64,6 +64,7 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
     from ipykernel.kernelapp import IPKernelApp
 
     from . import agent
+    from .debugger import share_cell_files
 
     conn = worker_connection(cfg["privdir"], request["wid"], cfg["key"])
     cf = os.path.join(cfg["privdir"], f"w{request['wid']}.json")
@@ -71,6 +72,7 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
         json.dump(conn, f)
 
     os.chdir(request.get("cwd") or cfg["cwd"])
+    share_cell_files(cfg["privdir"])  # the debugger's cell files: one directory for every worker
     app = IPKernelApp.instance(
         connection_file=cf,
         parent_handle=snapshot_pid,
