@@ -196,6 +196,11 @@ class Controller:
         poller = zmq.Poller()
         for s in (w.shell, w.iopub, self.fe_control):
             poller.register(s, zmq.POLLIN)
+        # User code an agent call runs (a __reduce__ while exporting) may stop
+        # at a breakpoint: the front end's debugger must reach the worker.
+        debugged = w is self.worker
+        if debugged:
+            poller.register(w.control, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
         if self._sigfd is not None:
             poller.register(self._sigfd, zmq.POLLIN)
@@ -218,8 +223,15 @@ class Controller:
                     if verified is not None and verified[1].get("msg_type") == "interrupt_request":
                         self._interrupt(w)
                         self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=verified[1], ident=verified[0])
+                    elif verified is not None and debugged and verified[1].get("msg_type") == "debug_request":
+                        self.debugger.on_request(verified[1], _split(frames)[1][4])
+                        w.control.send_multipart(frames)
                     elif verified is not None:
                         self.deferred_control.append((frames, verified))
+                if debugged and w.control in events:
+                    frames = w.control.recv_multipart()
+                    if self.debugger.forward_reply(frames):
+                        self.fe_control.send_multipart(frames)
                 if w.iopub in events:
                     self._on_worker_iopub(w, w.iopub.recv_multipart())
                 if w.shell in events:

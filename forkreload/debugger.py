@@ -14,7 +14,7 @@ one-line notice, so it never debugs a process that is gone.
 
 Cells are dumped to files named by a hash of their code in ipykernel's
 temporary directory, which carries the worker's pid; every worker of a
-session uses one directory (`share_cell_files`), so a cell's file, and the
+session uses one directory (`prepare_worker`), so a cell's file, and the
 breakpoints set in it, are the same in the new worker.
 
 A front end's clean restart ends the session (`forget`), as a restarted
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .controller import Controller
     from .pool import WorkerHandle
 
-__all__ = ["DebugSession", "share_cell_files", "CELLS_DIR"]
+__all__ = ["DebugSession", "prepare_worker", "CELLS_DIR"]
 
 log = logging.getLogger("forkreload.debugger")
 
@@ -60,14 +60,16 @@ def _replay_timeout() -> float:
         return REPLAY_TIMEOUT
 
 
-def share_cell_files(privdir: str) -> None:
-    """In a worker, before its kernel starts: put ipykernel's cell files in
-    the session's directory instead of one named by this worker's pid.
+def prepare_worker(kernel: Any, privdir: str) -> None:
+    """In a worker, before its first cell: its debugger as ipykernel's own.
 
-    A cell's file name (its code's hash) and the debugger's `tmpFilePrefix`
-    are then the same in every worker of the session, so the front end's
-    breakpoints in a cell still apply after a swap; the controller removes
-    the directory with its private directory.
+    ipykernel dumps cells into a directory named by the kernel's pid; every
+    worker of a session uses the session's instead, so a cell's file name
+    (its code's hash) and the debugger's `tmpFilePrefix` are the same in
+    every worker, and the front end's breakpoints in a cell still apply
+    after a swap (the controller removes the directory with its private
+    directory). And the worker's first frame, the snapshot's `python -c`
+    code, is hidden from the call stack like the rest of the kernel's.
     """
     import ipykernel.compiler
     import ipykernel.debugger
@@ -80,6 +82,10 @@ def share_cell_files(privdir: str) -> None:
     # compiler.get_file_name looks it up in its module; the debugger imported its own name.
     ipykernel.compiler.get_tmp_directory = get_tmp_directory
     ipykernel.debugger.get_tmp_directory = get_tmp_directory  # type: ignore[attr-defined]  # its import of the compiler's name
+    debugger = getattr(kernel, "debugger", None)  # None without debugpy
+    if debugger is not None:
+        # Sent as debugpy's exclusion rules at attach, as ipykernel does for its own files.
+        debugger.kernel_modules.append("<string>")
 
 
 def _json(frame: bytes) -> dict[str, Any]:
@@ -251,7 +257,9 @@ class DebugSession:
                 if _json(parts[2]).get("msg_id") == msg_id:
                     self.own.discard(msg_id)
                     reply = _json(parts[4])
-                elif self.forward_reply(frames) and w is proxy.worker:
+                elif self.forward_reply(frames):
+                    # The front end's, even from the old worker (a `continue`
+                    # answered as an agent call ended): it waits for it.
                     proxy.fe_control.send_multipart(frames)
             if w.pidfd in events:
                 break  # the loop's pidfd watch handles the death

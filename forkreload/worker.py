@@ -64,7 +64,7 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
     from ipykernel.kernelapp import IPKernelApp
 
     from . import agent
-    from .debugger import share_cell_files
+    from .debugger import prepare_worker
 
     conn = worker_connection(cfg["privdir"], request["wid"], cfg["key"])
     cf = os.path.join(cfg["privdir"], f"w{request['wid']}.json")
@@ -72,12 +72,12 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
         json.dump(conn, f)
 
     os.chdir(request.get("cwd") or cfg["cwd"])
-    share_cell_files(cfg["privdir"])  # the debugger's cell files: one directory for every worker
     app = IPKernelApp.instance(
         connection_file=cf,
         parent_handle=snapshot_pid,
     )
     app.initialize([])
+    prepare_worker(app.kernel, cfg["privdir"])  # the debugger: cell files shared by the session's workers
     # ipykernel puts '' on sys.path; the user's directory must be importable
     # by absolute path too, as the worker may chdir later.
     cwd = os.getcwd()

@@ -59,6 +59,7 @@ class Front:
         self.kc = kc
         self.seq = itertools.count(1)
         self.iopub: list[dict[str, Any]] = []
+        self.stacks: list[list[tuple[str, str, int]]] = []  # each stop's call stack: name, file, line
 
     def debug(self, command: str, timeout: float = 60, **arguments: Any) -> dict[str, Any]:
         msg = self.kc.session.msg("debug_request", {"type": "request", "seq": next(self.seq), "command": command, "arguments": arguments})
@@ -126,6 +127,7 @@ class Front:
     def top(self, stop: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         """Where a stopped thread is, and its frame's local variables (as the variables panel asks)."""
         frames = self.ok("stackTrace", threadId=stop["body"]["threadId"])["body"]["stackFrames"]
+        self.stacks.append([(f["name"], f["source"].get("path"), f["line"]) for f in frames])
         scopes = self.ok("scopes", frameId=frames[0]["id"])["body"]["scopes"]
         local = next(s for s in scopes if s["name"] == "Locals")
         variables = self.ok("variables", variablesReference=local["variablesReference"])["body"]["variables"]
@@ -164,8 +166,9 @@ def front(cwd: Path, env: dict[str, str] | None = None) -> Iterator[Front]:
         km.shutdown_kernel(now=False)
 
 
-def run_to_stops(fe: Front, code: str, stops: int) -> tuple[str, list[tuple[dict[str, Any], dict[str, str]]]]:
-    """Run `code`, continuing at each of `stops` breakpoints; where each was."""
+def run_to_stops(fe: Front, code: str, stops: int, continued: bool = True) -> tuple[str, list[tuple[dict[str, Any], dict[str, str]]]]:
+    """Run `code`, continuing at each of `stops` breakpoints; where each was.
+    With `continued`, each continue is followed by debugpy's event."""
     msg_id, start = fe.execute(code)
     since = start
     seen = []
@@ -174,7 +177,8 @@ def run_to_stops(fe: Front, code: str, stops: int) -> tuple[str, list[tuple[dict
         seen.append(fe.top(stop))
         fe.ok("continue", threadId=stop["body"]["threadId"])
         # ipykernel forgets the stopped threads when debugpy says so, a moment later.
-        since = fe.wait(lambda m: m["msg_type"] == "debug_event" and m["content"].get("event") == "continued", since) + 1
+        if continued:
+            since = fe.wait(lambda m: m["msg_type"] == "debug_event" and m["content"].get("event") == "continued", since) + 1
     reply = fe.finish(msg_id, start)
     assert reply["status"] == "ok", (reply, fe.text(msg_id))
     return msg_id, seen
@@ -216,6 +220,9 @@ def test_breakpoints_in_a_cell_and_a_module_survive_a_swap(project: Any, kernels
         assert local["a"] == "2" and local["b"] == "3"
         assert (frame2["name"], frame2["line"], frame2["source"]["path"]) == ("work", 2, str(mod))
         assert local2["n"] == "5"
+        # Only the user's frames, as with ipykernel (the kernel's, forkreload's
+        # and the snapshot's `python -c` frame are hidden).
+        assert fe.stacks[-2:] == [[("f", source, 2), ("<module>", source, 6)], [("work", str(mod), 2), ("<module>", source, 6)]]
         old_pid = int(fe.result(msg_id))
         assert {"v", "mod", "os"} <= fe.variables()
 
@@ -239,6 +246,7 @@ def test_breakpoints_in_a_cell_and_a_module_survive_a_swap(project: Any, kernels
         after = fe.ok("debugInfo")["body"]
         assert after["isStarted"] and after["tmpFilePrefix"] == debug_info["tmpFilePrefix"]
         assert {b["source"] for b in after["breakpoints"]} == {source, str(mod)}
+        assert all(path != "<string>" for stack in fe.stacks for _name, path, _line in stack), fe.stacks
         fe.ok("disconnect", restart=False, terminateDebuggee=True)
     assert_gone(debug_info["tmpFilePrefix"])
 
@@ -296,5 +304,36 @@ def test_a_session_that_cannot_follow_ends_with_a_notice(project: Any, kernelspe
         fe.start_debugger(mod, 2)
         _msg_id, seen = run_to_stops(fe, "mod.work(1)", 1)
         assert seen[0][1]["n"] == "1"
+        prefix = fe.ok("debugInfo")["body"]["tmpFilePrefix"]
+    assert_gone(prefix)
+
+
+def test_a_breakpoint_in_code_the_swap_runs(project: Any, kernelspec_prefix: Path) -> None:
+    # The swap pickles the user's values: a breakpoint in a __getstate__
+    # stops the old worker while the controller waits for it; the front end
+    # steps through it, and the swap goes on.
+    mod = project.write("box.py", """\
+        class Box:
+            def __init__(self, v):
+                self.v = v
+
+            def __getstate__(self):
+                state = dict(self.__dict__)
+                return state
+        """)
+    with front(project.root) as fe:
+        fe.run("import box\nb = box.Box(3)")
+        fe.ok("initialize", **INITIALIZE)
+        fe.ok("attach")
+        fe.ok("setBreakpoints", breakpoints=[{"line": 7}], source={"path": str(mod)}, sourceModified=False)
+        fe.ok("configurationDone")
+        # (debugpy's `continued` may come once the old worker is no longer current: not forwarded)
+        msg_id, seen = run_to_stops(fe, "%forkreload fresh", 1, continued=False)
+        (frame, local), = seen
+        assert (frame["name"], frame["line"], frame["source"]["path"]) == ("__getstate__", 7, str(mod))
+        assert local["state"] == "{'v': 3}"
+        assert "fresh worker" in fe.text(msg_id), fe.text(msg_id)
+        msg_id, _ = fe.run("b.v")
+        assert fe.result(msg_id) == "3"
         prefix = fe.ok("debugInfo")["body"]["tmpFilePrefix"]
     assert_gone(prefix)
