@@ -140,7 +140,8 @@ class DebugSession:
         self.pending[str(header.get("msg_id", ""))] = content
 
     def forward_reply(self, frames: list[bytes]) -> bool:
-        """A control reply from the current worker: whether it goes to the front end."""
+        """A control reply from a worker: whether it goes to the front end
+        (the answer to one of the controller's own requests does not)."""
         parts = _parts(frames)
         msg_id = str(_json(parts[2]).get("msg_id", ""))
         if msg_id in self.own:
@@ -183,6 +184,9 @@ class DebugSession:
             return
         if old is not None and old is previous and not old.dead:
             self._call(old, DISCONNECT, 5.0)
+            # What it says of it later (debugpy's events) is read only if it
+            # is current again, and is not the front end's.
+            self.proxy.internal_ids.update(self.quiet)
         if new is None:
             self._end(parent, "no worker could be started")
             return
@@ -269,6 +273,8 @@ class DebugSession:
         """Send `w` a debug request of the controller's own; its msg_id."""
         msg = self.proxy.session.msg("debug_request", content)
         msg_id: str = msg["header"]["msg_id"]
+        if len(self.own) > 1000:
+            self.own.clear()  # replies that never came (their worker died)
         self.own.add(msg_id)
         self.quiet.add(msg_id)
         self.proxy.session.send(w.control, msg)

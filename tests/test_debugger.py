@@ -60,6 +60,7 @@ class Front:
         self.seq = itertools.count(1)
         self.iopub: list[dict[str, Any]] = []
         self.stacks: list[list[tuple[str, str, int]]] = []  # each stop's call stack: name, file, line
+        self.km: Any = None
 
     def debug(self, command: str, timeout: float = 60, **arguments: Any) -> dict[str, Any]:
         msg = self.kc.session.msg("debug_request", {"type": "request", "seq": next(self.seq), "command": command, "arguments": arguments})
@@ -151,16 +152,18 @@ class Front:
 
 
 @contextmanager
-def front(cwd: Path, env: dict[str, str] | None = None) -> Iterator[Front]:
+def front(cwd: Path, env: dict[str, str] | None = None, name: str = "forkreload") -> Iterator[Front]:
     """A forkreload kernel from the installed kernelspec and its front end;
     shut down as a front end does (the controller removes its files)."""
-    km = KernelManager(kernel_name="forkreload")
+    km = KernelManager(kernel_name=name)
     km.start_kernel(cwd=str(cwd), env={**os.environ, **(env or {})})
     kc = km.client()
     try:
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
-        yield Front(kc)
+        fe = Front(kc)
+        fe.km = km
+        yield fe
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
@@ -335,5 +338,25 @@ def test_a_breakpoint_in_code_the_swap_runs(project: Any, kernelspec_prefix: Pat
         assert "fresh worker" in fe.text(msg_id), fe.text(msg_id)
         msg_id, _ = fe.run("b.v")
         assert fe.result(msg_id) == "3"
+        prefix = fe.ok("debugInfo")["body"]["tmpFilePrefix"]
+    assert_gone(prefix)
+
+
+def test_a_front_end_restart_ends_the_session(project: Any, kernelspec_prefix: Path) -> None:
+    # With forkreload's provisioner, "Restart kernel" is a clean worker: as a
+    # restarted ipykernel, it has no debug session, and the front end starts one.
+    kernels = kernelspec_prefix / "share/jupyter/kernels"
+    spec = json.loads((kernels / "forkreload" / "kernel.json").read_text())
+    spec["metadata"] = kernelspec.make_spec(provisioner=True)["metadata"]
+    (kernels / "forkreload-debug-provisioned").mkdir(exist_ok=True)
+    (kernels / "forkreload-debug-provisioned" / "kernel.json").write_text(json.dumps(spec))
+    mod = project.write("mod.py", MODULE)
+    with front(project.root, name="forkreload-debug-provisioned") as fe:
+        source = fe.start_debugger(mod, 2)
+        fe.km.restart_kernel()
+        assert not fe.ok("debugInfo")["body"]["isStarted"]
+        assert fe.start_debugger(mod, 2) == source
+        _msg_id, seen = run_to_stops(fe, CELL, 2)
+        assert [(f["source"]["path"], f["line"]) for f, _ in seen] == [(source, 2), (str(mod), 2)]
         prefix = fe.ok("debugInfo")["body"]["tmpFilePrefix"]
     assert_gone(prefix)
