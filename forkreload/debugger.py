@@ -53,13 +53,6 @@ REPLAY_TIMEOUT = 30.0
 DISCONNECT = {"type": "request", "seq": 0, "command": "disconnect", "arguments": {"restart": False, "terminateDebuggee": False}}
 
 
-def _replay_timeout() -> float:
-    try:
-        return float(os.environ.get("FORKRELOAD_DEBUG_REPLAY_TIMEOUT", REPLAY_TIMEOUT))
-    except ValueError:
-        return REPLAY_TIMEOUT
-
-
 def prepare_worker(kernel: Any, privdir: str) -> None:
     """In a worker, before its first cell: its debugger as ipykernel's own.
 
@@ -191,11 +184,13 @@ class DebugSession:
             self._end(parent, "no worker could be started")
             return
         t0 = time.perf_counter()
-        why = self._replay(new)
+        why, started = self._replay(new)
         if why is not None:
             # What the failed replay still says is not the front end's, and
-            # a half-built session in the new worker is taken down.
-            self._send(new, DISCONNECT)
+            # a half-built session in the new worker is taken down (one that
+            # did not answer in time is left alone: it would interleave).
+            if started:
+                self._call(new, DISCONNECT, 5.0)
             self.proxy.internal_ids.update(self.quiet)
             self.quiet.clear()
             self._end(parent, why)
@@ -206,22 +201,25 @@ class DebugSession:
         log.debug("debug session replayed in worker %s (%d sources with breakpoints) in %.1f ms",
                   new.pid, len(self.breakpoints), (time.perf_counter() - t0) * 1000)
 
-    def _replay(self, w: WorkerHandle) -> str | None:
-        """Send `w` the requests that built the session; None, or why it failed."""
-        deadline = time.monotonic() + _replay_timeout()
+    def _replay(self, w: WorkerHandle) -> tuple[str | None, bool]:
+        """Send `w` the requests that built the session: None or why it
+        failed, and whether `w`'s debugger was started."""
+        deadline = time.monotonic() + REPLAY_TIMEOUT
         sequence = [self.requests["initialize"], self.requests["attach"], *self.breakpoints.values()]
         sequence += [self.requests[c] for c in _SESSION_COMMANDS[2:] if c in self.requests]
+        started = False
         for request in sequence:
             command = request.get("command")
             reply = self._call(w, request, deadline - time.monotonic())
             if reply is None:
-                return f"the new worker did not answer {command}"
+                return f"the new worker did not answer {command}", False
             if not reply.get("success"):
                 why = f"{command} failed in the new worker" + (f": {reply['message']}" if reply.get("message") else "")
                 if command in _ESSENTIAL:
-                    return why
+                    return why, started
                 log.warning("debug session replay: %s", why)
-        return None
+            started = True
+        return None, started
 
     def _call(self, w: WorkerHandle, content: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         """One debug request to `w`, answered to the controller; its reply content, or None.

@@ -291,22 +291,32 @@ def test_session_follows_fresh_back_and_a_crash(project: Any, kernelspec_prefix:
 
 
 def test_a_session_that_cannot_follow_ends_with_a_notice(project: Any, kernelspec_prefix: Path) -> None:
+    # A module that starts debugpy itself (to attach an editor): imported in
+    # the new worker before the session is replayed, it makes the new
+    # worker's `initialize` fail, as it would in a fresh ipykernel.
     mod = project.write("mod.py", MODULE)
-    # No time for the replay: the new worker never answers in time.
-    with front(project.root, env={"FORKRELOAD_DEBUG_REPLAY_TIMEOUT": "0"}) as fe:
-        fe.run("import mod")
+    project.write("remote.py", """\
+        import debugpy
+
+        try:
+            debugpy.listen(("127.0.0.1", 0))
+        except RuntimeError:  # already listening: the kernel's debugger
+            pass
+        """)
+    with front(project.root) as fe:
         fe.start_debugger(mod, 2)
+        fe.run("import mod, remote\nx = 1")
         since = len(fe.iopub)
         msg_id, _ = fe.run("%forkreload fresh")
         i = fe.wait(lambda m: m["msg_type"] == "debug_event" and m["content"].get("event") == "terminated", since)
         assert fe.iopub[i]["parent_header"].get("msg_id") == msg_id
         lines = [line for line in fe.text(msg_id).splitlines() if "debugger" in line]
-        assert len(lines) == 1 and "turn the debugger on again" in lines[0], fe.text(msg_id)
-        # The new worker has no half-built session: the front end starts one as usual.
+        assert len(lines) == 1 and "initialize failed" in lines[0] and "turn the debugger on again" in lines[0], fe.text(msg_id)
+        # The session is over, the values are there.
         assert not fe.ok("debugInfo")["body"]["isStarted"]
-        fe.start_debugger(mod, 2)
-        _msg_id, seen = run_to_stops(fe, "mod.work(1)", 1)
-        assert seen[0][1]["n"] == "1"
+        msg_id, _ = fe.run("x + mod.work(1)")
+        assert fe.result(msg_id) == "3"
+        assert not [m for m in fe.iopub[since:] if m["msg_type"] == "debug_event" and m["content"].get("event") == "stopped"]
         prefix = fe.ok("debugInfo")["body"]["tmpFilePrefix"]
     assert_gone(prefix)
 
