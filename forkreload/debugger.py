@@ -8,9 +8,15 @@ believes it talks to one kernel, so when the current worker is replaced
 (a swap, a crash, `%forkreload back`) the new worker gets the session the
 front end built, by replaying the requests that built it (`initialize`,
 `attach`, the breakpoints of each source, `configurationDone`). The front
-end never sees the replay, and its breakpoints keep working. If the replay
-fails, the front end gets the DAP `terminated` event and the next cell a
-one-line notice, so it never debugs a process that is gone.
+end never sees the replay, and its breakpoints keep working. The old
+worker, when kept for `back`, leaves the session (`disconnect`) and gets it
+replayed if it is current again. If the replay fails, the front end gets
+the DAP `terminated` event and the cell a one-line notice, so it never
+debugs a process that is gone.
+
+debugpy is imported by the snapshot (no thread, nothing listening); the
+first `initialize` in a worker starts it there, after the fork: its
+threads and its adapter process belong to that worker and end with it.
 
 Cells are dumped to files named by a hash of their code in ipykernel's
 temporary directory, which carries the worker's pid; every worker of a
