@@ -81,10 +81,11 @@ def prepare_worker(kernel: Any, privdir: str) -> None:
     # compiler.get_file_name looks it up in its module; the debugger imported its own name.
     ipykernel.compiler.get_tmp_directory = get_tmp_directory
     ipykernel.debugger.get_tmp_directory = get_tmp_directory  # type: ignore[attr-defined]  # its import of the compiler's name
-    debugger = getattr(kernel, "debugger", None)  # None without debugpy
-    if debugger is not None:
-        # Sent as debugpy's exclusion rules at attach, as ipykernel does for its own files.
-        debugger.kernel_modules.append("<string>")
+    # Sent as debugpy's exclusion rules at attach, with the kernel's own
+    # files (no debugger without debugpy; no such list in older ipykernels).
+    hidden = getattr(getattr(kernel, "debugger", None), "kernel_modules", None)
+    if isinstance(hidden, list):
+        hidden.append("<string>")
 
 
 def _json(frame: bytes) -> dict[str, Any]:
