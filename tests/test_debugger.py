@@ -187,6 +187,22 @@ def run_to_stops(fe: Front, code: str, stops: int, continued: bool = True) -> tu
     return msg_id, seen
 
 
+def run_through(fe: Front, code: str) -> tuple[dict[str, Any], list[str]]:
+    """Run `code`, continuing at every stop; its reply and the stops' reasons."""
+    msg_id, start = fe.execute(code)
+    reasons = []
+    since = start
+    while True:
+        i = fe.wait(lambda m: (m["msg_type"] == "debug_event" and m["content"].get("event") == "stopped")
+                    or (m["parent_header"].get("msg_id") == msg_id and m["msg_type"] == "status" and m["content"]["execution_state"] == "idle"), since)
+        since = i + 1
+        if fe.iopub[i]["msg_type"] == "status":
+            return fe.finish(msg_id, start), reasons
+        stop = fe.iopub[i]["content"]["body"]
+        reasons.append(stop["reason"])
+        fe.ok("continue", threadId=stop["threadId"])
+
+
 def assert_gone(cells_prefix: str) -> None:
     """The cells' directory went with the controller's private directory."""
     private = os.path.dirname(cells_prefix.rstrip(os.sep))
@@ -288,6 +304,14 @@ def test_session_follows_fresh_back_and_a_crash(project: Any, kernelspec_prefix:
         assert "fresh worker" in fe.text(msg_id), fe.text(msg_id)
         info = fe.ok("debugInfo")["body"]
         assert info["isStarted"]
+
+        # Pausing on exceptions follows too.
+        fe.ok("setExceptionBreakpoints", filters=["raised"])
+        reply, reasons = run_through(fe, "raise ValueError('first')")
+        assert reply["status"] == "error" and reasons and set(reasons) == {"exception"}
+        fe.run("%forkreload fresh")
+        reply, reasons = run_through(fe, "raise ValueError('second')")
+        assert reply["status"] == "error" and reasons and set(reasons) == {"exception"}
     assert_gone(info["tmpFilePrefix"])
 
 
