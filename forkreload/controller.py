@@ -35,6 +35,7 @@ from jupyter_client.session import Session as JupyterSession
 from . import notices
 from .channel import ForgedMessage, make_private_dir
 from .config import Settings
+from .debugger import DebugSession
 from .pool import ControllerError, Stopping, WorkerDied, WorkerHandle, WorkerPool
 from .protocol import (
     AGENT_REQUEST,
@@ -103,6 +104,7 @@ class Controller:
         self.deferred_control: list[tuple[Frames, Verified]] = []
         self.stop_on_error: set[str] = set()  # cells whose error aborts the cells queued behind
         self.comms: set[str] = set()  # comm ids open in the current worker
+        self.debugger = DebugSession(self)  # the front end's debug session, replayed in a new worker
         # Requests the controller itself said busy for (a swap before the
         # cell): the worker's own busy for them is not repeated.
         self.busy_sent: set[str] = set()
@@ -204,6 +206,11 @@ class Controller:
         poller = zmq.Poller()
         for s in (w.shell, w.iopub, self.fe_control):
             poller.register(s, zmq.POLLIN)
+        # User code an agent call runs (a __reduce__ while exporting) may stop
+        # at a breakpoint: the front end's debugger must reach the worker.
+        debugged = w is self.worker
+        if debugged:
+            poller.register(w.control, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
         if self._sigfd is not None:
             poller.register(self._sigfd, zmq.POLLIN)
@@ -226,8 +233,15 @@ class Controller:
                     if verified is not None and verified[1].get("msg_type") == "interrupt_request":
                         self._interrupt(w)
                         self.session.send(self.fe_control, "interrupt_reply", {"status": "ok"}, parent=verified[1], ident=verified[0])
+                    elif verified is not None and debugged and verified[1].get("msg_type") == "debug_request":
+                        self.debugger.on_request(verified[1], _split(frames)[1][4])
+                        w.control.send_multipart(frames)
                     elif verified is not None:
                         self.deferred_control.append((frames, verified))
+                if debugged and w.control in events:
+                    frames = w.control.recv_multipart()
+                    if self.debugger.forward_reply(frames):
+                        self.fe_control.send_multipart(frames)
                 if w.iopub in events:
                     self._on_worker_iopub(w, w.iopub.recv_multipart())
                 if w.shell in events:
@@ -459,6 +473,7 @@ class Controller:
                 else:
                     self.swapper.undo_requested = int(words[2]) if len(words) == 3 else 1
             report = self.swapper.before_cell(header)
+            self.debugger.before_cell(header)
             if report is not None:
                 self.reports[msg_id] = report
             w = self.swapper.ensure_worker()
@@ -518,6 +533,7 @@ class Controller:
             restart = bool(_json(content_frame).get("restart"))
             if restart and self.provisioned:
                 self.held = []
+                self.debugger.forget()  # as in a restarted kernel: the front end starts it again
                 self.swapper.clean_restart()
             else:
                 self.running = False
@@ -528,6 +544,7 @@ class Controller:
             answer = self._control_request(_json(content_frame))
             self.session.send(self.fe_control, CONTROL_REPLY, answer, parent=header, ident=idents)
         elif self.worker is not None:
+            self.debugger.on_request(header, content_frame)
             self.worker.control.send_multipart(frames)
 
     def _control_request(self, content: dict[str, Any]) -> dict[str, Any]:
@@ -671,7 +688,7 @@ class Controller:
                         self._on_worker_shell(w, frames)
                     elif s is w.stdin:
                         self.fe_stdin.send_multipart(frames)
-                    else:
+                    elif self.debugger.forward_reply(frames):
                         self.fe_control.send_multipart(frames)
             if w.pidfd in events and w.pidfd >= 0:
                 self.swapper.worker_exited(w)

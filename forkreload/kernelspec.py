@@ -11,6 +11,7 @@ environment) drops such a kernelspec altogether.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .command import python_command
 
-__all__ = ["install", "uninstall", "list_specs", "read_specs", "make_spec", "has_provisioner", "is_forkreload_spec", "PROVISIONER", "PLAIN_NOTE", "TRADE_OFF"]
+__all__ = ["install", "uninstall", "list_specs", "read_specs", "make_spec", "has_debugger", "has_provisioner", "is_forkreload_spec", "PROVISIONER", "PLAIN_NOTE", "TRADE_OFF"]
 
 PROVISIONER = "forkreload-provisioner"
 
@@ -36,12 +37,20 @@ TRADE_OFF = (
 )
 
 
+def has_debugger() -> bool:
+    """Whether the kernel's Python (this one) can run ipykernel's debugger:
+    front ends show their debugger only for a kernelspec that says so."""
+    return importlib.util.find_spec("debugpy") is not None
+
+
 def make_spec(display_name: str = "Python 3 (forkreload)", preload: list[str] | None = None, provisioner: bool = False) -> dict[str, Any]:
     """The kernel.json contents; `provisioner` names forkreload's provisioner."""
     argv = python_command("forkreload", ["kernel", "-f", "{connection_file}"])
     if preload:
         argv += ["--preload", ",".join(preload)]
-    metadata: dict[str, Any] = {"forkreload": {"kernel": True}, "debugger": False}
+    # The workers are ipykernel kernels: debug requests reach them through
+    # the controller, and their debug session follows a swap (debugger.py).
+    metadata: dict[str, Any] = {"forkreload": {"kernel": True}, "debugger": has_debugger()}
     if provisioner:
         metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER}
     return {

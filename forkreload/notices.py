@@ -20,6 +20,7 @@ __all__ = [
     "comms_closed",
     "crash_reason",
     "crash_text",
+    "debugger_ended",
     "failure_text",
     "fold",
     "fresh_text",
@@ -288,3 +289,8 @@ def status_text(st: dict[str, Any]) -> str:
         for name, why in sorted(last.lost.items()):
             lines.append(f"              lost {name}: {why}")
     return "\n".join(lines)
+
+
+def debugger_ended(why: str) -> str:
+    """The front end's debug session could not follow a new worker."""
+    return f"{PREFIX}the debugger session ended ({why}); turn the debugger on again"

@@ -227,6 +227,7 @@ class Swapper:
             else:
                 self._retire(old)
         self._close_unused_pools()
+        proxy.debugger.switched(old, new, parent, self.previous)
         self.want_spare = True
         log.debug("current worker: %s (previous %s)", new.pid if new else None, self.previous.pid if self.previous else None)
 

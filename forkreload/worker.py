@@ -64,6 +64,7 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
     from ipykernel.kernelapp import IPKernelApp
 
     from . import agent
+    from .debugger import prepare_worker
 
     conn = worker_connection(cfg["privdir"], request["wid"], cfg["key"])
     cf = os.path.join(cfg["privdir"], f"w{request['wid']}.json")
@@ -76,6 +77,7 @@ def run_worker(cfg: dict[str, Any], request: dict[str, Any]) -> None:
         parent_handle=snapshot_pid,
     )
     app.initialize([])
+    prepare_worker(app.kernel, cfg["privdir"])  # the debugger: cell files shared by the session's workers
     # ipykernel puts '' on sys.path; the user's directory must be importable
     # by absolute path too, as the worker may chdir later.
     cwd = os.getcwd()
