@@ -114,11 +114,11 @@ def checkpoint_cost(project: Path, nbytes: int, runs: int) -> dict[str, float]:
         for i in range(max(runs // 3, 3)):
             m = s.execute(f"x = {2000 + i}").execution_count
             _wait_checkpoint(s, m)
+            t0 = time.perf_counter()
             r = s.execute("import os; os._exit(1)")
             assert r.status == "error", r
-            t0 = time.perf_counter()
             r = s.execute("print(x, a.shape)")
-            crash.append(time.perf_counter() - t0)
+            crash.append(time.perf_counter() - t0)  # the crashing cell's reply, the restore, the next reply
             assert r.stdout.startswith(f"{2000 + i} "), r
     return {
         "fork_ms": statistics.median(forks) * 1000,
@@ -177,7 +177,7 @@ def main() -> None:
         print(f"  fork of the worker (taking a checkpoint): median {cost['fork_ms']:.2f} ms")
         print(f"  checkpoint's unique memory after a cell rewrote 10% ({nbytes / 10 / MiB:.0f} MiB): {cost['uss_after_10pct']:.0f} MiB")
         print(row("%forkreload undo -> its reply", cost["undo"]))  # type: ignore[arg-type]
-        print(row("crash -> next cell's reply (values restored)", cost["crash"]))  # type: ignore[arg-type]
+        print(row("crashing cell sent -> next cell's reply (restored)", cost["crash"]))  # type: ignore[arg-type]
         ipk = ipykernel_restart_rerun(nbytes, max(args.runs // 5, 2))
         print(row("ipykernel: restart + re-run -> same reply", ipk))
         print(f"  crash recovery: forkreload {statistics.median(ipk) / statistics.median(cost['crash']):.0f}x faster than ipykernel's restart-and-rerun")  # type: ignore[arg-type]

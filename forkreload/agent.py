@@ -1051,6 +1051,11 @@ class Agent:
             return {"taken": False, "why": "nothing changed"}
         if not self.last_ok:
             return {"taken": False, "why": "the last cell failed"}
+        api = sys.modules.get("debugpy.server.api")
+        if api is not None and getattr(getattr(api, "listen", None), "called", False):
+            # debugpy's server lives in this process's threads: a copy could
+            # never be debugged again. Checkpoints resume with a fresh worker.
+            return {"taken": False, "why": "the debugger is on"}
         cell = self.shell.execution_count - 1
         t0 = time.perf_counter()
         pid = checkpoint.take(self.shell, sock_path, self.key, cell)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import os
+import posix
 import random
 import select
 import signal
@@ -253,7 +254,9 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     for lock in locks:
         lock.acquire()
     try:
-        pid = os.fork()
+        # posix.fork, not os.fork: a debugger (debugpy) replaces os.fork to
+        # follow children, and would try to attach the checkpoint.
+        pid = posix.fork()
     finally:
         for lock in locks:
             lock.release()
@@ -261,11 +264,24 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
         _prefault(hot)
         return pid
     try:
+        _stop_tracing()
         random.setstate(rng)
         _checkpoint_main(shell, sock_path, key, cell, os.getppid())
     finally:
         os._exit(1)
     return 0  # not reached
+
+
+def _stop_tracing() -> None:
+    """A debugger's trace hooks came along with the fork; its threads did
+    not (they would wait for them for ever). The agent's own hooks are only
+    set while an import runs, which is not now."""
+    sys.settrace(None)
+    sys.setprofile(None)
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is not None and monitoring.get_tool(monitoring.DEBUGGER_ID) is not None:
+        monitoring.set_events(monitoring.DEBUGGER_ID, 0)
+        monitoring.free_tool_id(monitoring.DEBUGGER_ID)
 
 
 def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_pid: int) -> None:
@@ -304,7 +320,7 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
             os._exit(0)  # a worker of ours dies with us (its parent-death signal)
         if msg.get("op") == "restore":
             # Restored again while the last one still ends: both are ours for a moment.
-            child = os.fork()
+            child = posix.fork()
             if child == 0:
                 try:
                     chan.close()
@@ -400,6 +416,9 @@ def _become_worker(shell: Any, msg: dict[str, Any], offsets: dict[int, int]) -> 
     app.initialize([])  # type: ignore[no-untyped-call]
     kernel = app.kernel
     shell.kernel = kernel
+    from .debugger import prepare_worker
+
+    prepare_worker(kernel, privdir)  # a new kernel, a new debugger: the session's cell files again
     agent = agent_mod.current()
     if agent is not None:
         agent.rehome(kernel)

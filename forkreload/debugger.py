@@ -138,6 +138,8 @@ class DebugSession:
         except ValueError:
             return
         self.pending[str(header.get("msg_id", ""))] = content
+        if content.get("command") == "initialize":
+            self.proxy.swapper.fresh_for_debugger()
 
     def forward_reply(self, frames: list[bytes]) -> bool:
         """A control reply from a worker: whether it goes to the front end
@@ -189,6 +191,11 @@ class DebugSession:
             self.proxy.internal_ids.update(self.quiet)
         if new is None:
             self._end(parent, "no worker could be started")
+            return
+        if new.origin is not None:
+            # Restored from a checkpoint: the next cell gets a fresh worker,
+            # and the session is replayed there.
+            self.proxy.swapper.fresh_for_debugger()
             return
         t0 = time.perf_counter()
         why, started = self._replay(new)

@@ -98,6 +98,7 @@ class Swapper:
         self._wids = itertools.count(1)
         self.stale: Stale | None = None
         self.force_fresh = False
+        self.fresh_reason = "restart requested"  # what a forced fresh worker's notice says
         self.back_requested = False
         self.pending_report: Reload | None = None  # told with the next cell (a crash)
         self.last_report: Reload | None = None
@@ -331,6 +332,16 @@ class Swapper:
         if self.timeline.enabled and w is self.proxy.worker and not w.dead:
             self.checkpoint_due = time.monotonic() + CHECKPOINT_DELAY
 
+    def fresh_for_debugger(self) -> None:
+        """The front end debugs, and the current worker was restored from a
+        checkpoint: debugpy cannot serve it (its state in the copy belongs to
+        threads that are gone), so the next cell runs in a fresh worker,
+        values migrated, where the debug session is replayed."""
+        w = self.proxy.worker
+        if w is not None and w.origin is not None:
+            self.force_fresh = True
+            self.fresh_reason = "the debugger needs a fresh worker (this one was restored from a checkpoint)"
+
     def poll_timeout(self) -> int:
         """Milliseconds the controller may wait for a message before `tick`."""
         if self.checkpoint_due is None:
@@ -450,6 +461,7 @@ class Swapper:
         if pending is not None:
             self.proxy.status_message(parent, "busy")
             forced, self.force_fresh = self.force_fresh, False
+            self.fresh_reason = "restart requested"
             return self.apply_edit(parent, *pending, forced=forced)
         if crash is not None:
             return crash
@@ -470,7 +482,7 @@ class Swapper:
     def _pending_change(self) -> tuple[Changed, str] | None:
         """The edit that must be handled before the next cell, if any."""
         if self.force_fresh:
-            return self.watch.changed(), "restart requested"
+            return self.watch.changed(), self.fresh_reason
         if self.settings.mode == "off":
             return None
         changed = self._changed()

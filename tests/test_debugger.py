@@ -273,7 +273,9 @@ def test_breakpoints_in_a_cell_and_a_module_survive_a_swap(project: Any, kernels
 
 def test_session_follows_fresh_back_and_a_crash(project: Any, kernelspec_prefix: Path) -> None:
     mod = project.write("mod.py", MODULE)
-    with front(project.root) as fe:
+    # No checkpoints: the crash below gives a fresh worker (a restored one is
+    # tested in test_a_crash_restores_a_checkpoint_from_before_the_debugger).
+    with front(project.root, env={"FORKRELOAD_CHECKPOINTS": "off"}) as fe:
         fe.run("import mod")
         fe.start_debugger(mod, 2)
         call = "r = mod.work(4)\nimport os\nos.getpid()"
@@ -313,6 +315,44 @@ def test_session_follows_fresh_back_and_a_crash(project: Any, kernelspec_prefix:
         reply, reasons = run_through(fe, "raise ValueError('second')")
         assert reply["status"] == "error" and reasons and set(reasons) == {"exception"}
     assert_gone(info["tmpFilePrefix"])
+
+
+def test_a_crash_restores_a_checkpoint_from_before_the_debugger(project: Any, kernelspec_prefix: Path) -> None:
+    # A worker whose debugpy is on takes no checkpoint (a copy of it could not
+    # be debugged again); the one taken before is restored after a crash, its
+    # values go on to a fresh worker, and the debug session is replayed there.
+    mod = project.write("mod.py", MODULE)
+    with front(project.root) as fe:
+        fe.run("import mod\nkept = 'yes'")
+        time.sleep(0.5)  # the checkpoint after that cell
+        fe.start_debugger(mod, 2)
+        fe.run("later = 1")
+        time.sleep(0.5)
+        msg_id, since = fe.execute("import os\nos.kill(os.getpid(), 9)")
+        fe.finish(msg_id, since)
+        msg_id, seen = run_to_stops(fe, "r = mod.work(4)\nprint(kept, 'later' in dir())", 1)
+        # Restored, then (debugpy cannot serve a restored copy) a fresh worker.
+        assert "restored the state after cell 1" in fe.text(msg_id), fe.text(msg_id)
+        assert "the debugger needs a fresh worker" in fe.text(msg_id), fe.text(msg_id)
+        assert "yes False" in fe.text(msg_id), fe.text(msg_id)
+        assert seen[0][1]["n"] == "4"
+
+
+def test_turning_the_debugger_on_in_a_restored_worker(project: Any, kernelspec_prefix: Path) -> None:
+    # After an undo, the worker is a checkpoint's copy: turning the debugger
+    # on makes the next cell take a fresh worker, where it stops.
+    mod = project.write("mod.py", MODULE)
+    with front(project.root) as fe:
+        fe.run("import mod\nkept = 'yes'")
+        time.sleep(0.5)
+        fe.run("kept = 'no'")
+        time.sleep(0.5)
+        msg_id, _ = fe.run("%forkreload undo")
+        assert "undone" in fe.text(msg_id), fe.text(msg_id)
+        fe.start_debugger(mod, 2)
+        msg_id, seen = run_to_stops(fe, "r = mod.work(4)\nprint(kept)", 1)
+        assert "the debugger needs a fresh worker" in fe.text(msg_id) and "yes" in fe.text(msg_id), fe.text(msg_id)
+        assert seen[0][1]["n"] == "4"
 
 
 def test_a_session_that_cannot_follow_ends_with_a_notice(project: Any, kernelspec_prefix: Path) -> None:
