@@ -196,16 +196,17 @@ def undo_text(cell: int | None, age: float, lost: list[str], why: str = "") -> s
     return text
 
 
-def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool, previous: dict[str, Any] | None = None) -> str:
-    """`%forkreload checkpoints`: the saved states, newest first, and the
-    worker kept from before the last swap (%forkreload back)."""
+def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool, previous: dict[str, Any] | None = None, used: int = 0) -> str:
+    """`%forkreload checkpoints`: the saved states, newest first (each with
+    its share of the memory it maps, PSS), what they hold together beyond
+    the live workers, and the worker kept from before the last swap."""
     lines = []
     if not enabled:
         lines.append(f"{PREFIX}checkpoints are off (setting checkpoints = 0)")
     elif not items:
         lines.append(f"{PREFIX}no checkpoint yet (one is taken after each cell that changes something)")
     else:
-        lines.append(f"forkreload checkpoints (budget {budget / 2**20:.0f} MiB)")
+        lines.append(f"forkreload checkpoints: {used / 2**20:.0f} MiB held beyond the workers' own memory (budget {budget / 2**20:.0f} MiB)")
     for cp in reversed(items):
         use = "  (the current worker's origin)" if cp.get("in_use") else ""
         lines.append(f"  after cell {cp['cell']:<5} {_ago(cp['age']):>7} old  {cp['uss'] / 2**20:8.1f} MiB  pid {cp['pid']}{use}")
@@ -275,7 +276,7 @@ def status_text(st: dict[str, Any]) -> str:
             lines.append("  checkpoints off")
         else:
             after = ", ".join(f"{c['cell']} (pid {c['pid']})" for c in cps) or "none yet"
-            used = sum(c["uss"] for c in cps) / 2**20
+            used = (st.get("checkpoint_memory") or 0) / 2**20
             lines.append(f"  checkpoints after cells {after}; {used:.0f} of {budget / 2**20:.0f} MiB")
     if st.get("stale"):
         lines.append(f"  old code    {st['stale']}")

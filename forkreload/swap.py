@@ -115,7 +115,7 @@ class Swapper:
         self._told_imports = False
         # Checkpoints: the saved states, an undo asked for, and the cells
         # (execution count, code) run since, whose values a restore loses.
-        self.timeline = Timeline(proxy.privdir, proxy.key, settings.checkpoints)
+        self.timeline = Timeline(proxy.privdir, proxy.key, settings.checkpoints, self._live_worker_pids)
         self.undo_requested: int | None = None
         self.checkpoint_due: float | None = None  # when to ask for one, if the worker is still idle
         self.cells: list[tuple[int | None, str, str]] = []  # (count once known, code, msg_id)
@@ -341,6 +341,9 @@ class Swapper:
         if w is not None and w.origin is not None:
             self.force_fresh = True
             self.fresh_reason = "the debugger needs a fresh worker (this one was restored from a checkpoint)"
+
+    def _live_worker_pids(self) -> list[int]:
+        return [w.pid for w in (self.proxy.worker, self.previous) if w is not None and not w.dead and w.pidfd >= 0]
 
     def poll_timeout(self) -> int:
         """Milliseconds the controller may wait for a message before `tick`."""
@@ -715,7 +718,7 @@ class Swapper:
             self.timeline.enforce()
             prev = self.previous
             previous = {"pid": prev.pid, "uss": unique_memory(prev.pid)} if prev is not None and not prev.dead else None
-            text = notices.checkpoints_text([c.describe() for c in self.timeline.live()], self.timeline.budget, self.timeline.enabled, previous)
+            text = notices.checkpoints_text([c.describe() for c in self.timeline.live()], self.timeline.budget, self.timeline.enabled, previous, self.timeline.used)
         elif cmd == "mode":
             if len(args) != 1 or args[0] not in MODES:
                 text = notices.command_text("mode", self.settings.mode, MODES)
@@ -822,6 +825,7 @@ class Swapper:
             "learning": list(self.building.preload) if self.building is not None else None,
             "checkpoints": [c.describe() for c in self.timeline.live()],
             "checkpoint_budget": self.timeline.budget,
+            "checkpoint_memory": self.timeline.used,
             "last_checkpoint": self.proxy.posted.get("checkpoint"),
             "watched": dict(self.watch.modules),
             "stale": f"{', '.join(self.stale.files())}: {self.stale.why}" if self.stale else None,

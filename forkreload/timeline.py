@@ -24,6 +24,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -46,6 +47,23 @@ def available_memory() -> int | None:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return None
+
+
+def memory(pid: int) -> dict[str, int]:
+    """A process's Rss, Pss and private (unshared) memory in bytes, from
+    /proc/PID/smaps_rollup; zeros if it is gone."""
+    found = {"rss": 0, "pss": 0, "private": 0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Pss"):
+                    found[key.lower()] = int(rest.split()[0]) * 1024
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    found["private"] += int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
 
 
 def unique_memory(pid: int) -> int:
@@ -165,8 +183,10 @@ class Checkpoint:
 class Timeline:
     """The session's checkpoints, oldest first, within a memory budget."""
 
-    def __init__(self, privdir: str, key: bytes, budget: int | None) -> None:
+    def __init__(self, privdir: str, key: bytes, budget: int | None, live_workers: Callable[[], list[int]] = list) -> None:
         self.key = key
+        self.live_workers = live_workers  # pids of the current and previous workers
+        self.used = 0  # bytes the checkpoints hold beyond the live workers, when last measured
         self.budget_setting = budget
         if budget is None:
             avail = available_memory()
@@ -238,12 +258,25 @@ class Timeline:
         return list(self.items)
 
     def measure(self) -> int:
-        total = 0
+        """The memory the checkpoints hold beyond the live workers'.
+
+        Each page counted once: the sum of the proportional sizes (PSS) of
+        the checkpoints and the live workers is the memory they hold
+        together; what the live workers map themselves (RSS) is theirs.
+        (A page only checkpoints share is private to none of them: unique
+        sizes would miss it. Each checkpoint's own figure is its PSS.)
+        """
+        together, workers = 0, 0
+        for pid in self.live_workers():
+            m = memory(pid)
+            together += m["pss"]
+            workers += m["rss"]
         for cp in self.live():
-            cp.uss = unique_memory(cp.pid)
-            total += cp.uss
+            cp.uss = memory(cp.pid)["pss"]
+            together += cp.uss
         self._measured = time.monotonic()
-        return total
+        self.used = max(together - workers, 0)
+        return self.used
 
     def enforce(self, measure: bool = True) -> None:
         """Drop the oldest checkpoints (not in use) past the count or, when
@@ -255,11 +288,8 @@ class Timeline:
             self.drop(droppable()[0])
         if not measure:
             return
-        total = self.measure()
-        while total > self.budget and droppable():
-            victim = droppable()[0]
-            total -= victim.uss
-            self.drop(victim)
+        while self.measure() > self.budget and droppable():
+            self.drop(droppable()[0])
 
     def tick(self, idle: bool) -> None:
         # The live worker's writes grow the checkpoints' memory: measured
