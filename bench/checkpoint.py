@@ -101,8 +101,7 @@ def checkpoint_cost(project: Path, nbytes: int, runs: int) -> dict[str, float]:
         tenth = nbytes // 8 // 10
         _timed(s, f"a[:{tenth}] *= 2")
         time.sleep(0.5)
-        s.execute("%forkreload checkpoints")  # measures the checkpoints' memory now
-        cp = next(c for c in s.status()["checkpoints"] if c["cell"] == n)
+        held = s.status()["checkpoint_memory"]  # measured now
         # undo -> the reply of the undo cell itself (the restore is done before it runs)
         undo = []
         for i in range(max(runs // 3, 3)):
@@ -122,7 +121,7 @@ def checkpoint_cost(project: Path, nbytes: int, runs: int) -> dict[str, float]:
             assert r.stdout.startswith(f"{2000 + i} "), r
     return {
         "fork_ms": statistics.median(forks) * 1000,
-        "uss_after_10pct": cp["uss"] / MiB,
+        "held_after_10pct": held / MiB,
         "undo": undo,  # type: ignore[dict-item]
         "crash": crash,  # type: ignore[dict-item]
     }
@@ -175,7 +174,7 @@ def main() -> None:
         print(f"  copy-on-write cost: {per100:+.1f} ms per 100 MB written")
         cost = checkpoint_cost(project, nbytes, args.runs)
         print(f"  fork of the worker (taking a checkpoint): median {cost['fork_ms']:.2f} ms")
-        print(f"  checkpoint's unique memory after a cell rewrote 10% ({nbytes / 10 / MiB:.0f} MiB): {cost['uss_after_10pct']:.0f} MiB")
+        print(f"  memory the checkpoints hold after a cell rewrote 10% ({nbytes / 10 / MiB:.0f} MiB): {cost['held_after_10pct']:.0f} MiB")
         print(row("%forkreload undo -> its reply", cost["undo"]))  # type: ignore[arg-type]
         print(row("crashing cell sent -> next cell's reply (restored)", cost["crash"]))  # type: ignore[arg-type]
         ipk = ipykernel_restart_rerun(nbytes, max(args.runs // 5, 2))
