@@ -222,6 +222,48 @@ def test_crash_restores_the_last_good_state(make_session, how):
     assert s.status()["worker_pid"] != worker
 
 
+@pytest.fixture
+def memory_cgroup():
+    """A memory cgroup this test may put a process in (v2 or v1), 256 MB."""
+    name = f"forkreload-test-{os.getpid()}"
+    v2 = "/sys/fs/cgroup"
+    v1 = "/sys/fs/cgroup/memory"
+    if os.path.exists(os.path.join(v2, "cgroup.controllers")) and os.access(v2, os.W_OK):
+        path, limit = os.path.join(v2, name), "memory.max"
+    elif os.path.isdir(v1) and os.access(v1, os.W_OK):
+        path, limit = os.path.join(v1, name), "memory.limit_in_bytes"
+    else:
+        pytest.skip("no memory cgroup this user may create")
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, limit), "w") as f:
+            f.write(str(256 << 20))
+    except OSError as exc:
+        pytest.skip(f"cannot set up a memory cgroup: {exc}")
+    yield path
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_the_out_of_memory_killer_costs_one_cell(make_session, memory_cgroup):
+    # The worker alone is put in a 256 MB cgroup (its checkpoints, forked
+    # before, are not): an allocation past it is killed by the kernel.
+    s = make_session(preload=["numpy"])
+    cell(s, "import numpy as np\na = np.arange(1000)\nx = 'kept'")
+    _wait_checkpoints(s, 1)
+    with open(os.path.join(memory_cgroup, "cgroup.procs"), "w") as f:
+        f.write(str(s.status()["worker_pid"]))
+    r = s.execute("big = np.ones(2**28)\nbig += 1")  # 2 GB
+    assert r.status == "error" and "SIGKILL" in r.error[1] and "restored" in r.error[1], r.error
+    r = s.execute("print(x, a.sum(), 'big' in dir())")
+    assert r.stdout == "kept 499500 False\n", r
+    assert "restored the state after cell 1" in r.notice and "big" in r.notice, r.notice
+
+
 def test_a_memory_limit_that_fails_an_allocation_keeps_the_session(make_session):
     # RLIMIT_AS makes the allocation fail inside the worker (MemoryError), it
     # does not kill it: the values stay, no restore is needed.
