@@ -241,7 +241,7 @@ class Timeline:
                 os.close(fd)
             if hello is None or hello.get("op") != "checkpoint" or hello.get("pid") != pid:
                 raise ValueError("no hello")
-            if hello.get("worker") not in self.workers:
+            if hello.get("worker") not in self.workers or _parent(pid) != hello.get("worker"):
                 raise ValueError(f"parent {hello.get('worker')} is not a worker of this session")
             pidfd = os.pidfd_open(pid)
         except (ValueError, ForgedMessage, OSError) as exc:
@@ -332,6 +332,14 @@ class Timeline:
                 os.unlink(self.sock_path)
             except OSError:
                 pass
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("PPid:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _exists(pid: int) -> bool:
