@@ -225,7 +225,9 @@ class Timeline:
                 new.append(cp)
                 log.debug("checkpoint %d after cell %d of worker %d", cp.pid, cp.cell, cp.worker_pid)
         if new:
-            self.enforce(measure=False)
+            # Measured now, while the user reads the cell's output: the
+            # cells since the last checkpoint are what grew the memory held.
+            self.enforce()
         return new
 
     def _admit(self, conn: socket.socket) -> Checkpoint | None:
@@ -292,9 +294,9 @@ class Timeline:
             self.drop(droppable()[0])
 
     def tick(self, idle: bool) -> None:
-        # The live worker's writes grow the checkpoints' memory: measured
-        # between cells, when reading /proc cannot delay one.
-        if idle and self.items and time.monotonic() - self._measured > 2.0:
+        # A cell that took no checkpoint may have written too: measured
+        # again now and then between cells.
+        if idle and self.items and time.monotonic() - self._measured > 30.0:
             self.enforce()
 
     def drop(self, cp: Checkpoint) -> None:
