@@ -46,6 +46,11 @@ class Settings:
     learn: bool = True
     # Bytes the checkpoints may use (None: a quarter of the available memory; 0: none).
     checkpoints: int | None = None
+    # One snapshot server per user and key shared by kernels (server.py); off:
+    # each kernel starts its own snapshot. The server's idle time after its
+    # last client, in seconds.
+    server: bool = True
+    server_idle: float = 600.0
     project_root: str = "."
     sources: dict[str, str] = field(default_factory=dict)  # setting -> where it came from
 
@@ -58,6 +63,8 @@ class Settings:
             "watch": self.watch,
             "learn": self.learn,
             "checkpoints": "auto" if self.checkpoints is None else self.checkpoints,
+            "server": self.server,
+            "server_idle": self.server_idle,
             "project_root": self.project_root,
             "sources": self.sources,
         }
@@ -110,6 +117,16 @@ def parse_size(value: Any, what: str) -> int | None:
     raise ConfigError(f"{what} must be auto, off, or a size like 2G, not {value!r}")
 
 
+def _as_seconds(value: Any, what: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if isinstance(value, bool) or not seconds >= 0:
+        raise ConfigError(f"{what} must be a number of seconds")
+    return seconds
+
+
 def _apply(s: Settings, values: dict[str, Any], origin: str) -> None:
     for key, value in values.items():
         if value is None:
@@ -129,6 +146,10 @@ def _apply(s: Settings, values: dict[str, Any], origin: str) -> None:
             s.learn = _as_bool(value, what)
         elif key == "checkpoints":
             s.checkpoints = parse_size(value, what)
+        elif key == "server":
+            s.server = _as_bool(value, what)
+        elif key == "server_idle":
+            s.server_idle = _as_seconds(value, what)
         else:
             raise ConfigError(f"{what}: unknown setting")
         s.sources[key] = origin
@@ -152,7 +173,7 @@ def load_settings(cwd: str | os.PathLike[str] = ".", cli: dict[str, Any] | None 
             _apply(s, table, str(pyproject))
     env_values = {
         key: environ.get(f"FORKRELOAD_{key.upper()}")
-        for key in ("preload", "mode", "quiet", "watch", "learn", "checkpoints")
+        for key in ("preload", "mode", "quiet", "watch", "learn", "checkpoints", "server", "server_idle")
     }
     _apply(s, env_values, "environment")
     _apply(s, dict(cli or {}), "command line")

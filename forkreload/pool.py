@@ -26,11 +26,14 @@ import zmq
 
 from .channel import Channel
 from .config import Settings
+from .server import command as server_command
+from .server import connect as server_connect
+from .server import server_dir, server_key
 from .snapshot import command as snapshot_command
 from .watch import SourceWatch
 from .worker import worker_connection
 
-__all__ = ["ControllerError", "Stopping", "WorkerDied", "WorkerHandle", "WorkerPool"]
+__all__ = ["ControllerError", "Stopping", "WorkerDied", "WorkerHandle", "WorkerPool", "ServerPool"]
 
 log = logging.getLogger("forkreload.pool")
 
@@ -50,6 +53,15 @@ class WorkerDied(RuntimeError):
 class Stopping(WorkerDied):
     """The session ends (SIGTERM, the front end gone) while the controller
     waits on a worker: the wait is given up as if the worker had gone."""
+
+
+def _snapshot_env() -> dict[str, str]:
+    """The environment of a snapshot, and of the workers forked from it."""
+    env = dict(os.environ)
+    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
+    # debugpy (pre-imported for fast worker start) warns about frozen modules.
+    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    return env
 
 
 class WorkerHandle:
@@ -149,10 +161,7 @@ class WorkerPool:
         listener.bind(sock_path)
         listener.listen(1)
         self._listener = listener
-        env = dict(os.environ)
-        env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-        # debugpy (pre-imported for fast worker start) warns about frozen modules.
-        env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+        env = _snapshot_env()
         self.proc = subprocess.Popen(
             snapshot_command(),
             stdin=subprocess.PIPE,
@@ -267,10 +276,20 @@ class WorkerPool:
 
     # -- workers -------------------------------------------------------------
 
+    def warm(self) -> bool:
+        """Whether a start from this pool is just a fork (its snapshot is up).
+        A per-kernel snapshot is never up before `start`, but nothing is gained
+        by starting a smaller one first: it would be a second interpreter."""
+        return True
+
+    def _request_fork(self, wid: int) -> None:
+        assert self.chan is not None
+        self.chan.send({"op": "fork", "wid": wid, "cwd": self.settings.cwd})
+
     def fork(self) -> WorkerHandle:
         assert self.chan is not None
         wid = next(self.wids)
-        self.chan.send({"op": "fork", "wid": wid, "cwd": self.settings.cwd})
+        self._request_fork(wid)
         while True:
             msg, fds = self._recv()
             if msg.get("op") == "fork":
@@ -373,3 +392,283 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class ServerPool(WorkerPool):
+    """A `WorkerPool` whose snapshot is the user's shared server (server.py).
+
+    Same interface, so the swapper does not know which it has: `launch`
+    connects to the live server of this pool's key, or spawns it (detached:
+    it outlives this controller), `pending_fileno` is readable once the
+    server answered, `fork` sends what the worker needs from this
+    controller (its private directory, the Jupyter key, the environment,
+    its stdout and stderr). When no server can be used (the directory is
+    unsafe, it fails to start) it says why once and becomes the per-kernel
+    snapshot it subclasses. If the server dies while in use, its workers die
+    with it (parent-death signal); the next message read reconnects to a
+    respawned one, so the session goes on with a fresh worker.
+    """
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], key: bytes, privdir: str, settings: Settings, preload: list[str], wids: Iterator[int]) -> None:
+        super().__init__(ctx, key, privdir, settings, preload, wids)
+        self.direct = False  # fell back to a per-kernel snapshot
+        self.kid, self.desc = server_key(preload, settings.watch, settings.cwd)
+        self.dir: str | None = None
+        self.server_proc: subprocess.Popen[bytes] | None = None  # the server, when this pool spawned it
+        self._ready: int | None = None  # the spawned server writes 'ready' here
+        self._conn: tuple[socket.socket, bytes] | None = None
+        self._forked: set[int] = set()
+        self._replaced_stale = False
+
+    # -- reaching the server -----------------------------------------------------
+
+    def warm(self) -> bool:
+        """Whether a server of this key is up now (False: starting means importing)."""
+        try:
+            self.dir = server_dir()
+            if self._conn is None:
+                self._conn = server_connect(self.dir, self.kid)
+        except OSError:
+            return True  # no server can be used: the fallback is one snapshot anyway
+        return self._conn is not None
+
+    def launch(self) -> None:
+        try:
+            self._launch_server()
+        except OSError as exc:
+            self._fall_back(exc)
+
+    def _fall_back(self, why: BaseException) -> None:
+        log.warning("the snapshot server cannot be used (%s); this kernel starts its own snapshot", why)
+        self._close_server_side()
+        self.direct = True
+        super().launch()
+
+    def _launch_server(self) -> None:
+        self.dir = server_dir()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            conn = server_connect(self.dir, self.kid)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self._spawn()
+
+    def _attach(self, conn: tuple[socket.socket, bytes]) -> None:
+        sock, key = conn
+        self.chan = Channel(sock, key)
+        self.chan.send({"op": "hello", "watch": self.settings.watch, "pid": os.getpid()})
+
+    def _spawn(self) -> None:
+        assert self.dir is not None
+        r, w = os.pipe2(os.O_CLOEXEC)
+        logfd = os.open(os.path.join(self.dir, f"{self.kid}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            # Its own session and no parent-death signal: it serves the
+            # user's next kernels after this one ended.
+            self.server_proc = subprocess.Popen(
+                server_command(),
+                stdin=subprocess.PIPE,
+                stdout=logfd,
+                stderr=logfd,
+                cwd=self.settings.cwd,
+                env=_snapshot_env(),
+                start_new_session=True,
+                pass_fds=[w],
+            )
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+            os.close(logfd)
+        self._ready = r
+        cfg = {
+            "dir": self.dir,
+            "kid": self.kid,
+            "desc": self.desc,
+            "preload": self.preload,
+            "watch": self.settings.watch,
+            "cwd": self.settings.cwd,
+            "idle": self.settings.server_idle,
+            "ready_fd": w,
+        }
+        assert self.server_proc.stdin is not None
+        self.server_proc.stdin.write(json.dumps(cfg).encode() + b"\n")
+        self.server_proc.stdin.close()
+
+    def pending_fileno(self) -> int | None:
+        if self.direct:
+            return super().pending_fileno()
+        if self._ready is not None:
+            return self._ready
+        return self.chan.fileno() if self.chan is not None and not self.info else None
+
+    def starting_failed(self) -> bool:
+        # A server that dies while starting closes its pipe: `connect` says why.
+        return super().starting_failed() if self.direct else False
+
+    def connect(self) -> dict[str, Any]:
+        if self.direct:
+            return super().connect()
+        deadline = time.monotonic() + _SNAPSHOT_TIMEOUT
+        if self._ready is not None:
+            line = self._read_ready(deadline)
+            if not line.startswith(("ready", "busy")):
+                self._close_server_side()
+                log_file = os.path.join(self.dir or "", f"{self.kid}.log")
+                raise ControllerError(f"the snapshot server did not start ({line or 'it exited'}); see {log_file}")
+            # 'busy': another controller's server of this key is starting.
+            self._attach(self._wait_listening(deadline))
+        assert self.chan is not None
+        hello = self._read_hello(deadline)
+        if hello.get("stale_files") and not self._replaced_stale:
+            # It imported a preloaded module of the user's before its last
+            # edit: it serves its clients till they go, a new one the rest.
+            log.info("the snapshot server %s holds older %s: replacing it", hello.get("pid"), hello["stale_files"])
+            self._replaced_stale = True
+            self.chan.send({"op": "retire"})
+            self._read_hello(deadline, op="retired")
+            self._close_server_side()
+            self._launch_server()
+            return self.connect()
+        self.info = hello
+        for m in hello.get("preload_files", []):
+            self.watch.add(m["name"], m["file"], m["sha"])
+        if hello.get("kernel_failed"):
+            raise ControllerError(f"the snapshot could not import the kernel: {hello['kernel_failed']}")
+        return hello
+
+    def _read_ready(self, deadline: float) -> str:
+        assert self._ready is not None
+        data = b""
+        try:
+            while not data.endswith(b"\n") and time.monotonic() < deadline:
+                ready, _, _ = select.select([self._ready], [], [], 1.0)
+                if ready:
+                    chunk = os.read(self._ready, 256)
+                    if not chunk:
+                        break
+                    data += chunk
+        finally:
+            os.close(self._ready)
+            self._ready = None
+        return data.decode(errors="replace").strip()
+
+    def _wait_listening(self, deadline: float) -> tuple[socket.socket, bytes]:
+        assert self.dir is not None
+        while time.monotonic() < deadline:
+            conn = server_connect(self.dir, self.kid)
+            if conn is not None:
+                return conn
+            time.sleep(0.02)
+        raise ControllerError(f"the snapshot server did not start within {_SNAPSHOT_TIMEOUT:.0f} s")
+
+    def _read_hello(self, deadline: float, op: str = "hello") -> dict[str, Any]:
+        assert self.chan is not None
+        while True:
+            ready, _, _ = select.select([self.chan.fileno()], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise ControllerError("the snapshot server did not answer")
+            msg, fds = self.chan.recv()
+            for fd in fds:
+                os.close(fd)
+            if msg is None:
+                raise ControllerError("the snapshot server closed the connection")
+            if msg.get("op") == op:
+                return msg
+
+    # -- workers -----------------------------------------------------------------
+
+    def _request_fork(self, wid: int) -> None:
+        if self.direct:
+            return super()._request_fork(wid)
+        assert self.chan is not None
+        # The worker writes where this kernel's output goes, as a worker of
+        # a per-kernel snapshot (its grandchild) would.
+        stdio = []
+        for fd in (1, 2):
+            try:
+                os.fstat(fd)
+                stdio.append(fd)
+            except OSError:
+                break
+        request = {
+            "op": "fork",
+            "wid": wid,
+            "cwd": self.settings.cwd,
+            "privdir": self.privdir,
+            "key": self.key.decode(),
+            "watch": self.settings.watch,
+            "env": _snapshot_env(),
+        }
+        self.chan.send(request, fds=stdio if len(stdio) == 2 else [])
+
+    def fork(self) -> WorkerHandle:
+        w = super().fork()
+        self._forked.add(w.pid)
+        return w
+
+    def _recv(self) -> tuple[dict[str, Any], list[int]]:
+        try:
+            msg, fds = super()._recv()
+        except ControllerError:
+            if not self.direct:
+                self._server_gone()
+            raise
+        if msg.get("op") == "exited":
+            self._forked.discard(msg["pid"])
+        return msg, fds
+
+    def _server_gone(self) -> None:
+        """Its workers died with it (parent-death signal); no one else will say how."""
+        for pid in self._forked:
+            self.exit_statuses.setdefault(pid, "was killed: its snapshot server ended")
+        self._forked.clear()
+
+    def read_message(self) -> dict[str, Any]:
+        """One message from the server; if it is gone, a connection to a new one."""
+        try:
+            return super().read_message()
+        except ControllerError:
+            if self.direct:
+                raise
+        log.warning("the snapshot server ended; connecting to a new one")
+        if self.spare is not None:
+            self.retire(self.spare)
+        self._close_server_side()
+        self.info = {}
+        self.launch()
+        hello = self.connect()
+        return {"op": "reconnected", "pid": hello.get("pid")}
+
+    def exit_status(self, pid: int) -> str:
+        if pid not in self.exit_statuses and self.chan is not None:
+            try:
+                return super().exit_status(pid)
+            except ControllerError:
+                pass
+        return self.exit_statuses.pop(pid, "exited")
+
+    # -- the end -----------------------------------------------------------------
+
+    def _close_server_side(self) -> None:
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
+        if self._conn is not None:
+            self._conn[0].close()
+            self._conn = None
+        if self.chan is not None:
+            self.chan.close()  # the server kills this connection's workers
+            self.chan = None
+        if self.server_proc is not None:
+            self.server_proc.poll()  # reaped if it exited; never killed: it serves others
+
+    def close(self) -> None:
+        """End the spare and leave the server (which ends this pool's other workers)."""
+        if self.direct:
+            return super().close()
+        if self.spare is not None:
+            self.retire(self.spare)
+        self._close_server_side()

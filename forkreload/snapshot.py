@@ -23,12 +23,13 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
 from .watch import file_sha
 
-__all__ = ["main", "command", "native_threads", "KERNEL_MODULES"]
+__all__ = ["main", "command", "native_threads", "prepare", "fork_child", "send_forked", "describe_status", "restart_if_project_imported", "KERNEL_MODULES"]
 
 # What a forked worker needs to start its kernel quickly. ipykernel.debugger
 # pulls in debugpy lazily (~60 ms on the first execute) unless imported here.
@@ -130,11 +131,12 @@ def _thread_report(started: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _fork_worker(chan: Channel, cfg: dict[str, Any], request: dict[str, Any]) -> None:
+def fork_child(child: Callable[[], None]) -> int | str:
+    """Fork, run `child()` in the child (which must not return), and give the
+    parent the child's pid, or why no fork was made."""
     report = _thread_report(_started)
     if report["python_threads"] != 1:
-        chan.send({"op": "fork", "error": f"snapshot has {report['python_threads']} Python threads; refusing to fork"})
-        return
+        return f"snapshot has {report['python_threads']} Python threads; refusing to fork"
     sys.stdout.flush()
     sys.stderr.flush()
     with warnings.catch_warnings():
@@ -144,21 +146,37 @@ def _fork_worker(chan: Channel, cfg: dict[str, Any], request: dict[str, Any]) ->
         pid = os.fork()
     if pid == 0:
         try:
-            from .worker import run_worker
-
-            chan.close()
-            run_worker(cfg, request)
+            child()
         finally:
             os._exit(1)
+    return pid
+
+
+def send_forked(chan: Channel, pid: int | str, wid: int) -> bool:
+    """Answer a fork request: the worker's pid and its pidfd (False: no worker)."""
+    if isinstance(pid, str):
+        chan.send({"op": "fork", "error": pid})
+        return False
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
         chan.send({"op": "fork", "pid": pid, "error": "worker exited at once"})
-        return
+        return False
     try:
-        chan.send({"op": "fork", "pid": pid, "wid": request["wid"]}, fds=[pidfd])
+        chan.send({"op": "fork", "pid": pid, "wid": wid}, fds=[pidfd])
     finally:
         os.close(pidfd)
+    return True
+
+
+def _fork_worker(chan: Channel, cfg: dict[str, Any], request: dict[str, Any]) -> None:
+    def child() -> None:
+        from .worker import run_worker
+
+        chan.close()
+        run_worker(cfg, request)
+
+    send_forked(chan, fork_child(child), request["wid"])
 
 
 def _user_files(preloads: set[str], watch: list[str]) -> list[dict[str, str]]:
@@ -180,7 +198,8 @@ def _user_files(preloads: set[str], watch: list[str]) -> list[dict[str, str]]:
     return found
 
 
-def _describe(status: int) -> str:
+def describe_status(status: int) -> str:
+    """A worker's wait status in words: 'was killed by SIGKILL'."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
@@ -200,7 +219,7 @@ def _reap(chan: Channel) -> None:
         if pid == 0:
             return
         try:
-            chan.send({"op": "exited", "pid": pid, "status": _describe(status)})
+            chan.send({"op": "exited", "pid": pid, "status": describe_status(status)})
         except OSError:
             return
 
@@ -251,17 +270,10 @@ def _restart_without_project_path() -> None:
 _RESTARTED = "FORKRELOAD_SNAPSHOT_RESTARTED"
 
 
-def main() -> None:
-    if os.environ.pop(_RESTARTED, None) is None and _project_modules():
-        _restart_without_project_path()
-    cfg = json.loads(sys.stdin.readline())
-    key = cfg["key"].encode()
-    set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != cfg["controller_pid"]:
-        os._exit(0)  # the controller died before we could arm the signal
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Import the preloads and the kernel machinery, freeze the heap, and
+    return the hello (the preload report) for the one who asked."""
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-
     # The user's directory must not shadow preloads, and user modules must
     # never be imported here: drop it from sys.path while preloading.
     cwd = os.path.realpath(cfg["cwd"])
@@ -275,7 +287,7 @@ def main() -> None:
     preload_files = _user_files(set(cfg["preload"]), cfg.get("watch", []))
     gc.collect()
     gc.freeze()
-    hello = {
+    return {
         "op": "hello",
         "pid": os.getpid(),
         "python": sys.version.split()[0],
@@ -287,6 +299,24 @@ def main() -> None:
         "modules": len(sys.modules),
         "preload_files": preload_files,
     }
+
+
+def restart_if_project_imported() -> None:
+    """Start again without the project directory on sys.path if importing
+    forkreload ran a project file (see `_project_modules`)."""
+    if os.environ.pop(_RESTARTED, None) is None and _project_modules():
+        _restart_without_project_path()
+
+
+def main() -> None:
+    restart_if_project_imported()
+    cfg = json.loads(sys.stdin.readline())
+    key = cfg["key"].encode()
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != cfg["controller_pid"]:
+        os._exit(0)  # the controller died before we could arm the signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    hello = prepare(cfg)
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.connect(cfg["sock"])

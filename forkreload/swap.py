@@ -123,14 +123,33 @@ class Swapper:
     # -- start and stop --------------------------------------------------------
 
     def start(self) -> None:
-        """A snapshot, the first worker, and a spare behind it."""
-        self.pool = self.new_pool()
+        """A snapshot, the first worker, and a spare behind it.
+
+        When the snapshot server of the full preload set is not up yet, the
+        first worker does not wait for those imports: it comes from a server
+        holding the kernel machinery only (up at once, or as fast as a plain
+        kernel's imports), while the full one builds in the background as a
+        learning build does; forks come from it once it is ready.
+        """
+        preload = self.preload_list()
+        full = self._make_pool(preload)
+        if preload and not full.warm():
+            self.pool = self.new_pool(self._make_pool([]))
+            try:
+                full.launch()
+                self.building = full
+            except (OSError, ControllerError) as exc:
+                log.warning("could not start a snapshot with %s: %s", preload, exc)
+                full.close()
+        else:
+            self.pool = self.new_pool(full)
         self.switch(self.pool.take_spare(), None)
         self.pool.refill_spare()
 
-    def new_pool(self) -> WorkerPool:
+    def new_pool(self, pool: WorkerPool | None = None) -> WorkerPool:
         """Start a snapshot (with this session's preloads) and report on it."""
-        pool = self._make_pool(self.preload_list())
+        if pool is None:
+            pool = self._make_pool(self.preload_list())
         try:
             hello = pool.start()
         except BaseException:
@@ -141,7 +160,12 @@ class Swapper:
 
     def _make_pool(self, preload: list[str]) -> WorkerPool:
         proxy = self.proxy
-        return self.pool_factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, preload, self._wids)
+        factory = self.pool_factory
+        if factory is WorkerPool and self.settings.server:
+            from .pool import ServerPool
+
+            factory = ServerPool  # the user's shared snapshot server
+        return factory(proxy.ctx, proxy.key, proxy.privdir, self.settings, preload, self._wids)
 
     def _check_hello(self, hello: dict[str, Any]) -> None:
         """What a new snapshot says about its preloads: failures are

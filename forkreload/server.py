@@ -1,0 +1,603 @@
+"""The snapshot server: one pre-imported zygote shared by the user's kernels.
+
+A per-kernel snapshot costs every kernel start the import of the kernel
+machinery and of the preloads, and every kernel its own copy of them. The
+server is the same zygote (`snapshot.prepare`), started once per *key* and
+kept: the first kernel of a key spawns it, detached (its own session, no
+parent-death signal), and every later start or restart of a kernel of that
+key only asks it for a fork. Workers forked from it share its pages.
+
+The key is what decides which modules a fork would hold: the interpreter
+and its version, forkreload's version (and source mtimes, so a changed
+checkout is a new key), the preload set with each preloaded top-level
+package's location, version and mtime (an upgrade is a new key), the
+import-relevant environment (PYTHONPATH, thread and library variables). A
+changed key is another server; the old one ends after its idle timeout.
+
+Only the user may talk to it: its socket lies in a 0700 directory of the
+user's, each connection's peer uid is checked (SO_PEERCRED), and every
+message is signed with a key kept in a 0600 file beside the socket.
+
+It never runs user code: a fork request carries what the worker needs from
+its client (the Jupyter key, the client's private directory, cwd, the
+environment, the client's stdout and stderr as descriptors), and only the
+child, once forked, applies them. Each client's workers are killed when
+its connection ends (its controller died or closed), and each worker's
+exit status goes to the client that asked for it. With no client left, the
+server waits `server_idle` seconds for one, then exits.
+
+The files of a server of key K in the server directory: K.sock (the socket),
+K.key (the channel key), K.json (who it is: pid, key, preloads, start time),
+K.lock (held by the live server; spawners serialize on it), K.log (its
+stderr). A clean exit removes them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import secrets
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+from typing import Any
+
+from . import __version__
+from .channel import Channel, ForgedMessage
+
+__all__ = [
+    "ServerUnavailable",
+    "server_dir",
+    "server_key",
+    "peer_credentials",
+    "peer_allowed",
+    "connect",
+    "list_servers",
+    "ask",
+    "command",
+    "main",
+    "DEFAULT_IDLE",
+]
+
+DEFAULT_IDLE = 600.0
+_SERVER_DIR_ENV = "FORKRELOAD_SERVER_DIR"
+
+# Environment variables that change what an import does (thread pools read
+# at import, library switches). Others (HOME, TERM...) reach the worker
+# through its fork request and do not make another server.
+_ENV_PREFIXES = (
+    "PYTHON", "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_", "VECLIB_", "BLIS_", "CUDA_", "NVIDIA_",
+    "LD_", "VIRTUAL_ENV", "CONDA_PREFIX", "MPL", "KMP_", "TF_", "XLA_", "JAX_", "PYTORCH_",
+)
+_KERNEL_DISTS = ("ipykernel", "ipython", "pyzmq", "jupyter_client", "tornado", "traitlets", "cloudpickle", "debugpy")
+
+
+class ServerUnavailable(OSError):
+    """The snapshot server cannot be used (directory unsafe, spawn failed)."""
+
+
+# -- where servers live, and who they are ----------------------------------------
+
+
+def server_dir(create: bool = True) -> str:
+    """The user's server directory: FORKRELOAD_SERVER_DIR, else in
+    XDG_RUNTIME_DIR, else in /dev/shm (or the temp dir). It must be a real
+    directory of this user that no one else can open."""
+    path = os.environ.get(_SERVER_DIR_ENV)
+    if not path:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and os.path.isdir(runtime):
+            path = os.path.join(runtime, "forkreload-server")
+        else:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+            path = os.path.join(base, f"forkreload-server-{os.getuid()}")
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ServerUnavailable(f"{path} is not a private directory of this user")
+    return path
+
+
+def _package_state(name: str) -> list[Any]:
+    """Where a top-level package is, its version and its mtime: a reinstall
+    or upgrade changes one of them."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return [None]
+    if spec is None:
+        return [None]
+    origin = spec.origin if spec.origin not in (None, "built-in", "frozen") else None
+    where: list[str | None] = list(spec.submodule_search_locations or []) or [origin]
+    mtimes = []
+    for p in [origin, *where]:
+        try:
+            mtimes.append(os.stat(p).st_mtime_ns if p else None)
+        except OSError:
+            mtimes.append(None)
+    try:
+        version: str | None = importlib.metadata.version(name)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        version = None
+    return [origin, where, version, mtimes]
+
+
+def _forkreload_state() -> list[Any]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    newest = 0
+    for name in os.listdir(here):
+        if name.endswith(".py"):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(os.path.join(here, name)).st_mtime_ns)
+    return [__version__, here, newest]
+
+
+def server_key(preload: list[str], watch: list[str], cwd: str, environ: dict[str, str] | None = None,
+               python: str = sys.executable) -> tuple[str, dict[str, Any]]:
+    """The key of the server that can serve these preloads here: (short id, what it is made of)."""
+    env = dict(os.environ if environ is None else environ)
+    pythonpath = [os.path.realpath(os.path.join(cwd, p)) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    relevant = {k: v for k, v in sorted(env.items()) if k.startswith(_ENV_PREFIXES) and k != "PYTHONPATH"}
+    tops = sorted({p.split(".")[0] for p in preload})
+    prefixes = tuple(t.upper() + "_" for t in tops)
+    relevant.update({k: v for k, v in sorted(env.items()) if prefixes and k.startswith(prefixes)})
+    kernel: dict[str, str | None] = {}
+    for dist in _KERNEL_DISTS:
+        try:
+            kernel[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            kernel[dist] = None
+    desc: dict[str, Any] = {
+        "python": [os.path.realpath(python), sys.version],
+        "forkreload": _forkreload_state(),
+        "kernel": kernel,
+        "preload": list(preload),
+        "packages": {t: _package_state(t) for t in tops},
+        "pythonpath": pythonpath,
+        "env": relevant,
+        "watch": sorted(watch),
+    }
+    kid = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+    return kid, desc
+
+
+# -- who is on the other end ---------------------------------------------------
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected `sock`'s other end."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid, gid
+
+
+def peer_allowed(uid: int) -> bool:
+    """Only this user's own processes may use (or pretend to be) the server."""
+    return uid == os.getuid()
+
+
+def _paths(d: str, kid: str) -> dict[str, str]:
+    return {ext: os.path.join(d, f"{kid}.{ext}") for ext in ("sock", "key", "json", "lock", "log")}
+
+
+def connect(d: str, kid: str) -> tuple[socket.socket, bytes] | None:
+    """A connection to the live server of key `kid` and its channel key, or
+    None when none listens (never started, exited, killed)."""
+    paths = _paths(d, kid)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(paths["sock"])
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            return None
+        raise
+    try:
+        _pid, uid, _gid = peer_credentials(sock)
+        if not peer_allowed(uid):
+            raise ServerUnavailable(f"the process listening on {paths['sock']} is not this user's")
+        with open(paths["key"], "rb") as f:
+            key = f.read().strip()
+    except BaseException:
+        sock.close()
+        raise
+    return sock, key
+
+
+def list_servers(d: str) -> list[dict[str, Any]]:
+    """What each server in `d` wrote about itself (K.json)."""
+    found = []
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(d, name)) as f:
+                found.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def ask(d: str, kid: str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
+    """One request to the server of key `kid`, its answer (None: no server)."""
+    conn = connect(d, kid)
+    if conn is None:
+        return None
+    sock, key = conn
+    sock.settimeout(timeout)
+    chan = Channel(sock, key)
+    try:
+        chan.send(msg)
+        answer, fds = chan.recv()
+        for fd in fds:
+            os.close(fd)
+        return answer
+    except (OSError, ForgedMessage):
+        return None
+    finally:
+        chan.close()
+
+
+def command(python: str = sys.executable) -> list[str]:
+    """The command line that starts a server (project directory off sys.path)."""
+    from .command import python_command
+
+    return python_command("forkreload.server", python=python)
+
+
+# -- the server process ---------------------------------------------------------------
+
+
+class _Client:
+    def __init__(self, sock: socket.socket, chan: Channel, pid: int) -> None:
+        self.sock = sock
+        self.chan = chan
+        self.pid = pid
+        self.workers: set[int] = set()
+
+
+class _Server:
+    def __init__(self, cfg: dict[str, Any], lock_fd: int) -> None:
+        self.cfg = cfg
+        self.kid: str = cfg["kid"]
+        self.paths = _paths(cfg["dir"], self.kid)
+        self.idle: float = float(cfg.get("idle", DEFAULT_IDLE))
+        self.lock_fd: int | None = lock_fd
+        self.listener: socket.socket | None = None
+        self.sock_ino: int | None = None
+        self.clients: dict[int, _Client] = {}
+        self.owner: dict[int, _Client] = {}  # worker pid -> the client it was forked for
+        self.hello: dict[str, Any] = {}
+        self.file_stats: dict[str, tuple[int, int]] = {}
+        self.started = time.time()
+        self.idle_since = time.monotonic()
+        self.stopping = False
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # -- start --
+
+    def prepare(self) -> None:
+        from .snapshot import prepare
+
+        self.hello = prepare(self.cfg)
+        self.hello["server"] = self.kid
+        preloads = {p.split(".")[0] for p in self.cfg["preload"]}
+        # The state of each preloaded module's file as imported: a client
+        # whose own (editable, watched) module changed since must not fork here.
+        for name, mod in list(sys.modules.items()):
+            file = getattr(mod, "__file__", None)
+            if name.split(".")[0] in preloads and isinstance(file, str):
+                with contextlib.suppress(OSError):
+                    st = os.stat(file)
+                    self.file_stats[os.path.realpath(file)] = (st.st_mtime_ns, st.st_size)
+
+    def listen(self) -> None:
+        key = secrets.token_hex(32).encode()
+        tmp = self.paths["key"] + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        os.replace(tmp, self.paths["key"])
+        self.key = key
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.paths["sock"])  # a dead server's: we hold the lock
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(self.paths["sock"])
+        finally:
+            os.umask(old_umask)
+        listener.listen(64)
+        self.listener = listener
+        self.sock_ino = os.stat(self.paths["sock"]).st_ino
+        self._write_info()
+
+    def _write_info(self) -> None:
+        info = {
+            "kid": self.kid,
+            "pid": os.getpid(),
+            "started": self.started,
+            "preload": self.cfg["preload"],
+            "key": self.cfg.get("desc", {}),
+            "idle": self.idle,
+        }
+        tmp = self.paths["json"] + ".tmp"
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.paths["json"])
+
+    # -- the loop --
+
+    def run(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_term)
+        while True:
+            if self.stopping:
+                break
+            if not self.clients and (self.listener is None or time.monotonic() - self.idle_since >= self.idle):
+                break  # idle too long, or retired and its last client gone
+            fds = [self.wake_r, *self.clients]
+            if self.listener is not None:
+                fds.append(self.listener.fileno())
+            timeout = None if self.clients else max(0.0, self.idle_since + self.idle - time.monotonic())
+            readable, _, _ = select.select(fds, [], [], timeout)
+            if self.wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake_r, 256)
+                self._reap()
+            if self.listener is not None and self.listener.fileno() in readable:
+                self._accept()
+            for fd in readable:
+                client = self.clients.get(fd)
+                if client is not None:
+                    self._on_client(client)
+        self.shutdown()
+
+    def _on_term(self, *_: Any) -> None:
+        self.stopping = True
+
+    def _accept(self) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        pid, uid, _gid = peer_credentials(sock)
+        if not peer_allowed(uid):
+            sys.stderr.write(f"forkreload server: refused a connection from uid {uid} (pid {pid})\n")
+            sock.close()
+            return
+        self.clients[sock.fileno()] = _Client(sock, Channel(sock, self.key), pid)
+
+    def _drop(self, client: _Client) -> None:
+        """A client left (closed, or its controller died): its workers end with it."""
+        for pid in client.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.clients.pop(client.sock.fileno(), None)
+        client.chan.close()
+        if not self.clients:
+            self.idle_since = time.monotonic()
+
+    def _on_client(self, client: _Client) -> None:
+        try:
+            msg, fds = client.chan.recv()
+        except ForgedMessage:
+            sys.stderr.write(f"forkreload server: dropped a message with a bad signature from pid {client.pid}\n")
+            return
+        except OSError:
+            msg, fds = None, []
+        if msg is None or msg.get("op") == "exit":
+            for fd in fds:
+                os.close(fd)
+            self._drop(client)
+            return
+        op = msg.get("op")
+        try:
+            if op == "fork":
+                self._fork(client, msg, fds)
+                fds = []
+            elif op == "hello":
+                client.chan.send(self._hello_for(msg))
+            elif op == "status":
+                client.chan.send(self.status())
+            elif op == "retire":
+                self.retire()
+                client.chan.send({"op": "retired", "pid": os.getpid()})
+            elif op == "stop":
+                client.chan.send({"op": "stopping", "pid": os.getpid()})
+                self.stopping = True
+        except OSError:
+            self._drop(client)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _hello_for(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """The hello, with the preloaded files that are this client's code
+        (its watch paths), and those changed since they were imported."""
+        from .snapshot import _user_files
+
+        files = _user_files({p.split(".")[0] for p in self.cfg["preload"]}, list(msg.get("watch", [])))
+        stale = []
+        for f in files:
+            try:
+                st = os.stat(f["file"])
+                now: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                now = None
+            if now != self.file_stats.get(f["file"]):
+                stale.append(f["file"])
+        return {**self.hello, "preload_files": files, "stale_files": stale}
+
+    def _fork(self, client: _Client, msg: dict[str, Any], fds: list[int]) -> None:
+        from .snapshot import fork_child, send_forked
+
+        cfg = {"privdir": msg["privdir"], "key": msg["key"], "cwd": msg["cwd"], "watch": msg.get("watch", [])}
+        env = msg.get("env")
+
+        def child() -> None:
+            # Nothing of the server's may stay open in a worker: its lock
+            # (the server would look alive), the listener, other clients.
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            for c in self.clients.values():
+                c.sock.close()
+            if self.listener is not None:
+                self.listener.close()
+            for fd in (self.wake_r, self.wake_w, self.lock_fd):
+                if fd is not None:
+                    os.close(fd)
+            # The worker writes where its kernel's output goes, not into the server's log.
+            for target, fd in zip((1, 2), fds, strict=False):
+                os.dup2(fd, target)
+            for fd in fds:
+                os.close(fd)
+            if isinstance(env, dict):
+                os.environ.clear()
+                os.environ.update(env)
+            from .worker import run_worker
+
+            run_worker(cfg, msg)
+
+        pid = fork_child(child)
+        for fd in fds:
+            os.close(fd)
+        if send_forked(client.chan, pid, msg["wid"]) and isinstance(pid, int):
+            client.workers.add(pid)
+            self.owner[pid] = client
+        elif isinstance(pid, int):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        from .snapshot import describe_status
+
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            client = self.owner.pop(pid, None)
+            if client is None:
+                continue
+            client.workers.discard(pid)
+            if client.sock.fileno() in self.clients:
+                try:
+                    client.chan.send({"op": "exited", "pid": pid, "status": describe_status(status)})
+                except OSError:
+                    self._drop(client)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "op": "status",
+            "kid": self.kid,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "clients": sorted(c.pid for c in self.clients.values()),
+            "workers": sorted(self.owner),
+            "preload": self.hello.get("preload", {}),
+            "preload_failed": self.hello.get("preload_failed", {}),
+            "seconds": self.hello.get("seconds"),
+            "idle": self.idle,
+            "retired": self.listener is None,
+        }
+
+    # -- the end --
+
+    def retire(self) -> None:
+        """Take no new client (a newer server of this key takes over); end
+        when the last one leaves."""
+        self._remove_files()
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def _remove_files(self) -> None:
+        """Remove this server's files, only those still its own."""
+        try:
+            mine = self.sock_ino is not None and os.stat(self.paths["sock"]).st_ino == self.sock_ino
+        except OSError:
+            mine = False
+        if mine:
+            for ext in ("sock", "key", "json"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.paths[ext])
+        if self.lock_fd is not None:
+            # Still ours while we hold the lock; a waiting spawner retries.
+            for ext in ("log", "lock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.paths[ext])
+
+    def shutdown(self) -> None:
+        for client in list(self.clients.values()):
+            self._drop(client)
+        self.retire()
+        os._exit(0)
+
+
+def _take_lock(path: str) -> int | None:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def main() -> None:
+    """The server process: stdin carries its configuration, `ready_fd` is
+    written to once it listens (or says `busy` when another holds the key)."""
+    from .snapshot import restart_if_project_imported
+
+    restart_if_project_imported()
+    cfg = json.loads(sys.stdin.readline())
+    ready_fd = int(cfg["ready_fd"])
+    os.set_inheritable(ready_fd, False)
+    paths = _paths(cfg["dir"], cfg["kid"])
+    lock_fd = _take_lock(paths["lock"])
+    if lock_fd is None:
+        os.write(ready_fd, b"busy\n")
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    server = _Server(cfg, lock_fd)
+    try:
+        server.prepare()
+        server.listen()
+    except BaseException as exc:
+        sys.stderr.write(f"forkreload server: could not start: {type(exc).__name__}: {exc}\n")
+        os.write(ready_fd, f"failed {type(exc).__name__}: {exc}\n".encode())
+        os._exit(1)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    server.run()
+
+
+if __name__ == "__main__":
+    main()
