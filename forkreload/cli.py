@@ -1,4 +1,4 @@
-"""The `forkreload` command line: demo, kernel, console, doctor, version."""
+"""The `forkreload` command line: demo, kernel, console, doctor, server, version."""
 
 from __future__ import annotations
 
@@ -143,6 +143,47 @@ def _kernelspec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server(args: argparse.Namespace) -> int:
+    """`forkreload server status|stop`: the user's snapshot servers."""
+    import time
+
+    from . import server
+
+    try:
+        d = server.server_dir(create=False)
+    except FileNotFoundError:
+        d = None
+    found = server.list_servers(d) if d is not None else []
+    if not found:
+        print("no snapshot server is running")
+        return 0
+    for info in found:
+        kid = info.get("kid", "?")
+        answer = server.ask(d or "", kid, {"op": "stop" if args.action == "stop" else "status"})
+        if answer is None:
+            if args.action == "stop" and server.remove_stale(d or "", kid):
+                print(f"{kid}  pid {info.get('pid')}: was not running; its files removed")
+            else:
+                print(f"{kid}  pid {info.get('pid')}: not answering")
+            continue
+        if args.action == "stop":
+            gone = server.wait_gone(d or "", kid)
+            print(f"{kid}  pid {answer.get('pid')}: {'stopped' if gone else 'asked to stop'}")
+            continue
+        preload = ", ".join(answer.get("preload") or {}) or "(kernel only)"
+        since = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
+        print(f"{kid}  pid {answer['pid']}  up {answer['uptime']:.0f} s (since {since})  "
+              f"clients {len(answer['clients'])}  workers {len(answer['workers'])}"
+              f"{'  retired' if answer.get('retired') else ''}")
+        print(f"    preloads: {preload}")
+        if answer.get("preload_failed"):
+            print(f"    failed: {', '.join(answer['preload_failed'])}")
+        key = info.get("key") or {}
+        py = (key.get("python") or ["?"])[0]
+        print(f"    python: {py}  forkreload {(key.get('forkreload') or ['?'])[0]}  idle timeout {answer.get('idle', 0):.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forkreload", description="Keep an interactive Python session alive across source edits.")
     parser.add_argument("--version", action="version", version=f"forkreload {__version__}")
@@ -196,8 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_settings(d)
 
+    sv = sub.add_parser(
+        "server",
+        help="the snapshot server shared by your kernels: status or stop",
+        description="The snapshot server (one per Python, forkreload version and preload set) serves "
+        "every forkreload kernel of this user: `status` lists each (key, pid, clients, workers, "
+        "uptime, preloads); `stop` ends them, and with them the workers they forked.",
+        formatter_class=_formatter,
+    )
+    sv.add_argument("action", nargs="?", choices=["status", "stop"], default="status")
+
     args = parser.parse_args(argv)
     try:
+        if args.command == "server":
+            return _server(args)
         if args.command == "kernel":
             if args.action == "run":
                 if not args.connection_file:

@@ -252,6 +252,33 @@ def ask(d: str, kid: str, msg: dict[str, Any], timeout: float = 5.0) -> dict[str
         chan.close()
 
 
+def wait_gone(d: str, kid: str, timeout: float = 5.0) -> bool:
+    """Wait until the server of key `kid` removed its files (it exited)."""
+    paths = _paths(d, kid)
+    deadline = time.monotonic() + timeout
+    while os.path.exists(paths["json"]) or os.path.exists(paths["sock"]):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def remove_stale(d: str, kid: str) -> bool:
+    """Remove the files of a server of key `kid` that died without cleaning
+    up (SIGKILL); False when one is alive (or starting)."""
+    paths = _paths(d, kid)
+    lock_fd = _take_lock(paths["lock"])
+    if lock_fd is None:
+        return False
+    try:
+        for ext in ("sock", "key", "json", "log", "lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(paths[ext])
+    finally:
+        os.close(lock_fd)
+    return True
+
+
 def command(python: str = sys.executable) -> list[str]:
     """The command line that starts a server (project directory off sys.path)."""
     from .command import python_command

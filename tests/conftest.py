@@ -22,6 +22,12 @@ os.environ["FORKRELOAD_TEST_TAG"] = TAG
 _SCRATCH = tempfile.mkdtemp(prefix="forkreload-tests-")
 os.environ["FORKRELOAD_CACHE_DIR"] = os.path.join(_SCRATCH, "cache")
 os.environ["IPYTHONDIR"] = os.path.join(_SCRATCH, "ipython")
+# A snapshot server outlives its kernels (its idle timeout), which the check
+# that no process is left after a test would count as a leak: kernels start
+# their own snapshot unless a test (test_server.py) turns the server on, and
+# never reach a real user's server directory.
+os.environ["FORKRELOAD_SERVER"] = "0"
+os.environ["FORKRELOAD_SERVER_DIR"] = os.path.join(_SCRATCH, "server")
 
 
 def tagged_processes() -> list[psutil.Process]:
