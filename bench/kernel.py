@@ -18,7 +18,16 @@ installed with `--provisioner` (the provisioner makes the restart a clean
 worker from the running snapshot, so the imports are already done; the
 cells still recompute).
 
-    python bench/kernel.py [--runs 5]
+Then, side by side with ipykernel (`--starts` runs only this part): how
+long a kernel takes from jupyter_client's `start_kernel()` to its first
+execute_reply (a trivial cell, then an import cell of the heavy libraries),
+for forkreload's first kernel (no snapshot server running: the first worker
+comes from a kernel-only server while the full one builds) and for a second
+kernel (the server warm: a fork); "Restart kernel" with and without the
+provisioner; and the memory (PSS, all processes of the kernels, the
+server included) of 1 and of 4 kernels that imported numpy and pandas.
+
+    python bench/kernel.py [--runs 5] [--starts]
 """
 
 from __future__ import annotations
@@ -39,9 +48,11 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import HEAVY, available, make_project, median_ms, row  # noqa: E402
 
-# Keep forkreload's learned preloads of this benchmark out of the user's cache.
+# Keep forkreload's learned preloads and snapshot servers of this benchmark
+# out of the user's cache and away from the user's own server.
 _SCRATCH = Path(tempfile.mkdtemp(prefix="forkreload-bench-kernel-"))
 os.environ["FORKRELOAD_CACHE_DIR"] = str(_SCRATCH / "cache")
+os.environ["FORKRELOAD_SERVER_DIR"] = str(_SCRATCH / "server")
 os.environ.setdefault("IPYTHONDIR", str(_SCRATCH / "ipython"))
 PREFIX = _SCRATCH / "prefix"
 os.environ["JUPYTER_PATH"] = str(PREFIX / "share" / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", "")
@@ -216,10 +227,160 @@ def bench(runs: int) -> None:
     print(f"  ratio ipykernel restart-and-run-all / forkreload next cell: {ratio:.1f}x")
 
 
+def stop_servers() -> None:
+    """End this benchmark's snapshot servers (the next forkreload start is cold)."""
+    from forkreload import server
+
+    d = os.environ["FORKRELOAD_SERVER_DIR"]
+    if not os.path.isdir(d):
+        return
+    for info in server.list_servers(d):
+        server.ask(d, info["kid"], {"op": "stop"})
+        server.wait_gone(d, info["kid"])
+
+
+def first_reply(kc: Any, code: str, timeout: float = 120) -> None:
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda msg: None)
+    if reply["content"]["status"] != "ok":
+        raise RuntimeError(f"cell failed: {reply['content']}")
+
+
+def timed_start(name: str, cwd: Path, code: str) -> tuple[float, float, KernelManager, Any]:
+    """(start -> first reply of '1', start -> reply of `code`), and the live kernel."""
+    km = KernelManager(kernel_name=name)
+    t0 = time.perf_counter()
+    km.start_kernel(cwd=str(cwd), stderr=subprocess.DEVNULL)
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=120)
+    first_reply(kc, "1")
+    ready = time.perf_counter() - t0
+    first_reply(kc, code)
+    return ready, time.perf_counter() - t0, km, kc
+
+
+def stop(km: KernelManager, kc: Any) -> None:
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+
+def timed_restart(km: KernelManager, kc: Any) -> float:
+    """"Restart kernel" -> the first execute_reply of the new kernel."""
+    t0 = time.perf_counter()
+    km.restart_kernel()
+    kc.wait_for_ready(timeout=120)
+    first_reply(kc, "1")
+    return time.perf_counter() - t0
+
+
+def kernel_pss(kms: list[KernelManager], include_servers: bool) -> float:
+    """PSS in MiB of the kernels' processes and their children (and the snapshot servers)."""
+    import psutil
+
+    pids: set[int] = set()
+    for km in kms:
+        pid = km.provisioner.pid if km.provisioner is not None else None  # type: ignore[attr-defined]
+        if pid is None:
+            continue
+        root = psutil.Process(pid)
+        pids.update(p.pid for p in [root, *root.children(recursive=True)])
+    if include_servers:
+        from forkreload import server
+
+        d = os.environ["FORKRELOAD_SERVER_DIR"]
+        for info in server.list_servers(d):
+            root = psutil.Process(info["pid"])
+            pids.update(p.pid for p in [root, *root.children(recursive=True)])
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_full_info().pss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def bench_starts(runs: int) -> None:
+    libs = [lib for lib in available(HEAVY) if lib in ("numpy", "pandas")]
+    imports = "import " + ", ".join(libs)
+    for name, extra in (("forkreload", ["--provisioner"]), ("forkreload-plain", [])):
+        subprocess.run(
+            [sys.executable, "-m", "forkreload", "kernel", "install", *extra, "--name", name, "--prefix", str(PREFIX), "--preload", ",".join(libs)],
+            check=True, stdout=subprocess.DEVNULL,
+        )
+    root = make_project({"features.py": FEATURES.format(v=1)})
+    res: dict[str, list[float]] = {k: [] for k in (
+        "ipy ready", "ipy import", "fr1 ready", "fr1 import", "fr2 ready", "fr2 import",
+        "ipy restart", "fr restart prov", "fr restart plain")}
+    try:
+        for _ in range(runs):
+            ready, imp, km, kc = timed_start("python3", root, imports)
+            res["ipy ready"].append(ready)
+            res["ipy import"].append(imp)
+            res["ipy restart"].append(timed_restart(km, kc))
+            stop(km, kc)
+
+            stop_servers()  # a cold start: no snapshot server of any key
+            ready, imp, km1, kc1 = timed_start("forkreload", root, imports)
+            res["fr1 ready"].append(ready)
+            res["fr1 import"].append(imp)
+            time.sleep(3)  # the full server builds in the background meanwhile
+            ready, imp, km2, kc2 = timed_start("forkreload-plain", root, imports)
+            res["fr2 ready"].append(ready)
+            res["fr2 import"].append(imp)
+            res["fr restart prov"].append(timed_restart(km1, kc1))
+            res["fr restart plain"].append(timed_restart(km2, kc2))
+            stop(km1, kc1)
+            stop(km2, kc2)
+
+        pss: dict[str, list[float]] = {}
+        for name in ("python3", "forkreload"):
+            kernels = []
+            try:
+                for i in range(4):
+                    _r, _i, km, kc = timed_start(name, root, imports)
+                    kernels.append((km, kc))
+                    if i in (0, 3):
+                        time.sleep(2)  # spares forked, background builds done
+                        pss.setdefault(name, []).append(kernel_pss([k for k, _ in kernels], name != "python3"))
+            finally:
+                for km, kc in kernels:
+                    stop(km, kc)
+    finally:
+        stop_servers()
+        shutil.rmtree(root, ignore_errors=True)
+
+    def med(key: str) -> float:
+        return median_ms(res[key])
+
+    print(f"kernel start benchmark (Python {sys.version.split()[0]}, preloads {', '.join(libs)}, "
+          f"medians of {runs}; start = jupyter_client start_kernel() to the first execute_reply)")
+    print(row("ipykernel: start -> ready", res["ipy ready"]))
+    print(row("forkreload, first kernel: start -> ready", res["fr1 ready"]))
+    print(row("forkreload, warm server: start -> ready", res["fr2 ready"]))
+    print(row(f"ipykernel: start -> `{imports}` reply", res["ipy import"]))
+    print(row("forkreload, first kernel: same", res["fr1 import"]))
+    print(row("forkreload, warm server: same", res["fr2 import"]))
+    print(row("ipykernel: restart kernel -> ready", res["ipy restart"]))
+    print(row("forkreload: restart, provisioner", res["fr restart prov"]))
+    print(row("forkreload: restart, no provisioner", res["fr restart plain"]))
+    print(f"  ratios to ipykernel: first start {med('fr1 ready') / med('ipy ready'):.2f}x, "
+          f"warm start {med('fr2 ready') / med('ipy ready'):.2f}x, import cell first {med('fr1 import') / med('ipy import'):.2f}x, "
+          f"warm {med('fr2 import') / med('ipy import'):.2f}x, restart plain {med('fr restart plain') / med('ipy restart'):.2f}x")
+    for name, label in (("python3", "ipykernel"), ("forkreload", "forkreload")):
+        one, four = pss[name]
+        print(f"  PSS with {', '.join(libs)} imported, {label:<10}  1 kernel {one:7.0f} MiB   4 kernels {four:7.0f} MiB   ({four / one:.2f}x)")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--starts", action="store_true", help="only the start, restart and memory figures")
+    args = ap.parse_args()
     try:
-        bench(ap.parse_args().runs)
+        if not args.starts:
+            bench(args.runs)
+        bench_starts(args.runs)
     finally:
+        stop_servers()
         shutil.rmtree(_SCRATCH, ignore_errors=True)

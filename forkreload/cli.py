@@ -56,6 +56,11 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _kernel(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if settings.server:
+        from .server import prestart
+
+        prestart(settings)  # starts while the controller's modules import
     from .controller import Controller, ControllerError
 
     # FORKRELOAD_LOG=path sends the controller's log to a file (kernels'
@@ -69,7 +74,7 @@ def _kernel(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.WARNING, format="forkreload: %(message)s")
     with open(args.connection_file) as f:
         conn = json.load(f)
-    controller = Controller(conn, _settings(args))
+    controller = Controller(conn, settings)
     try:
         controller.start()
     except ControllerError as exc:

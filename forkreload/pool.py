@@ -26,9 +26,10 @@ import zmq
 
 from .channel import Channel
 from .config import Settings
-from .server import command as server_command
 from .server import connect as server_connect
-from .server import server_dir, server_key
+from .server import server_dir, server_key, server_starting
+from .server import snapshot_env as _snapshot_env
+from .server import spawn as server_spawn
 from .snapshot import command as snapshot_command
 from .watch import SourceWatch
 from .worker import worker_connection
@@ -53,15 +54,6 @@ class WorkerDied(RuntimeError):
 class Stopping(WorkerDied):
     """The session ends (SIGTERM, the front end gone) while the controller
     waits on a worker: the wait is given up as if the worker had gone."""
-
-
-def _snapshot_env() -> dict[str, str]:
-    """The environment of a snapshot, and of the workers forked from it."""
-    env = dict(os.environ)
-    env["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
-    # debugpy (pre-imported for fast worker start) warns about frozen modules.
-    env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    return env
 
 
 class WorkerHandle:
@@ -419,6 +411,8 @@ class ServerPool(WorkerPool):
         self._conn: tuple[socket.socket, bytes] | None = None
         self._forked: set[int] = set()
         self._replaced_stale = False
+        self._blocking = False  # `start`: connect follows launch at once
+        self._await_listening = False
 
     # -- reaching the server -----------------------------------------------------
 
@@ -451,8 +445,14 @@ class ServerPool(WorkerPool):
             conn = server_connect(self.dir, self.kid)
         if conn is not None:
             self._attach(conn)
+        elif self._blocking and server_starting(self.dir, self.kid):
+            self._await_listening = True  # `connect` waits for it (forkreload kernel spawned it)
         else:
             self._spawn()
+
+    def start(self) -> dict[str, Any]:
+        self._blocking = True
+        return super().start()
 
     def _attach(self, conn: tuple[socket.socket, bytes]) -> None:
         sock, key = conn
@@ -461,41 +461,10 @@ class ServerPool(WorkerPool):
 
     def _spawn(self) -> None:
         assert self.dir is not None
-        r, w = os.pipe2(os.O_CLOEXEC)
-        logfd = os.open(os.path.join(self.dir, f"{self.kid}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            # Its own session and no parent-death signal: it serves the
-            # user's next kernels after this one ended.
-            self.server_proc = subprocess.Popen(
-                server_command(),
-                stdin=subprocess.PIPE,
-                stdout=logfd,
-                stderr=logfd,
-                cwd=self.settings.cwd,
-                env=_snapshot_env(),
-                start_new_session=True,
-                pass_fds=[w],
-            )
-        except BaseException:
-            os.close(r)
-            raise
-        finally:
-            os.close(w)
-            os.close(logfd)
-        self._ready = r
-        cfg = {
-            "dir": self.dir,
-            "kid": self.kid,
-            "desc": self.desc,
-            "preload": self.preload,
-            "watch": self.settings.watch,
-            "cwd": self.settings.cwd,
-            "idle": self.settings.server_idle,
-            "ready_fd": w,
-        }
-        assert self.server_proc.stdin is not None
-        self.server_proc.stdin.write(json.dumps(cfg).encode() + b"\n")
-        self.server_proc.stdin.close()
+        self.server_proc, self._ready = server_spawn(
+            self.dir, self.kid, self.desc, self.preload, self.settings.watch, self.settings.cwd,
+            self.settings.server_idle, _snapshot_env(),
+        )
 
     def pending_fileno(self) -> int | None:
         if self.direct:
@@ -511,6 +480,16 @@ class ServerPool(WorkerPool):
     def connect(self) -> dict[str, Any]:
         if self.direct:
             return super().connect()
+        if not self._blocking:
+            return self._connect_server()
+        try:
+            return self._connect_server()
+        except (OSError, ControllerError) as exc:
+            # A kernel that starts waits for a snapshot anyway: its own.
+            self._fall_back(exc)
+            return super().connect()
+
+    def _connect_server(self) -> dict[str, Any]:
         deadline = time.monotonic() + _SNAPSHOT_TIMEOUT
         if self._ready is not None:
             line = self._read_ready(deadline)
@@ -519,6 +498,9 @@ class ServerPool(WorkerPool):
                 log_file = os.path.join(self.dir or "", f"{self.kid}.log")
                 raise ControllerError(f"the snapshot server did not start ({line or 'it exited'}); see {log_file}")
             # 'busy': another controller's server of this key is starting.
+            self._attach(self._wait_listening(deadline))
+        elif self._await_listening:
+            self._await_listening = False
             self._attach(self._wait_listening(deadline))
         assert self.chan is not None
         hello = self._read_hello(deadline)
@@ -531,7 +513,7 @@ class ServerPool(WorkerPool):
             self._read_hello(deadline, op="retired")
             self._close_server_side()
             self._launch_server()
-            return self.connect()
+            return self._connect_server()
         self.info = hello
         for m in hello.get("preload_files", []):
             self.watch.add(m["name"], m["file"], m["sha"])
@@ -557,11 +539,24 @@ class ServerPool(WorkerPool):
 
     def _wait_listening(self, deadline: float) -> tuple[socket.socket, bytes]:
         assert self.dir is not None
+        spawned = False
         while time.monotonic() < deadline:
             conn = server_connect(self.dir, self.kid)
             if conn is not None:
                 return conn
-            time.sleep(0.02)
+            if not server_starting(self.dir, self.kid):
+                conn = server_connect(self.dir, self.kid)  # it may have just begun to listen
+                if conn is not None:
+                    return conn
+                if spawned:
+                    raise ControllerError(f"the snapshot server exited at start; see {os.path.join(self.dir, self.kid)}.log")
+                # The one starting it gave up (or was a server dying): start one.
+                spawned = True
+                self._spawn()
+                if not self._read_ready(deadline).startswith(("ready", "busy")):
+                    raise ControllerError(f"the snapshot server did not start; see {os.path.join(self.dir, self.kid)}.log")
+                continue
+            time.sleep(0.01)
         raise ControllerError(f"the snapshot server did not start within {_SNAPSHOT_TIMEOUT:.0f} s")
 
     def _read_hello(self, deadline: float, op: str = "hello") -> dict[str, Any]:
@@ -638,6 +633,7 @@ class ServerPool(WorkerPool):
             self.retire(self.spare)
         self._close_server_side()
         self.info = {}
+        self._blocking = True  # this session waits for its snapshot now
         self.launch()
         hello = self.connect()
         return {"op": "reconnected", "pid": hello.get("pid")}
