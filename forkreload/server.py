@@ -403,6 +403,7 @@ class _Server:
         self.owner: dict[int, _Client] = {}  # worker pid -> the client it was forked for
         self.hello: dict[str, Any] = {}
         self.file_stats: dict[str, tuple[int, int]] = {}
+        self.user_files: dict[tuple[str, ...], list[dict[str, str]]] = {}
         self.started = time.time()
         self.idle_since = time.monotonic()
         self.stopping = False
@@ -415,6 +416,7 @@ class _Server:
 
         self.hello = prepare(self.cfg)
         self.hello["server"] = self.kid
+        self.user_files[tuple(self.cfg.get("watch", []))] = self.hello.get("preload_files", [])
         preloads = {p.split(".")[0] for p in self.cfg["preload"]}
         # The state of each preloaded module's file as imported: a client
         # whose own (editable, watched) module changed since must not fork here.
@@ -552,8 +554,21 @@ class _Server:
         """The hello, with the preloaded files that are this client's code
         (its watch paths), and those changed since they were imported."""
         from .snapshot import _user_files
+        from .watch import file_sha
 
-        files = _user_files({p.split(".")[0] for p in self.cfg["preload"]}, list(msg.get("watch", [])))
+        watch = list(msg.get("watch", []))
+        # Which modules are the user's depends on the client's watch paths
+        # only: the server's modules never change. Finding them walks every
+        # module (0.2 s with pandas), so once per watch list; hashes each time.
+        found = self.user_files.get(tuple(watch))
+        if found is None:
+            found = _user_files({p.split(".")[0] for p in self.cfg["preload"]}, watch)
+            self.user_files[tuple(watch)] = found
+        files = []
+        for f in found:
+            sha = file_sha(f["file"])
+            if sha is not None:
+                files.append({**f, "sha": sha})
         stale = []
         for f in files:
             try:
