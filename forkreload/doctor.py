@@ -107,7 +107,7 @@ def run_doctor(cwd: str = ".", cli: dict[str, Any] | None = None, out: Callable[
     out(f"settings for {settings.cwd}")
     if settings.project_root != settings.cwd:
         _row(out, "project root", settings.project_root)
-    for key in ("mode", "preload", "quiet", "watch", "learn"):
+    for key in ("mode", "preload", "quiet", "watch", "learn", "server", "server_idle"):
         _row(out, key, _show(getattr(settings, key)), settings.sources.get(key, "default"))
     if settings.learn:
         learned = LearnedModules(settings.project_root)

@@ -5,6 +5,10 @@ so that a terminal's Ctrl-C reaches only the controller), checks who
 connected to it, asks it for workers, keeps one spare worker started ahead
 of need, and learns from it how each worker ended. A `WorkerHandle` is the
 controller's side of one worker: its zmq sockets and its pidfd.
+
+A `ServerPool` (the default) is the same pool whose snapshot is the user's
+shared snapshot server (server.py) instead of a process of its own; it
+falls back to being a plain `WorkerPool` when no server can be used.
 """
 
 from __future__ import annotations
