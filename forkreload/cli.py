@@ -186,6 +186,11 @@ def _server(args: argparse.Namespace) -> int:
         key = info.get("key") or {}
         py = (key.get("python") or ["?"])[0]
         print(f"    python: {py}  forkreload {(key.get('forkreload') or ['?'])[0]}  idle timeout {answer.get('idle', 0):.0f} s")
+    if args.action == "stop" and d is not None:
+        try:
+            os.rmdir(d)  # only when empty: nothing of forkreload's left
+        except OSError:
+            pass
     return 0
 
 

@@ -166,6 +166,9 @@ def _snapshot_status(settings: Any) -> dict[str, Any]:
         watch=settings.watch,
         learn=settings.learn,
         startup_timeout=120,
+        # A snapshot of its own, with the preloads imported while it waits
+        # (a shared server's first worker would not wait for them).
+        env={**os.environ, "FORKRELOAD_SERVER": "0"},
     ) as session:
         return session.status()
 

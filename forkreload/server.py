@@ -537,7 +537,7 @@ class _Server:
             elif op == "hello":
                 client.chan.send(self._hello_for(msg))
             elif op == "status":
-                client.chan.send(self.status())
+                client.chan.send(self.status(asking=client))
             elif op == "retire":
                 self.retire()
                 client.chan.send({"op": "retired", "pid": os.getpid()})
@@ -641,13 +641,13 @@ class _Server:
                 except OSError:
                     self._drop(client)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, asking: _Client | None = None) -> dict[str, Any]:
         return {
             "op": "status",
             "kid": self.kid,
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1),
-            "clients": sorted(c.pid for c in self.clients.values()),
+            "clients": sorted(c.pid for c in self.clients.values() if c is not asking),
             "workers": sorted(self.owner),
             "preload": self.hello.get("preload", {}),
             "preload_failed": self.hello.get("preload_failed", {}),
