@@ -497,11 +497,11 @@ class ServerPool(WorkerPool):
         deadline = time.monotonic() + _SNAPSHOT_TIMEOUT
         if self._ready is not None:
             line = self._read_ready(deadline)
-            if not line.startswith(("ready", "busy")):
+            if not line.startswith("ready"):
                 self._close_server_side()
                 log_file = os.path.join(self.dir or "", f"{self.kid}.log")
                 raise ControllerError(f"the snapshot server did not start ({line or 'it exited'}); see {log_file}")
-            # 'busy': another controller's server of this key is starting.
+            # Ours listens, or another controller's of this key does.
             self._attach(self._wait_listening(deadline))
         elif self._await_listening:
             self._await_listening = False
@@ -557,7 +557,7 @@ class ServerPool(WorkerPool):
                 # The one starting it gave up (or was a server dying): start one.
                 spawned = True
                 self._spawn()
-                if not self._read_ready(deadline).startswith(("ready", "busy")):
+                if not self._read_ready(deadline).startswith("ready"):
                     raise ControllerError(f"the snapshot server did not start; see {os.path.join(self.dir, self.kid)}.log")
                 continue
             time.sleep(0.01)

@@ -28,7 +28,8 @@ server waits `server_idle` seconds for one, then exits.
 
 The files of a server of key K in the server directory: K.sock (the socket),
 K.key (the channel key), K.json (who it is: pid, key, preloads, start time),
-K.lock (held by the live server; spawners serialize on it), K.log (its
+K.lock (held by the live server for its life: a second one of the key
+waits for it, then leaves), K.log (its
 stderr). A clean exit removes them all.
 """
 
@@ -309,7 +310,8 @@ def spawn(d: str, kid: str, desc: dict[str, Any], preload: list[str], watch: lis
           env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
     """Start the server of key `kid`, detached: its own session, no
     parent-death signal, output into K.log. Returns the process and a pipe
-    that says `ready` once it listens (`busy`: another one holds the key)."""
+    that says `ready` once it (or another server of the key, which holds
+    the key's lock) listens, or `failed ...`."""
     r, w = os.pipe2(os.O_CLOEXEC)
     logfd = os.open(_paths(d, kid)["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
@@ -702,6 +704,23 @@ def _take_lock(path: str) -> int | None:
     return fd
 
 
+def _await_other(d: str, kid: str, timeout: float = 300.0) -> bool:
+    """Wait until the server of key `kid` that holds its lock listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = connect(d, kid)
+        except OSError:
+            return False
+        if conn is not None:
+            conn[0].close()
+            return True
+        if not server_starting(d, kid):
+            return False
+        time.sleep(0.02)
+    return False
+
+
 def _tell(fd: int, word: str) -> None:
     """Write to the spawner's pipe; one that spawned and did not wait (prestart) closed it."""
     try:
@@ -712,7 +731,8 @@ def _tell(fd: int, word: str) -> None:
 
 def main() -> None:
     """The server process: stdin carries its configuration, `ready_fd` is
-    written to once it listens (or says `busy` when another holds the key)."""
+    written to once it listens (or once the server of the same key that
+    another controller started listens)."""
     from .snapshot import restart_if_project_imported
 
     restart_if_project_imported()
@@ -722,7 +742,10 @@ def main() -> None:
     paths = _paths(cfg["dir"], cfg["kid"])
     lock_fd = _take_lock(paths["lock"])
     if lock_fd is None:
-        _tell(ready_fd, "busy")
+        # Another server of this key is starting: say 'ready' when it
+        # listens, so that a spawner polling this pipe (a background build)
+        # never blocks on the other one's imports.
+        _tell(ready_fd, "ready" if _await_other(cfg["dir"], cfg["kid"]) else "failed: the server of this key did not start")
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -279,3 +279,60 @@ def test_server_key(tmp_path):
     assert server.server_key(["json"], [], str(tmp_path), environ={"OMP_NUM_THREADS": "4"})[0] != kid
     assert server.server_key(["json", "csv"], [], str(tmp_path), environ={})[0] != server.server_key(["json"], [], str(tmp_path), environ={})[0]
     json.dumps(desc)  # written into the server's K.json
+
+
+def test_edit_of_a_preloaded_package_replaces_its_server(srv, make_session, tmp_path):
+    lib = tmp_path / "lib"  # an editable install's source tree, outside the project
+    (lib / "mylib").mkdir(parents=True)
+    (lib / "mylib" / "__init__.py").write_text("from .core import f\n")
+    (lib / "mylib" / "core.py").write_text("def f():\n    return 'v1'\n")
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    s = make_session(preload=["mylib"], env=env)
+    st = _wait_built(s)
+    assert "mylib" in st["snapshot"]["preload"]
+    old = st["snapshot"]["pid"]
+    s.execute("import mylib; kept = mylib.f()")
+    # Same key (the package's own files and directory did not change), but
+    # the server imported the old core.py: it is retired, a new one serves.
+    (lib / "mylib" / "core.py").write_text("def f():\n    return 'v2'\n")
+    r = s.execute("print(kept, mylib.f())")
+    assert r.stdout == "v1 v2\n", r
+    assert r.reload.mode == "fresh" and "new snapshot" in r.reload.reason
+    new = s.status()["snapshot"]["pid"]
+    assert new != old
+    assert _gone(old)  # retired, and its last client (this kernel's old pool) left
+    s2 = make_session(preload=["mylib"], env=env)
+    assert s2.status()["snapshot"]["pid"] == new
+    assert s2.execute("import mylib; print(mylib.f())").stdout == "v2\n"
+
+
+def test_kernels_started_together_start_one_server_per_key(srv, kernelspec_prefix, project, monkeypatch):
+    from jupyter_client import KernelManager
+
+    monkeypatch.setenv("FORKRELOAD_PRELOAD", "json")
+    kms = [KernelManager(kernel_name="forkreload") for _ in range(2)]
+    clients = []
+    try:
+        for km in kms:  # both launched before either is up
+            km.start_kernel(cwd=str(project.root))
+        for km in kms:
+            kc = km.client()
+            kc.start_channels()
+            clients.append(kc)
+            kc.wait_for_ready(timeout=60)
+        servers = _servers(srv)
+        assert sorted(tuple(i["preload"]) for i in servers) == [(), ("json",)]
+        full = next(i for i in servers if i["preload"] == ["json"])
+        deadline = time.monotonic() + 30
+        while True:  # each kernel connects to it once it is built
+            status = server.ask(str(srv), full["kid"], {"op": "status"})
+            assert status is not None
+            if len(status["clients"]) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sorted(status["clients"]) == sorted(km.provisioner.pid for km in kms)  # type: ignore[attr-defined]
+    finally:
+        for kc in clients:
+            kc.stop_channels()
+        for km in kms:
+            km.shutdown_kernel(now=True)
