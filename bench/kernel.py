@@ -279,31 +279,31 @@ def timed_restart(km: KernelManager, kc: Any) -> float:
     return time.perf_counter() - t0
 
 
-def kernel_pss(kms: list[KernelManager], include_servers: bool) -> float:
-    """PSS in MiB of the kernels' processes and their children (and the snapshot servers)."""
+def kernel_pss(kms: list[KernelManager], include_servers: bool) -> dict[str, float]:
+    """PSS in MiB of the kernels' processes, by role: the kernel processes
+    (ipykernel, or forkreload's controllers), the snapshot servers, and the
+    workers and spares they forked."""
     import psutil
 
-    pids: set[int] = set()
+    roles: dict[int, str] = {}
     for km in kms:
         pid = km.provisioner.pid if km.provisioner is not None else None  # type: ignore[attr-defined]
-        if pid is None:
-            continue
-        root = psutil.Process(pid)
-        pids.update(p.pid for p in [root, *root.children(recursive=True)])
+        if pid is not None:
+            roles[pid] = "kernel"
     if include_servers:
         from forkreload import server
 
-        d = os.environ["FORKRELOAD_SERVER_DIR"]
-        for info in server.list_servers(d):
-            root = psutil.Process(info["pid"])
-            pids.update(p.pid for p in [root, *root.children(recursive=True)])
-    total = 0
-    for pid in pids:
+        for info in server.list_servers(os.environ["FORKRELOAD_SERVER_DIR"]):
+            roles[info["pid"]] = "server"
+            for child in psutil.Process(info["pid"]).children():
+                roles[child.pid] = "workers"
+    total: dict[str, float] = {"kernel": 0.0, "server": 0.0, "workers": 0.0}
+    for pid, role in roles.items():
         try:
-            total += psutil.Process(pid).memory_full_info().pss
+            total[role] += psutil.Process(pid).memory_full_info().pss / 2**20
         except psutil.Error:
             pass
-    return total / 2**20
+    return total
 
 
 def bench_starts(runs: int) -> None:
@@ -339,7 +339,7 @@ def bench_starts(runs: int) -> None:
             stop(km1, kc1)
             stop(km2, kc2)
 
-        pss: dict[str, list[float]] = {}
+        pss: dict[str, list[dict[str, float]]] = {}
         for name in ("python3", "forkreload"):
             kernels = []
             try:
@@ -374,8 +374,12 @@ def bench_starts(runs: int) -> None:
           f"warm start {med('fr2 ready') / med('ipy ready'):.2f}x, import cell first {med('fr1 import') / med('ipy import'):.2f}x, "
           f"warm {med('fr2 import') / med('ipy import'):.2f}x, restart plain {med('fr restart plain') / med('ipy restart'):.2f}x")
     for name, label in (("python3", "ipykernel"), ("forkreload", "forkreload")):
-        one, four = pss[name]
+        one, four = (sum(p.values()) for p in pss[name])
         print(f"  PSS with {', '.join(libs)} imported, {label:<10}  1 kernel {one:7.0f} MiB   4 kernels {four:7.0f} MiB   ({four / one:.2f}x)")
+        if name == "forkreload":
+            for n, p in zip((1, 4), pss[name], strict=True):
+                print(f"    {n} kernel(s): controllers {p['kernel']:.0f} MiB, snapshot servers {p['server']:.0f} MiB, "
+                      f"workers and spares {p['workers']:.0f} MiB")
 
 
 if __name__ == "__main__":
