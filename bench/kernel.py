@@ -341,13 +341,14 @@ def bench_starts(runs: int) -> None:
 
         pss: dict[str, list[dict[str, float]]] = {}
         for name in ("python3", "forkreload"):
+            stop_servers()  # the first forkreload kernel starts them, as a user's first would
             kernels = []
             try:
                 for i in range(4):
                     _r, _i, km, kc = timed_start(name, root, imports)
                     kernels.append((km, kc))
                     if i in (0, 3):
-                        time.sleep(2)  # spares forked, background builds done
+                        time.sleep(5)  # spares forked, background builds done
                         pss.setdefault(name, []).append(kernel_pss([k for k, _ in kernels], name != "python3"))
             finally:
                 for km, kc in kernels:
