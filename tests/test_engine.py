@@ -434,7 +434,7 @@ def test_a_deleted_module_does_not_block_the_session(project, make_session):
 def test_forkreload_log_traces_each_decision_and_swap_phase(project, make_session, tmp_path):
     log = tmp_path / "controller.log"
     project.write("m.py", "K = 1\n\ndef f():\n    return 1\n")
-    s = make_session(env={"FORKRELOAD_LOG": str(log)})
+    s = make_session(env={**os.environ, "FORKRELOAD_LOG": str(log)})
     s.execute("import m")
     project.write("m.py", "K = 1\n\ndef f():\n    return 2\n")
     assert s.execute("print(m.f())").stdout == "2\n"
