@@ -21,6 +21,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -272,6 +273,11 @@ class WorkerPool:
 
     # -- workers -------------------------------------------------------------
 
+    def launch_later(self, delay: float) -> None:
+        """`launch`, for a build that must not slow the first cells: a
+        per-kernel snapshot has no reason to wait."""
+        self.launch()
+
     def warm(self) -> bool:
         """Whether a start from this pool is just a fork (its snapshot is up).
         A per-kernel snapshot is never up before `start`, but nothing is gained
@@ -390,6 +396,12 @@ class WorkerPool:
                 self.proc.wait()
 
 
+class _LaterLaunch(threading.Timer):
+    """The timer of `ServerPool.launch_later`; `cancelled` once the pool closed."""
+
+    cancelled = False
+
+
 class ServerPool(WorkerPool):
     """A `WorkerPool` whose snapshot is the user's shared server (server.py).
 
@@ -415,6 +427,7 @@ class ServerPool(WorkerPool):
         self._conn: tuple[socket.socket, bytes] | None = None
         self._forked: set[int] = set()
         self._replaced_stale = False
+        self._timer: _LaterLaunch | None = None
         self._blocking = False  # `start`: connect follows launch at once
         self._await_listening = False
 
@@ -441,6 +454,52 @@ class ServerPool(WorkerPool):
         self._close_server_side()
         self.direct = True
         super().launch()
+
+    def launch_later(self, delay: float) -> None:
+        """Start this server `delay` seconds from now, from a thread;
+        `pending_fileno` is readable once it listens, as after `launch`.
+
+        The full server of a cold start imports the same libraries as the
+        first worker's first cell (the user's imports), on the same CPUs:
+        started at once, it makes that cell slower than in a plain kernel.
+        """
+        try:
+            self.dir = server_dir()
+        except OSError as exc:
+            self._fall_back(exc)
+            return
+        r, w = os.pipe2(os.O_CLOEXEC)
+        self._ready = r
+        d = self.dir
+
+        def fire() -> None:
+            line = b"failed: not started\n"
+            try:
+                if timer.cancelled:
+                    return  # the pool was closed first
+                conn = server_connect(d, self.kid)
+                if conn is not None:
+                    conn[0].close()
+                    line = b"ready\n"
+                else:
+                    proc, ready = server_spawn(d, self.kid, self.desc, self.preload, self.settings.watch,
+                                               self.settings.cwd, self.settings.server_idle, _snapshot_env())
+                    self.server_proc = proc
+                    with os.fdopen(ready, "rb") as f:
+                        line = f.readline() or b"failed: it exited\n"
+            except Exception as exc:  # said to the controller's loop through the pipe
+                line = f"failed: {exc}\n".encode()
+            finally:
+                try:
+                    os.write(w, line)
+                except OSError:
+                    pass  # the pool was closed meanwhile
+                os.close(w)
+
+        timer = _LaterLaunch(delay, fire)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
 
     def _launch_server(self) -> None:
         self.dir = server_dir()
@@ -653,6 +712,9 @@ class ServerPool(WorkerPool):
     # -- the end -----------------------------------------------------------------
 
     def _close_server_side(self) -> None:
+        if self._timer is not None:
+            self._timer.cancelled = True  # it fires anyway, only to close its pipe
+            self._timer = None
         if self._ready is not None:
             os.close(self._ready)
             self._ready = None

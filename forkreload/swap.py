@@ -136,7 +136,8 @@ class Swapper:
         if preload and not full.warm():
             self.pool = self.new_pool(self._make_pool([]))
             try:
-                full.launch()
+                # A head start for the first cell, which often imports them too.
+                full.launch_later(1.0)
                 self.building = full
             except (OSError, ControllerError) as exc:
                 log.warning("could not start a snapshot with %s: %s", preload, exc)

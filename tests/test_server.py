@@ -320,10 +320,12 @@ def test_kernels_started_together_start_one_server_per_key(srv, kernelspec_prefi
             kc.start_channels()
             clients.append(kc)
             kc.wait_for_ready(timeout=60)
+        deadline = time.monotonic() + 30
+        while len(_servers(srv)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the full one is built a moment after the first workers are up
         servers = _servers(srv)
         assert sorted(tuple(i["preload"]) for i in servers) == [(), ("json",)]
         full = next(i for i in servers if i["preload"] == ["json"])
-        deadline = time.monotonic() + 30
         while True:  # each kernel connects to it once it is built
             status = server.ask(str(srv), full["kid"], {"op": "status"})
             assert status is not None
