@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         help="the snapshot server shared by your kernels: status or stop",
         description="The snapshot server (one per Python, forkreload version and preload set) serves "
         "every forkreload kernel of this user: `status` lists each (key, pid, clients, workers, "
-        "uptime, preloads); `stop` ends them, and with them the workers they forked.",
+        "uptime, preloads); `stop` ends them and the workers they forked (a kernel still running "
+        "then gets a fresh worker from a new server).",
         formatter_class=_formatter,
     )
     sv.add_argument("action", nargs="?", choices=["status", "stop"], default="status")
