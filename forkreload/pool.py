@@ -430,6 +430,7 @@ class ServerPool(WorkerPool):
         self._timer: _LaterLaunch | None = None
         self._blocking = False  # `start`: connect follows launch at once
         self._await_listening = False
+        self._gone = False  # the connection to the server broke
 
     # -- reaching the server -----------------------------------------------------
 
@@ -660,17 +661,29 @@ class ServerPool(WorkerPool):
             "watch": self.settings.watch,
             "env": _snapshot_env(),
         }
-        self.chan.send(request, fds=stdio if len(stdio) == 2 else [])
+        try:
+            self.chan.send(request, fds=stdio if len(stdio) == 2 else [])
+        except OSError:
+            self._server_gone()
+            raise
 
     def fork(self) -> WorkerHandle:
-        w = super().fork()
+        if self.direct:
+            return super().fork()
+        try:
+            w = super().fork()
+        except (OSError, ControllerError):
+            if not self._gone and self.chan is not None:
+                raise  # the server answered: it could not fork
+            self._reconnect()
+            w = super().fork()
         self._forked.add(w.pid)
         return w
 
     def _recv(self) -> tuple[dict[str, Any], list[int]]:
         try:
             msg, fds = super()._recv()
-        except ControllerError:
+        except (ControllerError, OSError):
             if not self.direct:
                 self._server_gone()
             raise
@@ -680,6 +693,7 @@ class ServerPool(WorkerPool):
 
     def _server_gone(self) -> None:
         """Its workers died with it (parent-death signal); no one else will say how."""
+        self._gone = True
         for pid in self._forked:
             self.exit_statuses.setdefault(pid, "was killed: its snapshot server ended")
         self._forked.clear()
@@ -688,18 +702,23 @@ class ServerPool(WorkerPool):
         """One message from the server; if it is gone, a connection to a new one."""
         try:
             return super().read_message()
-        except ControllerError:
+        except (ControllerError, OSError):
             if self.direct:
                 raise
+        hello = self._reconnect()
+        return {"op": "reconnected", "pid": hello.get("pid")}
+
+    def _reconnect(self) -> dict[str, Any]:
+        """The server is gone (killed, stopped): a new one, for the next workers."""
         log.warning("the snapshot server ended; connecting to a new one")
         if self.spare is not None:
             self.retire(self.spare)
         self._close_server_side()
         self.info = {}
+        self._gone = False
         self._blocking = True  # this session waits for its snapshot now
         self.launch()
-        hello = self.connect()
-        return {"op": "reconnected", "pid": hello.get("pid")}
+        return self.connect()
 
     def exit_status(self, pid: int) -> str:
         if pid not in self.exit_statuses and self.chan is not None:

@@ -338,3 +338,16 @@ def test_kernels_started_together_start_one_server_per_key(srv, kernelspec_prefi
             kc.stop_channels()
         for km in kms:
             km.shutdown_kernel(now=True)
+
+
+def test_server_stop_while_a_kernel_runs(srv, make_session):
+    s = make_session()
+    s.execute("x = 1")
+    first = s.status()["snapshot"]["pid"]
+    assert "stopped" in _cli("stop")
+    assert _gone(first)
+    time.sleep(0.3)
+    r = s.execute("print('x' in globals())")
+    assert r.stdout == "False\n", r
+    assert "its snapshot server ended" in r.notice
+    assert s.status()["snapshot"]["pid"] not in (None, first)
