@@ -396,6 +396,12 @@ class WorkerPool:
                 self.proc.wait()
 
 
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 class _LaterLaunch(threading.Timer):
     """The timer of `ServerPool.launch_later`; `cancelled` once the pool closed."""
 
@@ -660,6 +666,7 @@ class ServerPool(WorkerPool):
             "key": self.key.decode(),
             "watch": self.settings.watch,
             "env": _snapshot_env(),
+            "umask": _umask(),
         }
         try:
             self.chan.send(request, fds=stdio if len(stdio) == 2 else [])

@@ -479,6 +479,7 @@ class _Server:
             if self.listener is not None:
                 fds.append(self.listener.fileno())
             timeout = None if self.clients else max(0.0, self.idle_since + self.idle - time.monotonic())
+            polled = dict(self.clients)
             readable, _, _ = select.select(fds, [], [], timeout)
             if self.wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
@@ -487,8 +488,10 @@ class _Server:
             if self.listener is not None and self.listener.fileno() in readable:
                 self._accept()
             for fd in readable:
-                client = self.clients.get(fd)
-                if client is not None:
+                # Only a client polled and still connected: a descriptor
+                # dropped and reused by a new client this round has no data.
+                client = polled.get(fd)
+                if client is not None and self.clients.get(fd) is client:
                     self._on_client(client)
         self.shutdown()
 
@@ -592,8 +595,10 @@ class _Server:
             # Nothing of the server's may stay open in a worker: its lock
             # (the server would look alive), the listener, other clients.
             signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
+            if isinstance(msg.get("umask"), int):
+                os.umask(msg["umask"])
             for c in self.clients.values():
                 c.sock.close()
             if self.listener is not None:

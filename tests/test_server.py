@@ -87,6 +87,9 @@ def test_two_kernels_share_one_server(srv, make_session):
     # Each worker has its own kernel's environment, not the server's.
     assert s1.execute("import os; print(os.environ.get('ONLY_IN_ONE'))").stdout == "1\n"
     assert s2.execute("import os; print(os.environ.get('ONLY_IN_ONE'))").stdout == "None\n"
+    mask = os.umask(0o027)
+    os.umask(mask)
+    assert s2.execute("import os; m = os.umask(0); print(oct(m))").stdout == f"{oct(mask)}\n"  # the kernel's
     out = _cli("status")
     assert f"pid {st1['snapshot']['pid']}" in out and "preloads: json" in out
     full = next(i for i in _servers(srv) if i["preload"] == ["json"])
