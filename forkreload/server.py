@@ -174,7 +174,12 @@ def server_key(preload: list[str], watch: list[str], cwd: str, environ: dict[str
             kernel[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             kernel[dist] = None
+    # What stays the same across an upgrade: a new server of the same
+    # family replaces the older ones (they take no new client, and end
+    # with their last).
+    family = [os.path.realpath(python), list(preload), pythonpath, relevant, sorted(watch)]
     desc: dict[str, Any] = {
+        "family": hashlib.sha256(json.dumps(family, sort_keys=True).encode()).hexdigest()[:16],
         "python": [os.path.realpath(python), sys.version],
         "forkreload": _forkreload_state(),
         "kernel": kernel,
@@ -449,6 +454,16 @@ class _Server:
         self.listener = listener
         self.sock_ino = os.stat(self.paths["sock"]).st_ino
         self._write_info()
+
+    def retire_older(self) -> None:
+        """Servers of this family with another key (an older forkreload, an
+        upgraded library) serve no new kernel: they end with their last."""
+        family = self.cfg.get("desc", {}).get("family")
+        if family is None:
+            return
+        for info in list_servers(self.cfg["dir"]):
+            if info.get("kid") != self.kid and (info.get("key") or {}).get("family") == family:
+                ask(self.cfg["dir"], info["kid"], {"op": "retire"}, timeout=2.0)
 
     def _write_info(self) -> None:
         info = {
@@ -767,6 +782,10 @@ def main() -> None:
         os._exit(1)
     _tell(ready_fd, "ready")
     os.close(ready_fd)
+    try:
+        server.retire_older()
+    except OSError as exc:
+        sys.stderr.write(f"forkreload server: could not retire older servers: {exc}\n")
     server.run()
 
 

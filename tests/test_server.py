@@ -354,3 +354,23 @@ def test_server_stop_while_a_kernel_runs(srv, make_session):
     assert r.stdout == "False\n", r
     assert "its snapshot server ended" in r.notice
     assert s.status()["snapshot"]["pid"] not in (None, first)
+
+
+def test_upgraded_preload_gets_a_new_server_that_replaces_the_old(srv, make_session, tmp_path):
+    lib = tmp_path / "site"
+    (lib / "mylib").mkdir(parents=True)
+    init = lib / "mylib" / "__init__.py"
+    init.write_text("VERSION = 1\n")
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    s1 = make_session(preload=["mylib"], env=env)
+    old = _wait_built(s1)["snapshot"]["pid"]
+    s1.close()
+    assert not _gone(old, timeout=0.3)  # idle, waiting for the next kernel
+    init.write_text("VERSION = 2\n")  # "pip install -U mylib": another mtime, another key
+    os.utime(init, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    s2 = make_session(preload=["mylib"], env=env)
+    new = _wait_built(s2)["snapshot"]["pid"]
+    assert new != old
+    assert s2.execute("import mylib; print(mylib.VERSION)").stdout == "2\n"
+    assert _gone(old)  # retired by the new one: it had no client left
+    assert [i["pid"] for i in _servers(srv) if i["preload"] == ["mylib"]] == [new]
