@@ -433,6 +433,7 @@ class ServerPool(WorkerPool):
         self._conn: tuple[socket.socket, bytes] | None = None
         self._forked: set[int] = set()
         self._replaced_stale = False
+        self._retried = False
         self._timer: _LaterLaunch | None = None
         self._blocking = False  # `start`: connect follows launch at once
         self._await_listening = False
@@ -527,7 +528,10 @@ class ServerPool(WorkerPool):
     def _attach(self, conn: tuple[socket.socket, bytes]) -> None:
         sock, key = conn
         self.chan = Channel(sock, key)
-        self.chan.send({"op": "hello", "watch": self.settings.watch, "pid": os.getpid()})
+        try:
+            self.chan.send({"op": "hello", "watch": self.settings.watch, "pid": os.getpid()})
+        except OSError:
+            pass  # a server exiting as this connected: reading its hello says so
 
     def _spawn(self) -> None:
         assert self.dir is not None
@@ -573,7 +577,16 @@ class ServerPool(WorkerPool):
             self._await_listening = False
             self._attach(self._wait_listening(deadline))
         assert self.chan is not None
-        hello = self._read_hello(deadline)
+        try:
+            hello = self._read_hello(deadline)
+        except ControllerError:
+            if self._retried:
+                raise
+            # It was exiting (idle) as this connection came in: another one.
+            self._retried = True
+            self._close_server_side()
+            self._launch_server()
+            return self._connect_server()
         if hello.get("stale_files") and not self._replaced_stale:
             # It imported a preloaded module of the user's before its last
             # edit: it serves its clients till they go, a new one the rest.
@@ -635,7 +648,10 @@ class ServerPool(WorkerPool):
             ready, _, _ = select.select([self.chan.fileno()], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise ControllerError("the snapshot server did not answer")
-            msg, fds = self.chan.recv()
+            try:
+                msg, fds = self.chan.recv()
+            except OSError:
+                msg, fds = None, []
             for fd in fds:
                 os.close(fd)
             if msg is None:
@@ -723,6 +739,7 @@ class ServerPool(WorkerPool):
         self._close_server_side()
         self.info = {}
         self._gone = False
+        self._retried = False
         self._blocking = True  # this session waits for its snapshot now
         self.launch()
         return self.connect()
@@ -731,7 +748,7 @@ class ServerPool(WorkerPool):
         if pid not in self.exit_statuses and self.chan is not None:
             try:
                 return super().exit_status(pid)
-            except ControllerError:
+            except (ControllerError, OSError):
                 pass
         return self.exit_statuses.pop(pid, "exited")
 

@@ -78,6 +78,7 @@ __all__ = [
 ]
 
 DEFAULT_IDLE = 600.0
+_FIRST_CLIENT_WAIT = 10.0
 _SERVER_DIR_ENV = "FORKRELOAD_SERVER_DIR"
 
 # Environment variables that change what an import does (thread pools read
@@ -229,6 +230,9 @@ def connect(d: str, kid: str) -> tuple[socket.socket, bytes] | None:
             raise ServerUnavailable(f"the process listening on {paths['sock']} is not this user's")
         with open(paths["key"], "rb") as f:
             key = f.read().strip()
+    except FileNotFoundError:
+        sock.close()
+        return None  # a server on its way out removed its files: as if none listened
     except BaseException:
         sock.close()
         raise
@@ -414,6 +418,7 @@ class _Server:
         self.started = time.time()
         self.idle_since = time.monotonic()
         self.stopping = False
+        self.served = False  # a client came
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- start --
@@ -454,6 +459,7 @@ class _Server:
         self.listener = listener
         self.sock_ino = os.stat(self.paths["sock"]).st_ino
         self._write_info()
+        self.idle_since = time.monotonic()
 
     def retire_older(self) -> None:
         """Servers of this family with another key (an older forkreload, an
@@ -488,12 +494,14 @@ class _Server:
         while True:
             if self.stopping:
                 break
-            if not self.clients and (self.listener is None or time.monotonic() - self.idle_since >= self.idle):
+            # Before its first client, the one that spawned it is connecting.
+            idle = self.idle if self.served else max(self.idle, _FIRST_CLIENT_WAIT)
+            if not self.clients and (self.listener is None or time.monotonic() - self.idle_since >= idle):
                 break  # idle too long, or retired and its last client gone
             fds = [self.wake_r, *self.clients]
             if self.listener is not None:
                 fds.append(self.listener.fileno())
-            timeout = None if self.clients else max(0.0, self.idle_since + self.idle - time.monotonic())
+            timeout = None if self.clients else max(0.0, self.idle_since + idle - time.monotonic())
             polled = dict(self.clients)
             readable, _, _ = select.select(fds, [], [], timeout)
             if self.wake_r in readable:
@@ -525,6 +533,7 @@ class _Server:
             sock.close()
             return
         self.clients[sock.fileno()] = _Client(sock, Channel(sock, self.key), pid)
+        self.served = True
 
     def _drop(self, client: _Client) -> None:
         """A client left (closed, or its controller died): its workers end with it."""
@@ -683,10 +692,10 @@ class _Server:
     def retire(self) -> None:
         """Take no new client (a newer server of this key takes over); end
         when the last one leaves."""
-        self._remove_files()
         if self.listener is not None:
-            self.listener.close()
+            self.listener.close()  # a connection still in its backlog reads EOF and tries again
             self.listener = None
+        self._remove_files()
         if self.lock_fd is not None:
             os.close(self.lock_fd)
             self.lock_fd = None
@@ -724,21 +733,25 @@ def _take_lock(path: str) -> int | None:
     return fd
 
 
-def _await_other(d: str, kid: str, timeout: float = 300.0) -> bool:
-    """Wait until the server of key `kid` that holds its lock listens."""
+def _lock_or_other(d: str, kid: str, timeout: float = 300.0) -> int | None:
+    """The lock of key `kid` (this process is to be its server), or None
+    once another server of the key listens. A server holding the lock while
+    it exits (idle, retired) releases it, and this one takes over."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
+        fd = _take_lock(_paths(d, kid)["lock"])
+        if fd is not None:
+            return fd
         try:
             conn = connect(d, kid)
         except OSError:
-            return False
+            conn = None
         if conn is not None:
             conn[0].close()
-            return True
-        if not server_starting(d, kid):
-            return False
+            return None
+        if time.monotonic() > deadline:
+            raise ServerUnavailable(f"the server of key {kid} neither listens nor ends")
         time.sleep(0.02)
-    return False
 
 
 def _tell(fd: int, word: str) -> None:
@@ -759,13 +772,16 @@ def main() -> None:
     cfg = json.loads(sys.stdin.readline())
     ready_fd = int(cfg["ready_fd"])
     os.set_inheritable(ready_fd, False)
-    paths = _paths(cfg["dir"], cfg["kid"])
-    lock_fd = _take_lock(paths["lock"])
+    try:
+        lock_fd = _lock_or_other(cfg["dir"], cfg["kid"])
+    except ServerUnavailable as exc:
+        _tell(ready_fd, f"failed: {exc}")
+        os._exit(1)
     if lock_fd is None:
-        # Another server of this key is starting: say 'ready' when it
-        # listens, so that a spawner polling this pipe (a background build)
-        # never blocks on the other one's imports.
-        _tell(ready_fd, "ready" if _await_other(cfg["dir"], cfg["kid"]) else "failed: the server of this key did not start")
+        # Another server of this key listens: 'ready' (said only once it
+        # does, so a spawner polling this pipe, a background build, never
+        # waits on another one's imports).
+        _tell(ready_fd, "ready")
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

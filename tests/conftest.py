@@ -25,8 +25,10 @@ os.environ["IPYTHONDIR"] = os.path.join(_SCRATCH, "ipython")
 # A snapshot server outlives its kernels (its idle timeout), which the check
 # that no process is left after a test would count as a leak: kernels start
 # their own snapshot unless a test (test_server.py) turns the server on, and
-# never reach a real user's server directory.
-os.environ["FORKRELOAD_SERVER"] = "0"
+# never reach a real user's server directory. FORKRELOAD_TEST_SERVER=1 runs
+# them all through a server instead, one that ends with its last kernel.
+os.environ["FORKRELOAD_SERVER"] = os.environ.get("FORKRELOAD_TEST_SERVER", "0")
+os.environ["FORKRELOAD_SERVER_IDLE"] = "0"
 os.environ["FORKRELOAD_SERVER_DIR"] = os.path.join(_SCRATCH, "server")
 
 

@@ -238,7 +238,8 @@ def test_sigkill_of_controller_ends_its_workers_not_the_server(srv, make_session
     assert status is not None and status["clients"] == [s2.pid]
 
 
-def test_sigkill_of_worker_is_reported_by_the_server(srv, make_session):
+def test_sigkill_of_worker_is_reported_by_the_server(srv, make_session, monkeypatch):
+    monkeypatch.setenv("FORKRELOAD_CHECKPOINTS", "0")  # a crash is then a fresh worker, not a restore
     s = make_session()
     s.execute("x = 1")
     pid = int(s.execute("import os; print(os.getpid())").stdout)
@@ -343,7 +344,8 @@ def test_kernels_started_together_start_one_server_per_key(srv, kernelspec_prefi
             km.shutdown_kernel(now=True)
 
 
-def test_server_stop_while_a_kernel_runs(srv, make_session):
+def test_server_stop_while_a_kernel_runs(srv, make_session, monkeypatch):
+    monkeypatch.setenv("FORKRELOAD_CHECKPOINTS", "0")
     s = make_session()
     s.execute("x = 1")
     first = s.status()["snapshot"]["pid"]
