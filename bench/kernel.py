@@ -282,7 +282,7 @@ def timed_restart(km: KernelManager, kc: Any) -> float:
 def kernel_pss(kms: list[KernelManager], include_servers: bool) -> dict[str, float]:
     """PSS in MiB of the kernels' processes, by role: the kernel processes
     (ipykernel, or forkreload's controllers), the snapshot servers, and the
-    workers and spares they forked."""
+    workers and spares they forked (with the checkpoints those forked)."""
     import psutil
 
     roles: dict[int, str] = {}
@@ -295,8 +295,8 @@ def kernel_pss(kms: list[KernelManager], include_servers: bool) -> dict[str, flo
 
         for info in server.list_servers(os.environ["FORKRELOAD_SERVER_DIR"]):
             roles[info["pid"]] = "server"
-            for child in psutil.Process(info["pid"]).children():
-                roles[child.pid] = "workers"
+            for child in psutil.Process(info["pid"]).children(recursive=True):
+                roles[child.pid] = "workers"  # and spares, and their checkpoints
     total: dict[str, float] = {"kernel": 0.0, "server": 0.0, "workers": 0.0}
     for pid, role in roles.items():
         try:
@@ -380,7 +380,7 @@ def bench_starts(runs: int) -> None:
         if name == "forkreload":
             for n, p in zip((1, 4), pss[name], strict=True):
                 print(f"    {n} kernel(s): controllers {p['kernel']:.0f} MiB, snapshot servers {p['server']:.0f} MiB, "
-                      f"workers and spares {p['workers']:.0f} MiB")
+                      f"workers, spares and checkpoints {p['workers']:.0f} MiB")
 
 
 if __name__ == "__main__":
