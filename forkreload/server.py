@@ -88,7 +88,7 @@ _ENV_PREFIXES = (
     "PYTHON", "OMP_", "OPENBLAS_", "MKL_", "NUMEXPR_", "VECLIB_", "BLIS_", "CUDA_", "NVIDIA_",
     "LD_", "VIRTUAL_ENV", "CONDA_PREFIX", "MPL", "KMP_", "TF_", "XLA_", "JAX_", "PYTORCH_",
 )
-_KERNEL_DISTS = ("ipykernel", "ipython", "pyzmq", "jupyter_client", "tornado", "traitlets", "cloudpickle", "debugpy")
+_KERNEL_PACKAGES = ("ipykernel", "IPython", "zmq", "jupyter_client", "tornado", "traitlets", "cloudpickle", "debugpy")
 
 
 class ServerUnavailable(OSError):
@@ -122,9 +122,9 @@ def server_dir(create: bool = True) -> str:
 
 
 def _package_state(name: str) -> list[Any]:
-    """Where a top-level package is, its version and its mtime: a reinstall
-    or upgrade changes one of them."""
-    import importlib.metadata
+    """Where a top-level package is and the mtimes of its file and folder:
+    an install or upgrade writes new files into a new folder. (Cheaper than
+    asking importlib.metadata for versions, which a start would pay for.)"""
     import importlib.util
 
     try:
@@ -141,11 +141,7 @@ def _package_state(name: str) -> list[Any]:
             mtimes.append(os.stat(p).st_mtime_ns if p else None)
         except OSError:
             mtimes.append(None)
-    try:
-        version: str | None = importlib.metadata.version(name)
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        version = None
-    return [origin, where, version, mtimes]
+    return [origin, where, mtimes]
 
 
 def _forkreload_state() -> list[Any]:
@@ -167,14 +163,7 @@ def server_key(preload: list[str], watch: list[str], cwd: str, environ: dict[str
     tops = sorted({p.split(".")[0] for p in preload})
     prefixes = tuple(t.upper() + "_" for t in tops)
     relevant.update({k: v for k, v in sorted(env.items()) if prefixes and k.startswith(prefixes)})
-    import importlib.metadata
-
-    kernel: dict[str, str | None] = {}
-    for dist in _KERNEL_DISTS:
-        try:
-            kernel[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            kernel[dist] = None
+    kernel = {dist: _package_state(dist) for dist in _KERNEL_PACKAGES}
     # What stays the same across an upgrade: a new server of the same
     # family replaces the older ones (they take no new client, and end
     # with their last).
