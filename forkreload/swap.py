@@ -145,7 +145,10 @@ class Swapper:
         else:
             self.pool = self.new_pool(full)
         self.switch(self.pool.take_spare(), None)
-        self.pool.refill_spare()
+        if self.building is None:
+            # (A spare of the kernel-only server would be retired unused
+            # when the full one is ready, its start competing with the first cell.)
+            self.pool.refill_spare()
 
     def new_pool(self, pool: WorkerPool | None = None) -> WorkerPool:
         """Start a snapshot (with this session's preloads) and report on it."""
