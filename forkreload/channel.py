@@ -21,7 +21,7 @@ import socket
 import tempfile
 from typing import Any
 
-__all__ = ["ForgedMessage", "Channel", "make_private_dir", "remove_dead_private_dirs", "set_parent_death_signal"]
+__all__ = ["ForgedMessage", "Channel", "lock_held", "make_private_dir", "remove_dead_private_dirs", "set_parent_death_signal"]
 
 log = logging.getLogger("forkreload.channel")
 
@@ -59,6 +59,18 @@ def make_private_dir(prefix: str = "forkreload-", hold: bool | None = None) -> s
     return path
 
 
+def lock_held(fd: int) -> bool:
+    """Whether another process holds the flock of `fd` (which is closed):
+    a lock dies with its holder, whatever pid namespace it lives in."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _owned(path: str, pid: int) -> bool:
     """Whether the process that made `path` may still be using it: its lock
     is held (by a process of any pid namespace), or, for a directory made
@@ -67,12 +79,8 @@ def _owned(path: str, pid: int) -> bool:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
         return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if lock_held(fd):
         return True
-    finally:
-        os.close(fd)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -36,6 +36,7 @@ import time
 from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
+from .snapshot import describe_status
 
 __all__ = ["assigned_names", "take", "trivial_cell"]
 
@@ -305,7 +306,7 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
             pid = children.pop(fd)
             _, status = os.waitpid(pid, 0)
             os.close(fd)
-            chan.send({"op": "exited", "pid": pid, "status": _describe(status)})
+            chan.send({"op": "exited", "pid": pid, "status": describe_status(status)})
         if chan.fileno() not in ready:
             continue
         try:
@@ -330,17 +331,6 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
             child_fd = os.pidfd_open(child)
             children[child_fd] = child
             chan.send({"op": "restored", "pid": child}, fds=[child_fd])
-
-
-def _describe(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        return f"was killed by {name}"
-    return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def _new_history_session(shell: Any) -> None:

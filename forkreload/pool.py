@@ -213,6 +213,11 @@ class WorkerPool:
         hello, _ = self.chan.recv()
         if not hello or hello.get("op") != "hello":
             raise ControllerError("the snapshot did not say hello")
+        return self._take_hello(hello)
+
+    def _take_hello(self, hello: dict[str, Any]) -> dict[str, Any]:
+        """What a snapshot says once its preloads are imported: its report,
+        and the preloaded files that are the user's own (an edit rebuilds it)."""
         self.info = hello
         for m in hello.get("preload_files", []):
             self.watch.add(m["name"], m["file"], m["sha"])
@@ -597,12 +602,7 @@ class ServerPool(WorkerPool):
             self._close_server_side()
             self._launch_server()
             return self._connect_server()
-        self.info = hello
-        for m in hello.get("preload_files", []):
-            self.watch.add(m["name"], m["file"], m["sha"])
-        if hello.get("kernel_failed"):
-            raise ControllerError(f"the snapshot could not import the kernel: {hello['kernel_failed']}")
-        return hello
+        return self._take_hello(hello)
 
     def _read_ready(self, deadline: float) -> str:
         assert self._ready is not None

@@ -54,7 +54,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .channel import Channel, ForgedMessage
+from .channel import Channel, ForgedMessage, lock_held
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -295,13 +295,7 @@ def server_starting(d: str, kid: str) -> bool:
         fd = os.open(_paths(d, kid)["lock"], os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return lock_held(fd)
 
 
 def spawn(d: str, kid: str, desc: dict[str, Any], preload: list[str], watch: list[str], cwd: str, idle: float,
