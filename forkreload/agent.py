@@ -1058,7 +1058,11 @@ class Agent:
             return {"taken": False, "why": "the debugger is on"}
         cell = self.shell.execution_count - 1
         t0 = time.perf_counter()
-        pid = checkpoint.take(self.shell, sock_path, self.key, cell)
+        try:
+            threads = carry.user_threads(self.user_modules)
+        except Exception:
+            threads = []
+        pid = checkpoint.take(self.shell, sock_path, self.key, cell, threads)
         self.checkpoint_pids.append(pid)
         self.dirty = False
         return {"taken": True, "pid": pid, "cell": cell, "seconds": round(time.perf_counter() - t0, 6)}

@@ -842,16 +842,23 @@ def _kernel_thread(t: threading.Thread) -> bool:
     return _top(getattr(target, "__module__", None)) in _KERNEL_PACKAGES
 
 
-def _threads(user: frozenset[str]) -> list[str]:
-    lines = []
+def user_threads(user_modules: Iterable[str]) -> list[str]:
+    """The names of the threads the user's code started (not the kernel's,
+    not a library's own thread class): what no new process or fork keeps."""
+    user = frozenset([*user_modules, "__main__"])
+    names = []
     for t in threading.enumerate():
         if _kernel_thread(t):
             continue
         cls_mod = type(t).__module__
         if cls_mod != "threading" and cls_mod not in user:
             continue  # a library's own thread class (tqdm's monitor): the library starts it as needed
-        lines.append(f"not carried: thread {t.name!r} (threads do not survive a fresh worker)")
-    return lines
+        names.append(t.name)
+    return names
+
+
+def _threads(user: frozenset[str]) -> list[str]:
+    return [f"not carried: thread {name!r} (threads do not survive a fresh worker)" for name in user_threads(user)]
 
 
 def uncarried(namespace: Mapping[str, object] | None = None, user_modules: Iterable[str] | None = None) -> list[str]:

@@ -231,7 +231,7 @@ def _prefault(ranges: list[tuple[int, int]]) -> None:
             return  # an old kernel (EINVAL), or the mapping changed: nothing lost
 
 
-def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
+def take(shell: Any, sock_path: str, key: bytes, cell: int, threads: list[str] | None = None) -> int:
     """Fork a checkpoint of this worker; its pid (in the worker).
 
     Called in the worker's main thread between cells. The child connects to
@@ -267,7 +267,7 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int) -> int:
     try:
         _stop_tracing()
         random.setstate(rng)
-        _checkpoint_main(shell, sock_path, key, cell, os.getppid())
+        _checkpoint_main(shell, sock_path, key, cell, os.getppid(), threads or [])
     finally:
         os._exit(1)
     return 0  # not reached
@@ -285,7 +285,7 @@ def _stop_tracing() -> None:
         monitoring.free_tool_id(monitoring.DEBUGGER_ID)
 
 
-def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_pid: int) -> None:
+def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_pid: int, threads: list[str]) -> None:
     """The checkpoint's life: wait for the controller's word."""
     # Not the worker's process group member for Ctrl-C, and not tied to the
     # worker's life: a checkpoint exists to outlive a crash of the worker.
@@ -298,7 +298,8 @@ def _checkpoint_main(shell: Any, sock_path: str, key: bytes, cell: int, worker_p
     except OSError:
         os._exit(0)  # the controller is gone, or takes no checkpoints now
     chan = Channel(sock, key)
-    chan.send({"op": "checkpoint", "pid": os.getpid(), "worker": worker_pid, "cell": cell, "time": time.time()})
+    # The user's threads ran in the worker: the copy has only the thread that forked.
+    chan.send({"op": "checkpoint", "pid": os.getpid(), "worker": worker_pid, "cell": cell, "time": time.time(), "threads": threads})
     children: dict[int, int] = {}  # pidfd -> pid of the workers made from this checkpoint
     while True:
         ready, _, _ = select.select([chan.fileno(), *children], [], [])

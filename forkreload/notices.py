@@ -177,23 +177,29 @@ def crash_restored(status: str, cell: int) -> str:
     return f"the worker {status}; the state after cell {cell} is restored for the next cell"
 
 
-def restored_text(status: str, crashed_cell: int | None, cell: int, age: float, lost: list[str]) -> str:
+def restored_text(status: str, crashed_cell: int | None, cell: int, age: float, lost: list[str], threads: list[str] | None = None) -> str:
     """The first cell after a crash, when a checkpoint took over."""
     where = f" in cell {crashed_cell}" if crashed_cell is not None else ""
     text = f"{PREFIX}the worker {status}{where}; restored the state after cell {cell} ({_ago(age)} old)"
     if lost:
         text += f"; lost: {fold(lost, sep=', ')} (set by later cells)"
-    return text
+    return text + _threads_gone(threads)
 
 
-def undo_text(cell: int | None, age: float, lost: list[str], why: str = "") -> str:
+def _threads_gone(threads: list[str] | None) -> str:
+    if not threads:
+        return ""
+    return f"; not restored: thread{'s' if len(threads) > 1 else ''} {fold([repr(t) for t in threads], sep=', ')} (a copy keeps no thread)"
+
+
+def undo_text(cell: int | None, age: float, lost: list[str], why: str = "", threads: list[str] | None = None) -> str:
     """`%forkreload undo`: the state after an earlier cell is back."""
     if cell is None:
         return f"{PREFIX}nothing to undo: {why}"
     text = f"{PREFIX}undone: the state after cell {cell} ({_ago(age)} old) is back"
     if lost:
         text += f"; {fold(lost, sep=', ')} as they were then"
-    return text
+    return text + _threads_gone(threads)
 
 
 def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool, previous: dict[str, Any] | None = None, used: int = 0) -> str:

@@ -315,7 +315,7 @@ class Swapper:
             if self.previous is not None:
                 self._retire(self.previous)
             self.switch(new, None, modules=modules)
-            why = notices.restored_text(status, crashed if crashed is not None and crashed > cp.cell else None, cp.cell, cp.age(), lost)
+            why = notices.restored_text(status, crashed if crashed is not None and crashed > cp.cell else None, cp.cell, cp.age(), lost, cp.threads)
             self.pending_report = Reload("restore", ok=True, reason=why, lost={n: "set by a cell after the checkpoint" for n in lost})
             log.debug("worker %s died: %s; restored checkpoint %d (cell %d)", w.pid, status, cp.pid, cp.cell)
             return True
@@ -420,7 +420,7 @@ class Swapper:
         if self.previous is not None:
             self._retire(self.previous)
         self.switch(new, parent, modules=modules)
-        return notices.undo_text(target.cell, target.age(), changed)
+        return notices.undo_text(target.cell, target.age(), changed, threads=target.threads)
 
     def ensure_worker(self) -> WorkerHandle:
         """The current worker, starting one if the last could not be."""

@@ -94,6 +94,7 @@ class Checkpoint:
         self.exit_statuses: dict[int, str] = {}
         self.uss = 0
         self.dead = False
+        self.threads: list[str] = []  # the user's threads in the worker then: not in the copy
 
     def age(self) -> float:
         return time.monotonic() - self.taken
@@ -250,7 +251,9 @@ class Timeline:
             log.warning("refused a checkpoint connection from pid %d: %s", pid, exc)
             chan.close()
             return None
-        return Checkpoint(chan, pid, pidfd, hello["worker"], int(hello.get("cell", 0)), float(hello.get("time", time.time())))
+        cp = Checkpoint(chan, pid, pidfd, hello["worker"], int(hello.get("cell", 0)), float(hello.get("time", time.time())))
+        cp.threads = [str(t) for t in hello.get("threads", [])]
+        return cp
 
     def live(self) -> list[Checkpoint]:
         """The checkpoints still there, oldest first (dead ones dropped)."""

@@ -385,3 +385,13 @@ def test_memory_only_checkpoints_share_is_counted(make_session):
     time.sleep(0.3)
     held = s.status()["checkpoint_memory"]
     assert 35 * 2**20 < held < 80 * 2**20, held
+
+
+def test_the_threads_a_restore_cannot_bring_back_are_named(make_session):
+    s = make_session()
+    cell(s, "import threading, time\nstop = threading.Event()\nt = threading.Thread(target=stop.wait, name='poller', daemon=True)\nt.start()")
+    cell(s, "x = 1")
+    _wait_checkpoints(s, 2)
+    text = s.undo()
+    assert "not restored: thread 'poller'" in text, text
+    assert s.execute("print(t.is_alive())").stdout == "False\n"
