@@ -55,7 +55,8 @@ _READING_METHODS = frozenset(
      "upper", "lower", "strip", "split", "join", "shape", "dtype", "equals", "isclose", "allclose"}
 )
 # `%forkreload ...` and the like become get_ipython().run_line_magic(name, ...).
-_HARMLESS_MAGICS = frozenset({"forkreload", "who", "whos", "pwd", "timeit", "time", "lsmagic", "history", "pinfo", "pinfo2", "psearch"})
+# (Not %time or %timeit: they run the code they are given.)
+_HARMLESS_MAGICS = frozenset({"forkreload", "who", "whos", "pwd", "lsmagic", "history", "pinfo", "pinfo2", "psearch"})
 
 
 def _harmless(node: ast.AST) -> bool:
@@ -351,6 +352,22 @@ def _new_history_session(shell: Any) -> None:
         pass  # history of this session is then kept in memory only
 
 
+def _continue_count(shell: Any, count: int, inputs: dict[str, str]) -> None:
+    """The cell numbers go on from the session's, not from the copy's: the
+    cells run since the checkpoint stay in the input history (`In`, `_ih`,
+    their text where the controller knew it), their values are gone."""
+    if count <= shell.execution_count:
+        return
+    hm = shell.history_manager
+    for n in range(shell.execution_count, count):
+        text = str(inputs.get(str(n), ""))
+        for hist in (hm.input_hist_parsed, hm.input_hist_raw):
+            while len(hist) <= n:
+                hist.append("")
+            hist[n] = text
+    shell.execution_count = count
+
+
 def _become_worker(shell: Any, msg: dict[str, Any], offsets: dict[int, int]) -> None:
     """Turn this copy of a worker into a running worker again; never returns."""
     import atexit
@@ -379,6 +396,7 @@ def _become_worker(shell: Any, msg: dict[str, Any], offsets: dict[int, int]) -> 
                 pass
     sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
     _new_history_session(shell)
+    _continue_count(shell, int(msg.get("count") or 0), msg.get("inputs") or {})
 
     import ipykernel.ipkernel
     from ipykernel.ipkernel import IPythonKernel

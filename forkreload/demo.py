@@ -48,6 +48,10 @@ class Step:
         return f"{self.edit}:  {self.old.strip()}  →  {self.new.strip()}"
 
 
+# Seconds between two cells of --auto, as a person types: the checkpoint
+# that undo returns to is taken once the worker rests after a cell.
+PACE = 0.2
+
 STEPS = (
     Step("import shapes; c = shapes.Circle(2)"),
     Step("%time total = shapes.slow_sum(10**7)", expect="slow on purpose: the work a restart would redo"),
@@ -64,6 +68,9 @@ STEPS = (
         notice="fresh worker: shapes.py: module constant UNIT changed",
         expect="a new process imported shapes.py afresh; c (a Circle of the new code now) and total came along, not recomputed",
     ),
+    Step("c.r = -1; total = 0", expect="a mistake: both values overwritten"),
+    Step("%forkreload undo", notice="undone: the state after cell", expect="the session as it was before that cell (a checkpoint, no recomputing)"),
+    Step("c.describe(), total"),
 )
 
 
@@ -150,6 +157,7 @@ def run_auto(directory: str | None = None, out: Callable[[str], None] = print) -
                     path.write_text(source.replace(step.old, step.new, 1))
                     out(f"# edit {path.name}, {step.describe_edit()}")
                     continue
+                time.sleep(PACE)
                 r = s.execute(step.code)
                 out(f"In [{r.execution_count}]: {step.code}")
                 for text in (r.notice, r.stdout, r.stderr):

@@ -119,6 +119,7 @@ class Swapper:
         self.undo_requested: int | None = None
         self.checkpoint_due: float | None = None  # when to ask for one, if the worker is still idle
         self.cells: list[tuple[int | None, str, str]] = []  # (count once known, code, msg_id)
+        self.inputs: dict[int, str] = {}  # every cell's text by number, undone ones too (the input history)
 
     # -- start and stop --------------------------------------------------------
 
@@ -303,13 +304,13 @@ class Swapper:
         self.timeline.accept()
         for cp in reversed(self.timeline.live()):
             try:
-                (new, modules), names = self._restore(cp)
+                crashed = self._crashed_cell()
+                (new, modules), names = self._restore(cp, crashed + 1 if crashed is not None else 0)
             except (WorkerDied, ControllerError, KeyError) as exc:
                 log.warning("checkpoint %d could not be restored: %s", cp.pid, exc)
                 if not cp.in_use():
                     self.timeline.drop(cp)
                 continue
-            crashed = self._crashed_cell()
             lost = self._lost_since(cp, names)
             self.proxy.fail_inflight(w, notices.crash_restored(status, cp.cell))
             if self.previous is not None:
@@ -321,10 +322,12 @@ class Swapper:
             return True
         return False
 
-    def _restore(self, cp: Checkpoint) -> tuple[tuple[WorkerHandle, list[ModuleInfo]], list[str]]:
-        """A worker from checkpoint `cp`: (worker, its modules), its variable names."""
+    def _restore(self, cp: Checkpoint, count: int) -> tuple[tuple[WorkerHandle, list[ModuleInfo]], list[str]]:
+        """A worker from checkpoint `cp` whose next cell is number `count`:
+        (worker, its modules), its variable names."""
         proxy = self.proxy
-        new = cp.restore(proxy.ctx, proxy.privdir, proxy.key, next(self._wids))
+        inputs = {n: code for n, code in self.inputs.items() if cp.cell < n < count}
+        new = cp.restore(proxy.ctx, proxy.privdir, proxy.key, next(self._wids), count, inputs)
         try:
             info = proxy.call_agent(new, "checkpoint_info")
             modules = proxy.call_agent(new, "modules")["modules"]
@@ -390,6 +393,9 @@ class Swapper:
         for i in range(len(self.cells) - 1, -1, -1):
             if self.cells[i][2] == msg_id:
                 self.cells[i] = (count, self.cells[i][1], msg_id)
+                self.inputs[count] = self.cells[i][1]
+                if len(self.inputs) > 10000:
+                    del self.inputs[min(self.inputs)]
                 return
 
     def undo(self, parent: dict[str, Any] | None, n: int) -> str:
@@ -410,7 +416,7 @@ class Swapper:
             return notices.undo_text(None, 0, [], f"{max(have, 0)} earlier state{'s' if have != 1 else ''} kept")
         target = items[index]
         try:
-            (new, modules), names = self._restore(target)
+            (new, modules), names = self._restore(target, int(info.get("cell", 0)) + 1)
         except (WorkerDied, ControllerError, KeyError) as exc:
             if not target.in_use():  # the current worker may have come from it
                 self.timeline.drop(target)
@@ -437,6 +443,7 @@ class Swapper:
         if self.previous is not None:
             self._retire(self.previous)
         self.cells.clear()
+        self.inputs.clear()
         try:
             new: WorkerHandle | None = self.pool.take_spare()
         except (WorkerDied, ControllerError) as exc:

@@ -137,11 +137,14 @@ class Checkpoint:
             self._read(0.05)
         return self.exit_statuses.pop(pid, "exited")
 
-    def restore(self, ctx: zmq.Context[zmq.Socket[bytes]], privdir: str, key: bytes, wid: int) -> WorkerHandle:
-        """A running worker with this checkpoint's state (the checkpoint stays)."""
+    def restore(self, ctx: zmq.Context[zmq.Socket[bytes]], privdir: str, key: bytes, wid: int,
+                count: int = 0, inputs: dict[int, str] | None = None) -> WorkerHandle:
+        """A running worker with this checkpoint's state (the checkpoint stays);
+        its next cell is number `count`, the cells since in its input history."""
         if not self.alive():
             raise WorkerDied("the checkpoint is gone")
-        self.chan.send({"op": "restore", "wid": wid, "privdir": privdir, "key": key.decode()})
+        self.chan.send({"op": "restore", "wid": wid, "privdir": privdir, "key": key.decode(),
+                        "count": count, "inputs": {str(n): code for n, code in (inputs or {}).items()}})
         deadline = time.monotonic() + _RESTORE_TIMEOUT
         while True:
             msg = self._read(max(deadline - time.monotonic(), 0.0))

@@ -38,12 +38,14 @@ def test_demo_auto_shows_in_place_then_fresh_with_values_kept() -> None:
     assert re.search(r"^forkreload: fresh worker: shapes\.py: module constant UNIT changed · migrated \d+ · [\d.]+ m?s$", out, re.M), out
     assert "Wall time:" in out, out  # %time's own line: what computing total cost
     outs = re.findall(r"^Out\[(\d)\]: \('(.*)', ([\d.e+]+)\)$", out, re.M)
+    assert re.search(r"^forkreload: undone: the state after cell 2 \(\d+ s old\) is back; c, total as they were then$", out, re.M), out
     assert [(n, d) for n, d, _ in outs] == [
         ("3", "radius 2 cm, area 12.566370614359172 cm²"),
         ("4", "radius 2 cm, area 12.6 cm²"),  # new code, in place
         ("5", "radius 2 mm, area 12.6 mm²"),  # fresh worker: the new constant
+        ("8", "radius 2 mm, area 12.6 mm²"),  # undone (to the state after cell 2), then the edits applied again
     ], out
-    assert len({total for _, _, total in outs}) == 1, "total is kept, never recomputed"
+    assert len({total for _, _, total in outs}) == 1, "total is kept, never recomputed, and comes back after the undo"
     assert elapsed < 30, f"--auto took {elapsed:.1f} s"
 
 

@@ -1,6 +1,6 @@
 """forkreload demo: edit this file while the console runs.
 
-`forkreload demo` printed the cells to type and the two edits to make.
+`forkreload demo` printed the cells to type, the two edits to make, and an undo.
 """
 
 import math
