@@ -378,9 +378,10 @@ class Swapper:
 
     def poll_timeout(self) -> int:
         """Milliseconds the controller may wait for a message before `tick`."""
+        wait = 50 if self.timeline.waiting else 1000  # a checkpoint's hello on its way
         if self.checkpoint_due is None:
-            return 1000
-        return max(int((self.checkpoint_due - time.monotonic()) * 1000) + 1, 0)
+            return wait
+        return min(max(int((self.checkpoint_due - time.monotonic()) * 1000) + 1, 0), wait)
 
     def cell_routed(self, msg_id: str, code: str) -> None:
         """A cell goes to the current worker: what a restore would lose."""

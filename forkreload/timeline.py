@@ -39,6 +39,7 @@ log = logging.getLogger("forkreload.timeline")
 
 MAX_CHECKPOINTS = 10
 _RESTORE_TIMEOUT = 10.0
+_HELLO_TIMEOUT = 2.0
 
 
 def available_memory() -> int | None:
@@ -201,6 +202,7 @@ class Timeline:
         self.sock_path = os.path.join(privdir, "checkpoints.sock")
         self.listener: socket.socket | None = None
         self.workers: set[int] = set()  # pids of the session's workers: only their forks may connect
+        self.waiting: list[tuple[socket.socket, float]] = []  # connected, hello not read yet (until the deadline)
         self._measured = 0.0
         if self.enabled:
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -223,25 +225,34 @@ class Timeline:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 break
-            cp = self._admit(conn)
+            self.waiting.append((conn, time.monotonic() + _HELLO_TIMEOUT))
+        # A connection is admitted once its hello is there: a checkpoint
+        # sends it at once, and nobody can hold the controller by not sending.
+        still: list[tuple[socket.socket, float]] = []
+        for conn, deadline in self.waiting:
+            ready, _, _ = select.select([conn], [], [], 0)
+            if not ready and time.monotonic() < deadline:
+                still.append((conn, deadline))
+                continue
+            cp = self._admit(conn, ready=bool(ready))
             if cp is not None:
                 self.items.append(cp)
                 new.append(cp)
                 log.debug("checkpoint %d after cell %d of worker %d", cp.pid, cp.cell, cp.worker_pid)
+        self.waiting = still
         if new:
             # Measured now, while the user reads the cell's output: the
             # cells since the last checkpoint are what grew the memory held.
             self.enforce()
         return new
 
-    def _admit(self, conn: socket.socket) -> Checkpoint | None:
+    def _admit(self, conn: socket.socket, ready: bool) -> Checkpoint | None:
         pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         conn.setblocking(True)
         chan = Channel(conn, self.key)
         try:
             if uid != os.getuid():
                 raise ValueError(f"uid {uid}")
-            ready, _, _ = select.select([conn], [], [], 2.0)
             hello, fds = chan.recv() if ready else (None, [])
             for fd in fds:
                 os.close(fd)
@@ -300,6 +311,8 @@ class Timeline:
             self.drop(droppable()[0])
 
     def tick(self, idle: bool) -> None:
+        if self.waiting:
+            self.accept()
         # A cell that took no checkpoint may have written too: measured
         # again now and then between cells.
         if idle and self.items and time.monotonic() - self._measured > 30.0:
@@ -330,6 +343,9 @@ class Timeline:
             self.accept()
 
     def close(self) -> None:
+        for conn, _ in self.waiting:
+            conn.close()
+        self.waiting.clear()
         for cp in self.items:
             cp.discard()
         self.items.clear()

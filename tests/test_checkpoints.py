@@ -396,3 +396,35 @@ def test_the_threads_a_restore_cannot_bring_back_are_named(make_session):
     text = s.undo()
     assert "not restored: thread 'poller'" in text, text
     assert s.execute("print(t.is_alive())").stdout == "False\n"
+
+
+def test_a_forged_checkpoint_is_refused(make_session):
+    # Someone (same user) connects to the controller's checkpoint socket
+    # without the session key, or with it but not as a fork of the worker.
+    import glob
+    import socket
+
+    from forkreload.channel import Channel
+
+    s = make_session()
+    cell(s, "x = 1")
+    _wait_checkpoints(s, 1)
+    [path] = glob.glob(f"/dev/shm/forkreload-{s.pid}-*/checkpoints.sock") or glob.glob(f"/tmp/forkreload-{s.pid}-*/checkpoints.sock")
+    import json
+
+    with open(s.connection_file) as f:
+        right_key = json.load(f)["key"].encode()
+    for key in (right_key, b"not the key"):  # the right key but not a fork of the worker; a wrong key
+        worker = s.status()["worker_pid"]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        # The controller goes on serving while a connection says nothing.
+        assert s.status()["worker_pid"] == worker
+        Channel(sock, key).send({"op": "checkpoint", "pid": os.getpid(), "worker": worker, "cell": 99, "time": time.time()})
+        sock.settimeout(5)
+        assert sock.recv(100) == b""  # the controller closed it
+        sock.close()
+    assert [c["cell"] for c in _checkpoints(s)] == [1]
+    cell(s, "x = 2")
+    assert "after cell 1" in s.undo()
+    assert s.execute("print(x)").stdout == "1\n"
