@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
@@ -210,8 +210,7 @@ def describe_status(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def reaped() -> Iterator[tuple[int, str]]:
-    """The children that ended since the last look: (pid, how, in words)."""
+def _reap(chan: Channel) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -219,13 +218,8 @@ def reaped() -> Iterator[tuple[int, str]]:
             return
         if pid == 0:
             return
-        yield pid, describe_status(status)
-
-
-def _reap(chan: Channel) -> None:
-    for pid, how in reaped():
         try:
-            chan.send({"op": "exited", "pid": pid, "status": how})
+            chan.send({"op": "exited", "pid": pid, "status": describe_status(status)})
         except OSError:
             return
 
