@@ -119,12 +119,23 @@ class Session:
                 continue
             if reply["parent_header"].get("msg_id") == msg_id:
                 break
-        # Drain the start-up chatter on iopub so it is not taken for a cell's.
+        # The iopub subscription must be in place before the first cell, or
+        # its output and idle are lost (a warm snapshot server answers
+        # kernel_info before a slow subscriber joins): the controller greets
+        # each subscription with iopub_welcome. Then the start-up chatter is
+        # drained so it is not taken for a cell's.
+        welcomed = False
         while True:
             try:
-                self.client.get_iopub_msg(timeout=0.05)
+                msg = self.client.get_iopub_msg(timeout=0.05 if welcomed else 0.5)
             except queue.Empty:
-                break
+                if welcomed:
+                    break
+                self._check_alive()
+                if time.monotonic() > deadline:
+                    raise SessionError(f"the forkreload controller did not answer within {timeout:.0f} s") from None
+                continue
+            welcomed = welcomed or msg["header"].get("msg_type") == "iopub_welcome"
 
     def close(self) -> None:
         """Shut the session down; no process it started is left behind."""
