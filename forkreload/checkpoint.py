@@ -214,13 +214,10 @@ def _hot_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
-_PREFAULT = True
-
-
 def _prefault(ranges: list[tuple[int, int]]) -> None:
     """Take the copy-on-write faults of the hot pages now, between cells,
     instead of in the next cell (the data is not changed)."""
-    if not ranges or not _PREFAULT:
+    if not ranges:
         return
     import ctypes
 

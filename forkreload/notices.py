@@ -215,7 +215,7 @@ def checkpoints_text(items: list[dict[str, Any]], budget: int, enabled: bool, pr
         lines.append(f"forkreload checkpoints: {used / 2**20:.0f} MiB held beyond the workers' own memory (budget {budget / 2**20:.0f} MiB)")
     for cp in reversed(items):
         use = "  (the current worker's origin)" if cp.get("in_use") else ""
-        lines.append(f"  after cell {cp['cell']:<5} {_ago(cp['age']):>7} old  {cp['uss'] / 2**20:8.1f} MiB  pid {cp['pid']}{use}")
+        lines.append(f"  after cell {cp['cell']:<5} {_ago(cp['age']):>7} old  {cp['pss'] / 2**20:8.1f} MiB  pid {cp['pid']}{use}")
     if previous is not None:
         lines.append(f"  previous worker (before the last swap; %forkreload back)  {previous['uss'] / 2**20:8.1f} MiB  pid {previous['pid']}")
     return "\n".join(lines)

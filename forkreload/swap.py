@@ -422,7 +422,7 @@ class Swapper:
             if not target.in_use():  # the current worker may have come from it
                 self.timeline.drop(target)
             return notices.undo_text(None, 0, [], f"the checkpoint could not be restored ({exc})")
-        changed = [name for name in self._lost_since(target, names)]
+        changed = self._lost_since(target, names)
         self.timeline.drop_newer(target)
         if self.previous is not None:
             self._retire(self.previous)

@@ -93,7 +93,7 @@ class Checkpoint:
         self.taken = time.monotonic()
         self.restored: WorkerHandle | None = None  # the live worker made from it
         self.exit_statuses: dict[int, str] = {}
-        self.uss = 0
+        self.pss = 0  # its share of the pages it maps, when last measured
         self.dead = False
         self.threads: list[str] = []  # the user's threads in the worker then: not in the copy
 
@@ -182,7 +182,7 @@ class Checkpoint:
         return self.restored is not None and not self.restored.dead and self.restored.pidfd >= 0
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "cell": self.cell, "age": round(self.age(), 1), "uss": self.uss, "in_use": self.in_use()}
+        return {"pid": self.pid, "cell": self.cell, "age": round(self.age(), 1), "pss": self.pss, "in_use": self.in_use()}
 
 
 class Timeline:
@@ -291,22 +291,20 @@ class Timeline:
             together += m["pss"]
             workers += m["rss"]
         for cp in self.live():
-            cp.uss = memory(cp.pid)["pss"]
-            together += cp.uss
+            cp.pss = memory(cp.pid)["pss"]
+            together += cp.pss
         self._measured = time.monotonic()
         self.used = max(together - workers, 0)
         return self.used
 
-    def enforce(self, measure: bool = True) -> None:
-        """Drop the oldest checkpoints (not in use) past the count or, when
-        measured (~5 ms per GB of a checkpoint's mappings), the budget."""
+    def enforce(self) -> None:
+        """Drop the oldest checkpoints (not in use) past the count or the
+        budget (measured: ~5 ms per GB of a checkpoint's mappings)."""
         def droppable() -> list[Checkpoint]:
             return [c for c in self.items if not c.in_use()]
 
         while len(self.items) > MAX_CHECKPOINTS and droppable():
             self.drop(droppable()[0])
-        if not measure:
-            return
         while self.measure() > self.budget and droppable():
             self.drop(droppable()[0])
 
