@@ -69,6 +69,11 @@ def _room_for_previous(data_bytes: int) -> bool:
     return data_bytes <= available // 4
 
 
+def _preloaded_files(pool: WorkerPool) -> dict[str, str]:
+    """The user's files a snapshot preloaded: path -> content hash."""
+    return {m["file"]: m["sha"] for m in pool.info.get("preload_files", [])}
+
+
 class _SwapFailed(Exception):
     """The fresh worker refused the user's code; the report says why."""
 
@@ -120,6 +125,9 @@ class Swapper:
         self.checkpoint_due: float | None = None  # when to ask for one, if the worker is still idle
         self.cells: list[tuple[int | None, str, str]] = []  # (count once known, code, msg_id)
         self.inputs: dict[int, str] = {}  # every cell's text by number, undone ones too (the input history)
+        # Worker pid -> the preloaded files of the user's it runs (path -> sha):
+        # a restored copy runs its snapshot's, which a rebuild may have replaced.
+        self.preloaded_by: dict[int, dict[str, str]] = {}
 
     # -- start and stop --------------------------------------------------------
 
@@ -243,6 +251,10 @@ class Swapper:
         proxy.worker = new
         if new is not None:
             self.timeline.workers.add(new.pid)
+            if new.pool is not None:
+                self.preloaded_by[new.pid] = _preloaded_files(new.pool)
+            elif new.origin is not None:
+                self.preloaded_by[new.pid] = self.preloaded_by.get(new.origin.worker_pid, {})
         proxy.close_comms(parent)
         self.watch.clear()
         for m in modules or []:
@@ -316,6 +328,7 @@ class Swapper:
             if self.previous is not None:
                 self._retire(self.previous)
             self.switch(new, None, modules=modules)
+            self._fresh_if_preloads_changed(new)
             why = notices.restored_text(status, crashed if crashed is not None and crashed > cp.cell else None, cp.cell, cp.age(), lost, cp.threads)
             self.pending_report = Reload("restore", ok=True, reason=why, lost={n: "set by a cell after the checkpoint" for n in lost})
             log.debug("worker %s died: %s; restored checkpoint %d (cell %d)", w.pid, status, cp.pid, cp.cell)
@@ -362,6 +375,19 @@ class Swapper:
         (and no cell waits); the worker decides whether the cell changed anything."""
         if self.timeline.enabled and w is self.proxy.worker and not w.dead:
             self.checkpoint_due = time.monotonic() + CHECKPOINT_DELAY
+
+    def _fresh_if_preloads_changed(self, w: WorkerHandle) -> None:
+        """A restored copy runs the preloaded modules of the user's as its
+        snapshot held them: if the snapshot was rebuilt since (one of them
+        was edited), the next cell takes a fresh worker of the current one."""
+        if self.pool is None:
+            return
+        now = _preloaded_files(self.pool)
+        then = self.preloaded_by.get(w.pid, {})
+        if then != now:
+            files = sorted(os.path.basename(p) for p in set(now) ^ set(then) | {p for p in now if then.get(p) != now[p]})
+            self.force_fresh = True
+            self.fresh_reason = f"the restored state holds {', '.join(files)} from before its last edit"
 
     def fresh_for_debugger(self) -> None:
         """The front end debugs, and the current worker was restored from a
@@ -427,6 +453,7 @@ class Swapper:
         if self.previous is not None:
             self._retire(self.previous)
         self.switch(new, parent, modules=modules)
+        self._fresh_if_preloads_changed(new)
         return notices.undo_text(target.cell, target.age(), changed, threads=target.threads)
 
     def ensure_worker(self) -> WorkerHandle:

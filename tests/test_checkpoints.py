@@ -428,3 +428,24 @@ def test_a_forged_checkpoint_is_refused(make_session):
     cell(s, "x = 2")
     assert "after cell 1" in s.undo()
     assert s.execute("print(x)").stdout == "1\n"
+
+
+def test_a_restore_from_before_a_preloaded_module_changed_takes_a_fresh_worker(make_session, tmp_path):
+    # A package of the user's is preloaded (an editable install, outside the
+    # project): its edit rebuilds the snapshot. A checkpoint from before runs
+    # the old package: after an undo to it, the next cell runs the new one.
+    lib = tmp_path / "lib"
+    (lib / "mylib").mkdir(parents=True)
+    (lib / "mylib" / "__init__.py").write_text("from .core import f\n")
+    (lib / "mylib" / "core.py").write_text("def f():\n    return 'v1'\n")
+    s = make_session(preload=["mylib"], env=dict(os.environ, PYTHONPATH=str(lib)))
+    cell(s, "import mylib\nkept = mylib.f()")
+    _wait_checkpoints(s, 1)
+    (lib / "mylib" / "core.py").write_text("def f():\n    return 'v2'\n")
+    r = s.execute("later = mylib.f()")
+    assert r.reload is not None and "new snapshot" in r.reload.reason, r
+    time.sleep(0.3)
+    assert "after cell 1" in s.undo()
+    r = s.execute("print(kept, mylib.f(), 'later' in dir())")
+    assert r.stdout == "v1 v2 False\n", r
+    assert "core.py from before its last edit" in r.notice, r.notice
