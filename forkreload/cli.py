@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -58,9 +57,11 @@ def _settings(args: argparse.Namespace) -> Any:
 def _kernel(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.server:
-        from .server import prestart
+        from .prestart import prestart
 
         prestart(settings)  # starts while the controller's modules import
+    import logging
+
     from .controller import Controller, ControllerError
 
     # FORKRELOAD_LOG=path sends the controller's log to a file (kernels'

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["python_command"]
+__all__ = ["python_command", "project_modules"]
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,3 +28,25 @@ def python_command(module: str, args: list[str] | None = None, python: str = sys
         f"import runpy; runpy.run_module({module!r}, run_name='__main__', alter_sys=True)"
     )
     return [python, "-c", code, *(args or [])]
+
+
+def project_modules() -> list[str]:
+    """Modules imported from the current (project) directory in this process.
+
+    `python -m forkreload.snapshot` puts the current directory (the project)
+    first on sys.path, and importing the forkreload package imports much of
+    the standard library: a project file named like one of those modules
+    (csv.py) would be executed here and break the preloads.
+    """
+    here = {os.getcwd(), os.path.realpath(os.getcwd())}
+    found = []
+    for name, mod in list(sys.modules.items()):
+        file = getattr(mod, "__file__", None)
+        if "." in name or not isinstance(file, str) or name == "forkreload":
+            continue
+        folder = os.path.dirname(file)
+        if os.path.basename(file).startswith("__init__."):
+            folder = os.path.dirname(folder)
+        if folder in here:
+            found.append(name)
+    return found

@@ -19,11 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
 __all__ = ["Settings", "MODES", "load_settings", "find_pyproject", "LearnedModules", "ConfigError", "project_cache_file"]
 
 MODES = ("auto", "fresh", "inplace", "off")
@@ -163,6 +158,12 @@ def load_settings(cwd: str | os.PathLike[str] = ".", cli: dict[str, Any] | None 
     s.project_root = s.cwd
     pyproject = find_pyproject(s.cwd)
     if pyproject is not None:
+        # Imported here: a kernel's start reads settings first thing (its
+        # snapshot server is started right after), most without a pyproject.
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - exercised on 3.10 only
+            import tomli as tomllib
         try:
             with open(pyproject, "rb") as f:
                 table = tomllib.load(f).get("tool", {}).get("forkreload", {})

@@ -31,6 +31,7 @@ import zmq
 
 from .channel import Channel
 from .config import Settings
+from .prestart import prestarted_ready
 from .server import connect as server_connect
 from .server import server_dir, server_key, server_starting
 from .server import snapshot_env as _snapshot_env
@@ -442,6 +443,7 @@ class ServerPool(WorkerPool):
         self._timer: _LaterLaunch | None = None
         self._blocking = False  # `start`: connect follows launch at once
         self._await_listening = False
+        self._prestart_pipe: int | None = None
         self._gone = False  # the connection to the server broke
 
     # -- reaching the server -----------------------------------------------------
@@ -521,8 +523,10 @@ class ServerPool(WorkerPool):
             conn = server_connect(self.dir, self.kid)
         if conn is not None:
             self._attach(conn)
+        elif self._blocking and not self.preload and self._take_prestarted():
+            self._await_listening = True  # `connect` waits for it (`forkreload kernel` started it)
         elif self._blocking and server_starting(self.dir, self.kid):
-            self._await_listening = True  # `connect` waits for it (forkreload kernel spawned it)
+            self._await_listening = True
         else:
             self._spawn()
 
@@ -620,8 +624,21 @@ class ServerPool(WorkerPool):
             self._ready = None
         return data.decode(errors="replace").strip()
 
+    def _take_prestarted(self) -> bool:
+        self._prestart_pipe = prestarted_ready()
+        return self._prestart_pipe is not None
+
     def _wait_listening(self, deadline: float) -> tuple[socket.socket, bytes]:
         assert self.dir is not None
+        pipe, self._prestart_pipe = self._prestart_pipe, None
+        if pipe is not None:
+            # The prestarted server says once it listens (a poll would be
+            # up to 10 ms late), or that one was up, or fails (EOF): the loop
+            # below then finds which, and starts one if none is.
+            try:
+                select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+            finally:
+                os.close(pipe)
         spawned = False
         while time.monotonic() < deadline:
             conn = server_connect(self.dir, self.kid)

@@ -70,10 +70,13 @@ __all__ = [
     "ask",
     "command",
     "spawn",
-    "prestart",
+    "preload_set",
+    "spawn_first",
+    "serve_first",
     "snapshot_env",
     "server_starting",
     "main",
+    "serve",
     "DEFAULT_IDLE",
 ]
 
@@ -331,39 +334,58 @@ def snapshot_env() -> dict[str, str]:
     return env
 
 
-_prestarted: list[subprocess.Popen[bytes]] = []
-
-
-def prestart(settings: Settings) -> None:
-    """Spawn the server this kernel's first worker will come from, before
-    the controller imports its own modules (~0.15 s): both start at once.
-
-    That is the kernel-only server, unless the one of the full preload set
-    is up already (then a start is just a fork). The controller finds it
-    starting (its lock held) and waits for it instead of spawning another.
-    """
-    if not settings.server:
-        return
+def preload_set(settings: Settings) -> list[str]:
+    """The preloads of a kernel of these settings: explicit, then learned."""
     preload = list(settings.preload)
     if settings.learn:
         from .config import LearnedModules
 
         preload += [m for m in LearnedModules(settings.project_root).modules if m not in preload]
-    try:
-        d = server_dir()
-        for names in ([preload] if preload else []) + [[]]:
-            kid, desc = server_key(names, settings.watch, settings.cwd)
-            conn = connect(d, kid)
-            if conn is not None:
-                conn[0].close()
-                return
-        if server_starting(d, kid):
-            return
-        proc, ready = spawn(d, kid, desc, [], settings.watch, settings.cwd, settings.server_idle, snapshot_env())
-    except OSError:
-        return  # the controller tries again, and says why it cannot
-    os.close(ready)
-    _prestarted.append(proc)
+    return preload
+
+
+def _up(d: str, preload: list[str], settings: Settings) -> tuple[bool, str, dict[str, Any]]:
+    """Whether a server that can start this kernel listens (full preload
+    set, or kernel only), and the kernel-only server's key."""
+    for names in ([preload] if preload else []) + [[]]:
+        kid, desc = server_key(names, settings.watch, settings.cwd)
+        conn = connect(d, kid)
+        if conn is not None:
+            conn[0].close()
+            return True, kid, desc
+    return False, kid, desc
+
+
+def spawn_first(settings: Settings) -> tuple[subprocess.Popen[bytes] | None, int | None]:
+    """Spawn the kernel-only server unless a server that can start this
+    kernel is up or starting: (the process, its ready pipe)."""
+    d = server_dir()
+    up, kid, desc = _up(d, preload_set(settings), settings)
+    if up or server_starting(d, kid):
+        return None, None
+    return spawn(d, kid, desc, [], settings.watch, settings.cwd, settings.server_idle, snapshot_env())
+
+
+def serve_first(settings: Settings, ready_fd: int) -> None:
+    """In a fork of a starting kernel (`prestart`): be its kernel-only
+    server, unless a server that can start it is up (then say `up`, and
+    exit). Never returns."""
+    env = snapshot_env()
+    d = server_dir()
+    up, kid, desc = _up(d, preload_set(settings), settings)  # before os.environ becomes the snapshot's: the key reads it
+    if up:
+        _tell(ready_fd, "up")
+        os._exit(0)
+    logfd = os.open(_paths(d, kid)["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(logfd)
+    os.chdir(settings.cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv[:] = [os.path.abspath(__file__)]
+    serve({"dir": d, "kid": kid, "desc": desc, "preload": [], "watch": settings.watch, "cwd": settings.cwd,
+           "idle": settings.server_idle, "ready_fd": ready_fd})
 
 
 def command(python: str = sys.executable) -> list[str]:
@@ -738,7 +760,7 @@ def _lock_or_other(d: str, kid: str, timeout: float = 300.0) -> int | None:
 
 
 def _tell(fd: int, word: str) -> None:
-    """Write to the spawner's pipe; one that spawned and did not wait (prestart) closed it."""
+    """Write to the spawner's pipe; one that spawned and stopped waiting closed it."""
     try:
         os.write(fd, word.encode() + b"\n")
     except OSError:
@@ -752,7 +774,12 @@ def main() -> None:
     from .snapshot import restart_if_project_imported
 
     restart_if_project_imported()
-    cfg = json.loads(sys.stdin.readline())
+    serve(json.loads(sys.stdin.readline()))
+
+
+def serve(cfg: dict[str, Any]) -> None:
+    """Be the server of `cfg` (never returns): take the key's lock, import,
+    listen, say `ready` on `cfg["ready_fd"]`, serve until idle."""
     ready_fd = int(cfg["ready_fd"])
     os.set_inheritable(ready_fd, False)
     try:

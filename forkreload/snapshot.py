@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
+from .command import project_modules
 from .watch import file_sha
 
 __all__ = ["main", "command", "native_threads", "prepare", "fork_child", "send_forked", "describe_status", "restart_if_project_imported", "KERNEL_MODULES"]
@@ -224,28 +225,6 @@ def _reap(chan: Channel) -> None:
             return
 
 
-def _project_modules() -> list[str]:
-    """Modules imported from the project directory while this process started.
-
-    `python -m forkreload.snapshot` puts the current directory (the project)
-    first on sys.path, and importing the forkreload package imports much of
-    the standard library: a project file named like one of those modules
-    (csv.py) would be executed here and break the preloads.
-    """
-    here = {os.getcwd(), os.path.realpath(os.getcwd())}
-    found = []
-    for name, mod in list(sys.modules.items()):
-        file = getattr(mod, "__file__", None)
-        if "." in name or not isinstance(file, str) or name == "forkreload":
-            continue
-        folder = os.path.dirname(file)
-        if os.path.basename(file).startswith("__init__."):
-            folder = os.path.dirname(folder)
-        if folder in here:
-            found.append(name)
-    return found
-
-
 def command(python: str = sys.executable) -> list[str]:
     """The command line that starts a snapshot in the project directory.
 
@@ -281,12 +260,25 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p or ".") != cwd]
 
     t0 = time.perf_counter()
-    timings, failures = _preload(cfg["preload"], _started)
-    _kt, kfail = _preload(KERNEL_MODULES, _started)
-    sys.path[:] = saved_path
+    # Imports make few cycles but many objects: collections during them
+    # (~40 ms of the kernel machinery's ~0.25 s) find almost nothing.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        timings, failures = _preload(cfg["preload"], _started)
+        _kt, kfail = _preload(KERNEL_MODULES, _started)
+    finally:
+        sys.path[:] = saved_path
+        if cfg["preload"]:
+            # Off a start's path (a server built in the background): the
+            # garbage of big imports is not kept for the snapshot's life.
+            # The kernel-only one starts kernels; its ~1k objects of
+            # garbage are not worth a 30 ms collection there.
+            gc.collect()
+        gc.freeze()  # workers' collections never touch (and copy) the snapshot's objects
+        if was_enabled:
+            gc.enable()
     preload_files = _user_files(set(cfg["preload"]), cfg.get("watch", []))
-    gc.collect()
-    gc.freeze()
     return {
         "op": "hello",
         "pid": os.getpid(),
@@ -303,8 +295,8 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def restart_if_project_imported() -> None:
     """Start again without the project directory on sys.path if importing
-    forkreload ran a project file (see `_project_modules`)."""
-    if os.environ.pop(_RESTARTED, None) is None and _project_modules():
+    forkreload ran a project file (see `command.project_modules`)."""
+    if os.environ.pop(_RESTARTED, None) is None and project_modules():
         _restart_without_project_path()
 
 

@@ -108,6 +108,8 @@ class Swapper:
         self.pending_report: Reload | None = None  # told with the next cell (a crash)
         self.last_report: Reload | None = None
         self.want_spare = False
+        self.spare_held = False  # until the first cell's reply (`start`)
+        self.start_build: WorkerPool | None = None  # the full snapshot of a start, when the first worker did not wait for it
         self.check_times: collections.deque[float] = collections.deque(maxlen=500)
         self.learned = LearnedModules(settings.project_root) if settings.learn else None
         # In-session learning: the libraries the session's workers imported,
@@ -147,17 +149,17 @@ class Swapper:
             try:
                 # A head start for the first cell, which often imports them too.
                 full.launch_later(1.0)
-                self.building = full
+                self.building = self.start_build = full
             except (OSError, ControllerError) as exc:
                 log.warning("could not start a snapshot with %s: %s", preload, exc)
                 full.close()
         else:
             self.pool = self.new_pool(full)
         self.switch(self.pool.take_spare(), None)
-        if self.building is None:
-            # (A spare of the kernel-only server would be retired unused
-            # when the full one is ready, its start competing with the first cell.)
-            self.pool.refill_spare()
+        # The spare waits for the first cell's reply: started now, it would
+        # compete for the CPUs with the first worker's start and first cell
+        # (often the heavy imports).
+        self.spare_held = True
 
     def new_pool(self, pool: WorkerPool | None = None) -> WorkerPool:
         """Start a snapshot (with this session's preloads) and report on it."""
@@ -216,7 +218,11 @@ class Swapper:
 
     def tick(self) -> None:
         """Between messages: a spare is forked once the cell is on its way."""
-        if self.want_spare and self.pool is not None:
+        # (While the start's build runs, a spare of the kernel-only server
+        # would be retired unused once it is ready, its start competing
+        # with the first cells, often the heavy imports.)
+        held = self.spare_held or (self.building is not None and self.building is self.start_build)
+        if self.want_spare and self.pool is not None and not held:
             self.pool.refill_spare()
             self.want_spare = False
         w = self.proxy.worker
@@ -373,6 +379,7 @@ class Swapper:
         """A cell ended in the current worker (its reply and idle are out): a
         checkpoint is asked for once the worker stays idle for CHECKPOINT_DELAY
         (and no cell waits); the worker decides whether the cell changed anything."""
+        self.spare_held = False
         if self.timeline.enabled and w is self.proxy.worker and not w.dead:
             self.checkpoint_due = time.monotonic() + CHECKPOINT_DELAY
 

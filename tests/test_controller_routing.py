@@ -270,8 +270,9 @@ class Controller:
             msg = self.kc.session.msg("shutdown_request", {"restart": True})
             self.kc.control_channel.send(msg)
             front.wait(lambda: msg["header"]["msg_id"] in front.control, what="a clean restart")
-        if not self.fresh:
-            front.run("pass")
+        # A cell, after which the spare is forked (not at start: it would
+        # compete with the first worker's start and first cell).
+        front.run("pass")
         self.fresh = False
         def workers() -> list[psutil.Process]:
             return workers_of(self.proc)

@@ -232,10 +232,19 @@ def test_status_reports_preloads_and_watched_modules(project, make_session):
     assert list(s.status()["watched"]) == ["ops"]
 
 
+def all_started() -> list[psutil.Process]:
+    """The session's processes once the spare is there too (forked after
+    the first cell's reply, not at start)."""
+    deadline = time.monotonic() + 5
+    while len(procs := tagged_processes()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return procs
+
+
 def test_no_process_left_after_close(project, make_session):
     s = make_session()
     s.execute("x = 1")
-    assert len(tagged_processes()) >= 4  # controller, snapshot, worker, spare
+    assert len(all_started()) >= 4  # controller, snapshot, worker, spare
     s.close()
     assert wait_no_processes() == []
 
@@ -243,7 +252,8 @@ def test_no_process_left_after_close(project, make_session):
 def test_no_process_left_after_sigkill_of_controller(project, make_session):
     s = make_session()
     s.execute("x = 1")
-    procs = tagged_processes()
+    procs = all_started()
+    assert len(procs) >= 4
     os.kill(s.pid, signal.SIGKILL)
     s.proc.wait()
     gone, alive = psutil.wait_procs(procs, timeout=10)

@@ -242,3 +242,35 @@ def test_a_hash_checked_pyc_of_the_same_source_is_reused(project, make_session):
     r = s.execute("%forkreload fresh")
     assert r.reload.ok, r.reload
     assert s.execute("print(m.f())").stdout == "new\n"
+
+
+def test_a_library_folder_linked_to_the_users_code_is_the_users(tmp_path):
+    # `flit install --symlink` and similar put a link to the project's
+    # package into site-packages: its modules are the user's (resolved per
+    # folder, cached, but a link is never taken for a library folder).
+    import types
+
+    from forkreload.agent import user_module_file
+
+    lib = tmp_path / "site-packages"
+    real = tmp_path / "project" / "mypkg"
+    (lib / "numpyish").mkdir(parents=True)
+    real.mkdir(parents=True)
+    for f in (lib / "numpyish" / "__init__.py", lib / "numpyish" / "core.py", real / "__init__.py", real / "ops.py"):
+        f.write_text("x = 1\n")
+    (lib / "mypkg").symlink_to(real, target_is_directory=True)
+    (lib / "linked.py").symlink_to(real / "ops.py")
+    libs = (str(lib) + os.sep,)
+
+    def mod(path: object) -> types.ModuleType:
+        m = types.ModuleType("m")
+        m.__file__ = str(path)
+        return m
+
+    assert user_module_file(mod(lib / "numpyish" / "__init__.py"), (), libs) is None
+    assert user_module_file(mod(lib / "numpyish" / "core.py"), (), libs) is None
+    assert user_module_file(mod(lib / "mypkg" / "ops.py"), (), libs) == str(real / "ops.py")
+    assert user_module_file(mod(lib / "mypkg" / "__init__.py"), (), libs) == str(real / "__init__.py")
+    assert user_module_file(mod(lib / "linked.py"), (), libs) == str(real / "ops.py")
+    assert user_module_file(mod(lib / "numpyish"), (), libs) is None  # a folder is no module file
+    assert user_module_file(mod(lib / "gone.py"), (), libs) is None

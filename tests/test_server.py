@@ -97,6 +97,30 @@ def test_two_kernels_share_one_server(srv, make_session):
     assert status is not None and sorted(status["clients"]) == sorted([s1.pid, s2.pid])
 
 
+def test_first_server_is_a_detached_fork_of_the_starting_kernel(srv, make_session):
+    # `prestart` forks the controller first thing: no interpreter start and
+    # import of forkreload before the server's own imports, and the key
+    # worked out in the server, beside the controller's imports.
+    s = make_session()
+    info = _servers(srv)
+    assert [i["preload"] for i in info] == [[]]
+    pid = info[0]["pid"]
+    proc = psutil.Process(pid)
+    controller = psutil.Process(s.pid)
+    assert proc.cmdline() == controller.cmdline()  # a fork: the controller's command line, not exec'd
+    assert proc.ppid() != s.pid  # double-forked: nobody's child, so no zombie of the controller's
+    # Its own session (a kernel's process group signals don't reach it), not its leader (no terminal).
+    assert os.getsid(pid) not in (os.getsid(s.pid), pid) and os.getpgid(pid) != os.getpgid(s.pid)
+    assert s.status()["snapshot"]["pid"] == pid and _ppid(s) == pid
+    assert proc.cwd() == os.path.realpath(s.status()["cwd"])  # as a spawned one: in the project
+    assert s.execute("print(2 + 2)").stdout == "4\n"
+    # It outlives the kernel (idle timeout), and `server stop` ends it.
+    s.close()
+    assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    assert "stopped" in _cli("stop")
+    assert _gone(pid)
+
+
 def test_killed_server_is_respawned(srv, make_session):
     s1 = make_session()
     first = s1.status()["snapshot"]["pid"]
