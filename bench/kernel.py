@@ -25,7 +25,8 @@ for forkreload's first kernel (no snapshot server running: the first worker
 comes from a kernel-only server while the full one builds) and for a second
 kernel (the server warm: a fork); "Restart kernel" with and without the
 provisioner; and the memory (PSS, all processes of the kernels, the
-server included) of 1 and of 4 kernels that imported numpy and pandas.
+server included) of 1 and of 4 kernels that imported numpy and pandas
+(and torch, when installed).
 
     python bench/kernel.py [--runs 5] [--starts]
 """
@@ -315,6 +316,7 @@ def bench_starts(runs: int) -> None:
             check=True, stdout=subprocess.DEVNULL,
         )
     root = make_project({"features.py": FEATURES.format(v=1)})
+    torch_pss: dict[str, list[dict[str, float]]] = {}
     res: dict[str, list[float]] = {k: [] for k in (
         "ipy ready", "ipy import", "fr1 ready", "fr1 import", "fr2 ready", "fr2 import",
         "ipy restart", "fr restart prov", "fr restart plain")}
@@ -339,20 +341,13 @@ def bench_starts(runs: int) -> None:
             stop(km1, kc1)
             stop(km2, kc2)
 
-        pss: dict[str, list[dict[str, float]]] = {}
-        for name in ("python3", "forkreload"):
-            stop_servers()  # the first forkreload kernel starts them, as a user's first would
-            kernels = []
-            try:
-                for i in range(4):
-                    _r, _i, km, kc = timed_start(name, root, imports)
-                    kernels.append((km, kc))
-                    if i in (0, 3):
-                        time.sleep(5)  # spares forked, background builds done
-                        pss.setdefault(name, []).append(kernel_pss([k for k, _ in kernels], name != "python3"))
-            finally:
-                for km, kc in kernels:
-                    stop(km, kc)
+        pss = {name: four_kernels_pss(name, root, imports) for name in ("python3", "forkreload")}
+        if "torch" in available(HEAVY):
+            subprocess.run(
+                [sys.executable, "-m", "forkreload", "kernel", "install", "--name", "forkreload-torch", "--prefix", str(PREFIX), "--preload", "torch"],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+            torch_pss = {name: four_kernels_pss(name, root, "import torch", settle=15) for name in ("python3", "forkreload-torch")}
     finally:
         stop_servers()
         shutil.rmtree(root, ignore_errors=True)
@@ -374,10 +369,35 @@ def bench_starts(runs: int) -> None:
     print(f"  ratios to ipykernel: first start {med('fr1 ready') / med('ipy ready'):.2f}x, "
           f"warm start {med('fr2 ready') / med('ipy ready'):.2f}x, import cell first {med('fr1 import') / med('ipy import'):.2f}x, "
           f"warm {med('fr2 import') / med('ipy import'):.2f}x, restart plain {med('fr restart plain') / med('ipy restart'):.2f}x")
-    for name, label in (("python3", "ipykernel"), ("forkreload", "forkreload")):
+    print_pss(pss, ", ".join(libs), "forkreload")
+    if torch_pss:
+        print_pss(torch_pss, "torch", "forkreload-torch")
+
+
+def four_kernels_pss(name: str, root: Path, code: str, settle: float = 5.0) -> list[dict[str, float]]:
+    """PSS by role of 1, then 4 kernels of kernelspec `name` that ran `code`
+    (a user's first kernel: no server running before it)."""
+    stop_servers()
+    kernels: list[tuple[KernelManager, Any]] = []
+    found = []
+    try:
+        for i in range(4):
+            _r, _i, km, kc = timed_start(name, root, code)
+            kernels.append((km, kc))
+            if i in (0, 3):
+                time.sleep(settle)  # spares forked, background builds done
+                found.append(kernel_pss([k for k, _ in kernels], name != "python3"))
+    finally:
+        for km, kc in kernels:
+            stop(km, kc)
+    return found
+
+
+def print_pss(pss: dict[str, list[dict[str, float]]], libs: str, forkreload: str) -> None:
+    for name, label in (("python3", "ipykernel"), (forkreload, "forkreload")):
         one, four = (sum(p.values()) for p in pss[name])
-        print(f"  PSS with {', '.join(libs)} imported, {label:<10}  1 kernel {one:7.0f} MiB   4 kernels {four:7.0f} MiB   ({four / one:.2f}x)")
-        if name == "forkreload":
+        print(f"  PSS with {libs} imported, {label:<10}  1 kernel {one:7.0f} MiB   4 kernels {four:7.0f} MiB   ({four / one:.2f}x)")
+        if name == forkreload:
             for n, p in zip((1, 4), pss[name], strict=True):
                 print(f"    {n} kernel(s): controllers {p['kernel']:.0f} MiB, snapshot servers {p['server']:.0f} MiB, "
                       f"workers, spares and checkpoints {p['workers']:.0f} MiB")
