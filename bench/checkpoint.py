@@ -3,7 +3,8 @@
 Measured through `forkreload.Session` (a real jupyter_client), side by side
 in one run, at two sizes of session data (a float64 array):
 
-- the added latency of a cell with checkpoints on against off: a cell that
+- the added latency of a cell with checkpoints on against off (two
+  sessions, their cells in turn): a cell that
   writes little (rebinds a small variable), sent right after the previous
   cell's reply, so the previous cell's checkpoint fork is on its way; and a
   cell that rewrites 10% of the data (copy-on-write faults: reported per
@@ -71,20 +72,32 @@ def _wait_checkpoint(s: Session, cell: int, timeout: float = 20.0) -> dict:
     raise RuntimeError(f"no checkpoint after cell {cell}")
 
 
-def cell_latency(project: Path, nbytes: int, runs: int, checkpoints: str) -> dict[str, list[float]]:
+def cell_latency(project: Path, nbytes: int, runs: int) -> dict[str, dict[str, list[float]]]:
     """Round trips of small cells (after a user's pause, and back to back)
-    and of cells that rewrite 10% of the data (after a pause)."""
-    out: dict[str, list[float]] = {"paused": [], "b2b": [], "rewrite": []}
-    with Session(cwd=project, preload=["numpy"], checkpoints=checkpoints) as s:
-        _timed(s, _build(nbytes))
+    and of cells that rewrite 10% of the data (after a pause), in a session
+    with checkpoints on and one with them off, cell for cell in turn: the
+    machine's drift (a shared, noisy one) then weighs on both alike."""
+    modes = ("auto", "off")
+    out: dict[str, dict[str, list[float]]] = {m: {"paused": [], "b2b": [], "rewrite": []} for m in modes}
+    sessions = {m: Session(cwd=project, preload=["numpy"], checkpoints=m) for m in modes}
+    try:
+        for s in sessions.values():
+            _timed(s, _build(nbytes))
         tenth = nbytes // 8 // 10
         for i in range(runs):
-            time.sleep(PAUSE)
-            out["paused"].append(_timed(s, f"x = {i}"))
-        out["b2b"] = [_timed(s, f"x = {i}") for i in range(runs)]
+            for m, s in sessions.items():
+                time.sleep(PAUSE)
+                out[m]["paused"].append(_timed(s, f"x = {i}"))
         for i in range(runs):
-            time.sleep(PAUSE)
-            out["rewrite"].append(_timed(s, f"a[{i % 10} * {tenth}:{i % 10 + 1} * {tenth}] += 1"))
+            for m, s in sessions.items():
+                out[m]["b2b"].append(_timed(s, f"x = {i}"))
+        for i in range(runs):
+            for m, s in sessions.items():
+                time.sleep(PAUSE)
+                out[m]["rewrite"].append(_timed(s, f"a[{i % 10} * {tenth}:{i % 10 + 1} * {tenth}] += 1"))
+    finally:
+        for s in sessions.values():
+            s.close()
     return out
 
 
@@ -162,8 +175,8 @@ def main() -> None:
     for text in args.sizes.split(","):
         nbytes = _size(text)
         print(f"\nsession data {nbytes / MiB:.0f} MiB")
-        on = cell_latency(project, nbytes, args.runs, "auto")
-        off = cell_latency(project, nbytes, args.runs, "off")
+        both = cell_latency(project, nbytes, args.runs)
+        on, off = both["auto"], both["off"]
         for key, label in (("paused", f"small cell after a {PAUSE * 1000:.0f} ms pause"), ("b2b", "small cell right after the last reply")):
             print(row(f"{label}, checkpoints off", off[key]))
             print(row(f"{label}, checkpoints on", on[key]))

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import collections
+import errno
 import os
 import posix
 import random
@@ -158,6 +160,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _HOT_CAP = (16 << 20) // _PAGE  # pages pre-faulted after a fork, at most
 _SMALL_MAPPING = 64 << 20  # bigger ones hold data a cell writes or not
 _MADV_POPULATE_WRITE = 23  # Linux 5.14
+_RECENT: collections.deque[list[tuple[int, int]]] = collections.deque(maxlen=4)  # hot ranges of the last checkpoints
 
 
 def _hot_ranges() -> list[tuple[int, int]]:
@@ -178,7 +181,7 @@ def _hot_ranges() -> list[tuple[int, int]]:
     try:
         for line in lines:
             parts = line.split()
-            if parts[1][1] != "w" or parts[1][3] != "p" or (len(parts) > 5 and parts[5] != "[heap]"):
+            if parts[1][1] != "w" or parts[1][3] != "p" or (len(parts) > 5 and parts[5].startswith("[") and parts[5] not in ("[heap]", "[stack]")):
                 continue
             start, end = (int(x, 16) for x in parts[0].split("-"))
             if end - start > _SMALL_MAPPING:
@@ -225,8 +228,8 @@ def _prefault(ranges: list[tuple[int, int]]) -> None:
     madvise = libc.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for start, length in ranges:
-        if madvise(start, length, _MADV_POPULATE_WRITE) != 0:
-            return  # an old kernel (EINVAL), or the mapping changed: nothing lost
+        if madvise(start, length, _MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
+            return  # an old kernel; a range no longer mapped (ENOMEM) is skipped: nothing lost
 
 
 def take(shell: Any, sock_path: str, key: bytes, cell: int, threads: list[str] | None = None) -> int:
@@ -245,6 +248,14 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int, threads: list[str] |
     rng = random.getstate()  # `random` reseeds itself in a forked child
     _pause_openmp()
     hot = _hot_ranges()
+    # The pages written in each of the last few intervals: a page written two
+    # cells ago is shared with that cell's checkpoint, not exclusive, yet the
+    # same kernel machinery writes it again (~200 faults of ~8 us per cell
+    # on a VM otherwise). Capped as one interval's pages are.
+    earlier = [r for past in _RECENT for r in past]
+    _RECENT.append(hot)
+    if sum(n for _, n in earlier) // _PAGE <= _HOT_CAP:
+        hot = hot + earlier
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -260,6 +271,15 @@ def take(shell: Any, sock_path: str, key: bytes, cell: int, threads: list[str] |
         for lock in locks:
             lock.release()
     if pid:
+        # IPython 9's fork hook stopped the history thread: started again
+        # now, between cells, not by the next cell (a thread and a sqlite
+        # connection, ~0.7 ms of that cell's latency).
+        restart = getattr(hm, "_restart_thread_if_stopped", None)
+        if own_hook and callable(restart):
+            try:
+                restart()
+            except Exception:
+                pass  # the next cell starts it, as IPython would
         _prefault(hot)
         return pid
     try:
