@@ -16,7 +16,11 @@ in one run, at two sizes of session data (a float64 array):
 - against ipykernel: its answer to a crash is a restart and re-running the
   cells that built the data, timed to the same cell's reply.
 
-    python bench/checkpoint.py [--sizes 100M,2G] [--runs 15]
+- with `--kishu PYTHON` (a Python where `pip install kishu` worked, with
+  ipykernel and numpy), Kishu's figures in the same run: its cost for the
+  cell rewriting 10% of the data, and its checkout (undo) -> the next reply.
+
+    python bench/checkpoint.py [--sizes 100M,2G] [--runs 15] [--kishu PYTHON]
 """
 
 from __future__ import annotations
@@ -164,10 +168,69 @@ def ipykernel_restart_rerun(nbytes: int, runs: int) -> list[float]:
     return times
 
 
+def kishu(python: str, nbytes: int, runs: int) -> dict[str, list[float]]:
+    """Kishu (time travel for notebooks, by pickling) in a plain ipykernel of
+    `python` (one where `pip install kishu` worked), through jupyter_client:
+    the cell rewriting 10% of the data with Kishu off and on, and a checkout
+    of the state before the last cell -> the next cell's reply. Kishu finds
+    its notebook by the kernel's connection file name; its test mode skips
+    the front end's save and reload, which a headless kernel has not."""
+    import json
+
+    from jupyter_client.kernelspec import KernelSpec
+
+    root = _SCRATCH / "kishu"
+    (root / ".kishu").mkdir(parents=True, exist_ok=True)
+    (root / ".kishu" / "config.ini").write_text("[JUPYTERINT]\ntest_mode = True\n")
+    nb = root / "nb.ipynb"
+    nb.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    env = dict(os.environ, KISHU_PATH_ROOT=str(root))
+    out: dict[str, list[float]] = {"off": [], "on": [], "undo": []}
+
+    def run(kc: object, code: str) -> float:
+        t0 = time.perf_counter()
+        reply = kc.execute_interactive(code, timeout=900, output_hook=lambda msg: None)  # type: ignore[attr-defined]
+        if reply["content"]["status"] != "ok":
+            raise RuntimeError(f"{code!r} failed in Kishu's kernel: {reply['content'].get('evalue')}")
+        return time.perf_counter() - t0
+
+    n, tenth = nbytes // 8, nbytes // 8 // 10
+    for on in (False, True):
+        km = KernelManager()
+        km._kernel_spec = KernelSpec(argv=[python, "-m", "ipykernel_launcher", "-f", "{connection_file}"], display_name="kishu", language="python")
+        km.connection_file = str(root / f"kernel-{time.time_ns()}.json")  # Kishu reads the kernel id from this name
+        km.start_kernel(cwd=str(root), env=env)
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+            if on:
+                # (Kishu says its first post_run_cell came without a pre_run_cell: harmless, hidden)
+                kc.execute_interactive(f"from kishu import init_kishu; init_kishu({str(nb)!r})", timeout=120, output_hook=lambda msg: None)
+            run(kc, f"import numpy as np\na = np.random.default_rng(0).random({n})\nx = 0")
+            for i in range(runs):
+                out["on" if on else "off"].append(run(kc, f"a[{i % 10} * {tenth}:{i % 10 + 1} * {tenth}] += 1"))
+            if on:
+                for i in range(max(runs // 2, 1)):
+                    run(kc, f"x = {i + 1}")
+                    run(kc, "from kishu.commands import KishuCommand as _K; import pathlib as _p\n"
+                            f"_ids = [c.commit_id for c in _K.log(_p.Path({str(nb)!r})).commit_graph]")
+                    t0 = time.perf_counter()
+                    run(kc, "_kishu.checkout(_ids[-3])")  # the state before `x = ...` (the log cell is the last commit)
+                    run(kc, "print(x)")
+                    out["undo"].append(time.perf_counter() - t0)
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100M,2G")
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--kishu", metavar="PYTHON", help="also Kishu, in a kernel of this Python (with kishu, ipykernel, numpy)")
+    ap.add_argument("--kishu-size", default="1G", help="session data for the Kishu figures (default 1G, as its anchor)")
     args = ap.parse_args()
     project = _SCRATCH / "project"
     project.mkdir()
@@ -193,6 +256,13 @@ def main() -> None:
         ipk = ipykernel_restart_rerun(nbytes, max(args.runs // 5, 2))
         print(row("ipykernel: restart + re-run -> same reply", ipk))
         print(f"  crash recovery: forkreload {statistics.median(ipk) / statistics.median(cost['crash']):.0f}x faster than ipykernel's restart-and-rerun")  # type: ignore[arg-type]
+    if args.kishu:
+        nbytes = _size(args.kishu_size)
+        print(f"\nKishu, session data {nbytes / MiB:.0f} MiB (its own kernel; forkreload's figures above)")
+        k = kishu(args.kishu, nbytes, 3)
+        print(row("cell rewriting 10%, Kishu off", k["off"]))
+        print(row("cell rewriting 10%, Kishu on", k["on"]))
+        print(row("checkout of the state before the last cell -> next reply", k["undo"]))
 
 
 if __name__ == "__main__":
