@@ -404,6 +404,7 @@ class _Client:
         self.chan = chan
         self.pid = pid
         self.workers: set[int] = set()
+        self.kernel = False  # said hello or asked for a fork (not `forkreload server status`)
 
 
 class _Server:
@@ -547,7 +548,9 @@ class _Server:
                 os.kill(pid, signal.SIGKILL)
         self.clients.pop(client.sock.fileno(), None)
         client.chan.close()
-        if not self.clients:
+        if not self.clients and client.kernel:
+            # Idle from when the last kernel left: a `server status` or
+            # `doctor` asking now and then must not keep it up for ever.
             self.idle_since = time.monotonic()
 
     def _on_client(self, client: _Client) -> None:
@@ -565,6 +568,8 @@ class _Server:
             return
         op = msg.get("op")
         try:
+            if op in ("fork", "hello"):
+                client.kernel = True
             if op == "fork":
                 self._fork(client, msg, fds)
                 fds = []
