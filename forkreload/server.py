@@ -380,6 +380,11 @@ def serve_first(settings: Settings, ready_fd: int) -> None:
     os.dup2(logfd, 1)
     os.dup2(logfd, 2)
     os.close(logfd)
+    # A spawned server has nothing else open (an exec closes the rest); a
+    # fork has whatever the front end left open in the kernel, which a
+    # server that outlives the kernel must not hold (a pipe read to its end).
+    os.closerange(3, ready_fd)
+    os.closerange(ready_fd + 1, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 1024)
     os.chdir(settings.cwd)
     os.environ.clear()
     os.environ.update(env)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -112,6 +113,18 @@ def test_first_server_is_a_detached_fork_of_the_starting_kernel(srv, make_sessio
     # Its own session (a kernel's process group signals don't reach it), not its leader (no terminal).
     assert os.getsid(pid) not in (os.getsid(s.pid), pid) and os.getpgid(pid) != os.getpgid(s.pid)
     assert s.status()["snapshot"]["pid"] == pid and _ppid(s) == pid
+    # Nothing the kernel had open stays open in it (its output pipes: a
+    # front end reading them to their end would wait for the server's).
+    def fds(p: int) -> dict[int, str]:
+        return {int(fd): os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")}
+
+    kernel_out = {fds(s.pid)[1], fds(s.pid)[2]}
+    # (A fork request carries them to the worker for a moment: the spare's, after a cell.)
+    deadline = time.monotonic() + 5
+    while kernel_out & set((held := fds(pid)).values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not kernel_out & set(held.values()), ({k: v for k, v in held.items() if v in kernel_out}, kernel_out)
+    assert held[0] == "/dev/null" and held[1] == held[2] and held[1].endswith(".log")
     assert proc.cwd() == os.path.realpath(s.status()["cwd"])  # as a spawned one: in the project
     assert s.execute("print(2 + 2)").stdout == "4\n"
     # It outlives the kernel (idle timeout), and `server stop` ends it.
@@ -404,3 +417,28 @@ def test_upgraded_preload_gets_a_new_server_that_replaces_the_old(srv, make_sess
     assert s2.execute("import mylib; print(mylib.VERSION)").stdout == "2\n"
     assert _gone(old)  # retired by the new one: it had no client left
     assert [i["pid"] for i in _servers(srv) if i["preload"] == ["mylib"]] == [new]
+
+
+def test_first_server_keeps_nothing_the_kernel_was_given(srv, tmp_path, project):
+    # A launcher may leave a descriptor open in the kernel (a pipe it reads
+    # to its end): the server forked from the kernel must not hold it, or
+    # the launcher would wait for the server's idle timeout.
+    from jupyter_client.connect import write_connection_file
+
+    cf, _ = write_connection_file(str(tmp_path / "kernel.json"))
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "forkreload", "kernel", "-f", cf], cwd=project.root, pass_fds=(w,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 30
+        while not _servers(srv) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [info] = _servers(srv)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    ready, _, _ = select.select([r], [], [], 10)
+    assert ready and os.read(r, 1) == b""  # EOF: nobody else holds its write end
+    os.close(r)
+    assert not _gone(info["pid"], timeout=0.2)  # the server lives on (idle timeout)
