@@ -27,10 +27,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
-from jupyter_client.session import Session as JupyterSession
 
 from . import notices
 from .channel import ForgedMessage, make_private_dir
@@ -51,6 +50,9 @@ from .protocol import (
     Reload,
 )
 from .swap import PoolFactory, Swapper
+
+if TYPE_CHECKING:
+    from jupyter_client.session import Session as JupyterSession
 
 __all__ = ["Controller", "Settings", "ControllerError"]
 
@@ -82,13 +84,14 @@ Verified = tuple[list[bytes], dict[str, Any]]
 class Controller:
     """One session's controller; `run()` serves until shutdown."""
 
+    session: JupyterSession
+
     def __init__(self, connection: dict[str, Any], settings: Settings, pool_factory: PoolFactory = WorkerPool) -> None:
         self.conn = connection
         settings.cwd = os.path.realpath(settings.cwd)
         self.settings = settings
         key = connection["key"]
         self.key: bytes = key.encode() if isinstance(key, str) else key
-        self.session = JupyterSession(key=self.key, signature_scheme=connection.get("signature_scheme", "hmac-sha256"), username="forkreload")
         self.ctx = zmq.Context()
         self.privdir = make_private_dir()
         self.worker: WorkerHandle | None = None  # set by Swapper.switch only
@@ -158,12 +161,28 @@ class Controller:
         threading.Thread(target=heartbeat, name="forkreload-heartbeat", daemon=True).start()
         ready.wait(10)
 
+    def _make_session(self) -> None:
+        """The Jupyter session (signing, serializing) of the front end's messages.
+
+        jupyter_client's import is ~90 ms of a kernel's start: it runs while
+        the first worker starts (in its own process) when a snapshot server
+        is up, or before the wait for one that is still importing."""
+        if getattr(self, "session", None) is None:
+            from jupyter_client.session import Session
+
+            self.session = Session(key=self.key, signature_scheme=self.conn.get("signature_scheme", "hmac-sha256"), username="forkreload")
+
     def start(self) -> None:
         """Bind the front end's ports, start the snapshot and a first worker."""
         if not hasattr(os, "fork"):
             raise ControllerError("forkreload needs os.fork, which this platform does not have")
+        from .prestart import prestart_pending
+
         self._bind_front()
-        self.swapper.start()
+        if prestart_pending():
+            self._make_session()
+        self.swapper.start(meanwhile=self._make_session)
+        self._make_session()
         self.running = True
 
     # -- agent calls and the one nested wait ----------------------------------------

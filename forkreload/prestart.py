@@ -26,7 +26,7 @@ from .command import project_modules
 if TYPE_CHECKING:
     from .config import Settings
 
-__all__ = ["prestart", "prestarted_ready"]
+__all__ = ["prestart", "prestart_pending", "prestarted_ready"]
 
 _ready: list[int] = []
 _spawned: list[Any] = []  # a spawned server's Popen, kept so that Python reaps it
@@ -80,6 +80,16 @@ def prestart(settings: Settings) -> None:
     os.close(w)
     os.waitpid(pid, 0)
     _ready.append(r)
+
+
+def prestart_pending() -> bool:
+    """Whether the server `prestart` started is still starting (its pipe
+    silent): a kernel then waits for it, and does its own imports first."""
+    if not _ready:
+        return False
+    import select
+
+    return not select.select([_ready[-1]], [], [], 0)[0]
 
 
 def prestarted_ready() -> int | None:

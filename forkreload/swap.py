@@ -133,8 +133,9 @@ class Swapper:
 
     # -- start and stop --------------------------------------------------------
 
-    def start(self) -> None:
-        """A snapshot, the first worker, and a spare behind it.
+    def start(self, meanwhile: Callable[[], None] = lambda: None) -> None:
+        """A snapshot, the first worker, and a spare behind it; `meanwhile`
+        runs while the first worker starts (in its own process).
 
         When the snapshot server of the full preload set is not up yet, the
         first worker does not wait for those imports: it comes from a server
@@ -155,6 +156,8 @@ class Swapper:
                 full.close()
         else:
             self.pool = self.new_pool(full)
+        self.pool.refill_spare()  # forked now, waited for below
+        meanwhile()
         self.switch(self.pool.take_spare(), None)
         # The spare waits for the first cell's reply: started now, it would
         # compete for the CPUs with the first worker's start and first cell
