@@ -668,22 +668,16 @@ class _Server:
                 os.kill(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
-        from .snapshot import describe_status
+        from .snapshot import reaped
 
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, how in reaped():
             client = self.owner.pop(pid, None)
             if client is None:
                 continue
             client.workers.discard(pid)
             if client.sock.fileno() in self.clients:
                 try:
-                    client.chan.send({"op": "exited", "pid": pid, "status": describe_status(status)})
+                    client.chan.send({"op": "exited", "pid": pid, "status": how})
                 except OSError:
                     self._drop(client)
 

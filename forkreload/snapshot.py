@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .channel import Channel, ForgedMessage, set_parent_death_signal
@@ -211,7 +211,8 @@ def describe_status(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def _reap(chan: Channel) -> None:
+def reaped() -> Iterator[tuple[int, str]]:
+    """The children that ended since the last look: (pid, how, in words)."""
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -219,8 +220,13 @@ def _reap(chan: Channel) -> None:
             return
         if pid == 0:
             return
+        yield pid, describe_status(status)
+
+
+def _reap(chan: Channel) -> None:
+    for pid, how in reaped():
         try:
-            chan.send({"op": "exited", "pid": pid, "status": describe_status(status)})
+            chan.send({"op": "exited", "pid": pid, "status": how})
         except OSError:
             return
 
