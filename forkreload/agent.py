@@ -130,9 +130,10 @@ _REAL_DIRS: dict[str, str] = {}
 
 def _real_file(file: str) -> str | None:
     """`os.path.realpath(file)` of a regular file (None: not one), with the
-    folders' resolution cached: a cell importing pandas brings ~600
-    modules in ~100 folders, and a full resolution of each file's path
-    (an lstat per component) cost ~15 ms after that cell."""
+    folders' resolution cached (until `Agent.scan` clears it): a cell
+    importing pandas brings ~600 modules in ~100 folders, and a full
+    resolution of each file's path (an lstat per component) cost ~15 ms
+    after that cell."""
     try:
         st = os.lstat(file)
     except (OSError, ValueError):
@@ -467,6 +468,9 @@ class Agent:
         """Record modules imported since the last scan; return new user modules."""
         if not self._imported and len(sys.modules) == self._nmods:
             return []
+        # Folders resolved afresh for each look: a link may point elsewhere
+        # now (a project switched to another checkout between cells).
+        _REAL_DIRS.clear()
         found = []
         if self._imported:
             done, self._imported = self._imported, {}
@@ -1159,7 +1163,6 @@ def current() -> Agent | None:
 def install(kernel: Any, cwd: str, watch: list[str]) -> Agent:
     """Create the agent and hook it into the kernel's shell."""
     global _current
-    _REAL_DIRS.clear()  # resolved in the snapshot, maybe long ago: a folder's link may point elsewhere now
     agent = Agent(kernel, cwd, watch)
     _current = agent
     shell = kernel.shell
