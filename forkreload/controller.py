@@ -67,6 +67,38 @@ _ANSWERED = frozenset(
 _UPFRONT = frozenset({"fresh", "back", "undo"})
 
 
+class _Publisher(zmq.Socket):  # type: ignore[type-arg]
+    """The front end's iopub (XPUB): a new subscriber's `iopub_welcome` goes
+    out before anything else is published to it. A subscription is applied
+    by zmq as soon as it arrives, so without this a status forwarded in the
+    same moment could reach the new subscriber first."""
+
+    on_subscribe: Callable[[bytes], None] | None = None
+    _draining = False
+
+    def send_multipart(self, msg_parts: Any, flags: int = 0, copy: bool = True, track: bool = False, **kwargs: Any) -> Any:
+        self.welcome_new()
+        return super().send_multipart(msg_parts, flags=flags, copy=copy, track=track, **kwargs)
+
+    def welcome_new(self) -> None:
+        if self._draining or self.on_subscribe is None:
+            return
+        self._draining = True  # the welcome itself is sent through send_multipart
+        try:
+            # Reading EVENTS makes libzmq take in what arrived (subscriptions
+            # included) unthrottled; a send just after then takes in nothing
+            # newer (its own intake is throttled to once a millisecond).
+            self.getsockopt(zmq.EVENTS)
+            while True:
+                try:
+                    sub = self.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                self.on_subscribe(sub)
+        finally:
+            self._draining = False
+
+
 def _json(frame: bytes) -> dict[str, Any]:
     parsed: dict[str, Any] = json.loads(frame) if frame else {}
     return parsed
@@ -134,7 +166,8 @@ class Controller:
         self.fe_shell = self.ctx.socket(zmq.ROUTER)
         self.fe_control = self.ctx.socket(zmq.ROUTER)
         self.fe_stdin = self.ctx.socket(zmq.ROUTER)
-        self.fe_iopub = self.ctx.socket(zmq.XPUB)
+        self.fe_iopub = _Publisher(self.ctx, zmq.XPUB)
+        self.fe_iopub.on_subscribe = self._welcome
         # A flood of prints must reach the front end, not be dropped here.
         self.fe_iopub.setsockopt(zmq.SNDHWM, 0)
         for s in (self.fe_shell, self.fe_control, self.fe_stdin, self.fe_iopub):
@@ -171,6 +204,10 @@ class Controller:
             from jupyter_client.session import Session
 
             self.session = Session(key=self.key, signature_scheme=self.conn.get("signature_scheme", "hmac-sha256"), username="forkreload")
+
+    def _welcome(self, sub: bytes) -> None:
+        if sub[:1] == b"\x01":
+            self.session.send(self.fe_iopub, "iopub_welcome", {"subscription": sub[1:].decode(errors="replace")}, ident=b"iopub_welcome")
 
     def start(self) -> None:
         """Bind the front end's ports, start the snapshot and a first worker."""
@@ -712,9 +749,7 @@ class Controller:
             if w.pidfd in events and w.pidfd >= 0:
                 self.swapper.worker_exited(w)
         if self.fe_iopub in events:
-            sub = self.fe_iopub.recv()
-            if sub[:1] == b"\x01":
-                self.session.send(self.fe_iopub, "iopub_welcome", {"subscription": sub[1:].decode(errors="replace")}, ident=b"iopub_welcome")
+            self.fe_iopub.welcome_new()
         if self.fe_control in events:
             self._on_front_control(self.fe_control.recv_multipart())
         if self.fe_stdin in events and self.worker is not None:
