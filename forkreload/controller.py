@@ -68,10 +68,12 @@ _UPFRONT = frozenset({"fresh", "back", "undo"})
 
 
 class _Publisher(zmq.Socket):  # type: ignore[type-arg]
-    """The front end's iopub (XPUB): a new subscriber's `iopub_welcome` goes
-    out before anything else is published to it. A subscription is applied
-    by zmq as soon as it arrives, so without this a status forwarded in the
-    same moment could reach the new subscriber first."""
+    """The front end's iopub (XPUB): subscriptions that arrived are welcomed
+    before anything else is published. zmq applies a subscription as soon
+    as it takes it in, so a status forwarded in the same moment could reach
+    the new subscriber before its `iopub_welcome`. (One taken in by the
+    send itself, after this look, still can: under a flood of output, about
+    1 new subscriber in 10 was measured to see a message first.)"""
 
     on_subscribe: Callable[[bytes], None] | None = None
     _draining = False
@@ -85,16 +87,10 @@ class _Publisher(zmq.Socket):  # type: ignore[type-arg]
             return
         self._draining = True  # the welcome itself is sent through send_multipart
         try:
-            # Reading EVENTS makes libzmq take in what arrived (subscriptions
-            # included) unthrottled; a send just after then takes in nothing
-            # newer (its own intake is throttled to once a millisecond).
-            self.getsockopt(zmq.EVENTS)
-            while True:
-                try:
-                    sub = self.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
-                self.on_subscribe(sub)
+            # Reading EVENTS makes libzmq take in what arrived, unthrottled;
+            # on the hot path (every message forwarded) it costs no exception.
+            while int(self.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                self.on_subscribe(self.recv())
         finally:
             self._draining = False
 

@@ -47,8 +47,8 @@ def prestart(settings: Settings) -> None:
             proc, ready = spawn_first(settings)
         except OSError:
             return  # the controller tries again, and says why it cannot
-        _spawned.append(proc)
-        if ready is not None:
+        if proc is not None and ready is not None:
+            _spawned.append(proc)
             _ready.append(ready)
         return
     r, w = os.pipe2(os.O_CLOEXEC)
