@@ -274,3 +274,28 @@ def test_a_library_folder_linked_to_the_users_code_is_the_users(tmp_path):
     assert user_module_file(mod(lib / "linked.py"), (), libs) == str(real / "ops.py")
     assert user_module_file(mod(lib / "numpyish"), (), libs) is None  # a folder is no module file
     assert user_module_file(mod(lib / "gone.py"), (), libs) is None
+
+
+def test_folder_resolution_agrees_with_realpath(tmp_path):
+    # The agent resolves folders one component at a time on cached parents;
+    # every kind of link must land where os.path.realpath lands.
+    from forkreload import agent
+
+    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "rel").symlink_to("../a/b", target_is_directory=True)  # relative
+    (tmp_path / "abs").symlink_to(tmp_path / "a", target_is_directory=True)  # absolute
+    (tmp_path / "chain").symlink_to("x/rel", target_is_directory=True)  # a link to a link
+    (tmp_path / "up").symlink_to("a/b/c/..", target_is_directory=True)  # '..' in the target
+    (tmp_path / "loop").symlink_to("loop")
+    folders = [
+        tmp_path / "a" / "b" / "c", tmp_path / "x" / "rel" / "c", tmp_path / "abs" / "b",
+        tmp_path / "chain" / "c", tmp_path / "up" / "c", tmp_path / "gone" / "deeper",
+        tmp_path / "loop", tmp_path / "loop" / "inside",
+    ]
+    agent._REAL_DIRS.clear()
+    try:
+        for folder in folders:
+            assert agent._real_dir(str(folder)) == os.path.realpath(folder), folder
+    finally:
+        agent._REAL_DIRS.clear()
