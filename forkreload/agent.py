@@ -98,7 +98,7 @@ def _library_prefixes() -> tuple[str, ...]:
 
 
 def _under(path: str, prefixes: tuple[str, ...]) -> bool:
-    return any(path.startswith(p) for p in prefixes)
+    return path.startswith(prefixes)
 
 
 def watch_prefixes(watch: list[str]) -> tuple[str, ...]:
@@ -142,8 +142,13 @@ def _real_file(file: str) -> str | None:
         return os.path.realpath(file) if os.path.isfile(file) else None
     if not stat.S_ISREG(st.st_mode):
         return None
-    folder, base = os.path.split(os.path.abspath(file))
-    return os.path.join(_real_dir(folder), base)
+    folder, sep, base = file.rpartition(os.sep)
+    if not folder:
+        folder = sep or os.curdir  # the root, or no folder at all
+    real = _REAL_DIRS.get(folder)  # as written in __file__: usually the resolution's own key
+    if real is None:
+        real = _REAL_DIRS[folder] = _real_dir(os.path.abspath(folder))
+    return os.path.join(real, base)
 
 
 def _real_dir(folder: str) -> str:

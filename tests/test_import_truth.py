@@ -299,3 +299,27 @@ def test_folder_resolution_agrees_with_realpath(tmp_path):
             assert agent._real_dir(str(folder)) == os.path.realpath(folder), folder
     finally:
         agent._REAL_DIRS.clear()
+
+
+def test_module_file_resolution_agrees_with_realpath(tmp_path, monkeypatch):
+    # __file__ as Python writes it: absolute, relative, with '..', a link.
+    from forkreload import agent
+
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "sub" / "m.py").write_text("")
+    (tmp_path / "pkg" / "top.py").write_text("")
+    (tmp_path / "ln").symlink_to(tmp_path / "pkg", target_is_directory=True)
+    (tmp_path / "pkg" / "alias.py").symlink_to("sub/m.py")
+    monkeypatch.chdir(tmp_path / "pkg")
+    files = [
+        str(tmp_path / "pkg" / "sub" / "m.py"), "top.py", "sub/m.py", "sub/../top.py",
+        str(tmp_path / "ln" / "sub" / "m.py"), str(tmp_path / "ln" / "alias.py"), "./alias.py",
+    ]
+    agent._REAL_DIRS.clear()
+    try:
+        for file in files:
+            assert agent._real_file(file) == os.path.realpath(file), file
+        assert agent._real_file(str(tmp_path / "pkg" / "sub")) is None  # a folder
+        assert agent._real_file("missing.py") is None
+    finally:
+        agent._REAL_DIRS.clear()
