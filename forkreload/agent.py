@@ -125,6 +125,13 @@ def user_module_file(mod: types.ModuleType, watch: tuple[str, ...], libs: tuple[
     return path
 
 
+def is_third_party(name: str, mod: types.ModuleType) -> bool:
+    """A top-level, non-stdlib library: worth preloading next time."""
+    if "." in name or name.startswith("_") or not getattr(mod, "__file__", None):
+        return False
+    return name not in getattr(sys, "stdlib_module_names", ()) and name != "forkreload"
+
+
 _REAL_DIRS: dict[str, str] = {}
 
 
@@ -510,7 +517,7 @@ class Agent:
                 continue
             path = self.is_user_module(mod)
             if path is None:
-                if self._is_third_party(name, mod):
+                if is_third_party(name, mod):
                     self._new_third_party.append(name)
                 continue
             # Not imported through the agent's loader (spec_from_file_location,
@@ -701,13 +708,6 @@ class Agent:
                     parent=self.kernel.get_parent("shell"), ident=b"stream",
                     metadata={protocol.REPLY_METADATA_KEY: protocol.TAG_NOTICE},
                 )
-
-    @staticmethod
-    def _is_third_party(name: str, mod: types.ModuleType) -> bool:
-        """A top-level, non-stdlib library: worth preloading next time."""
-        if "." in name or name.startswith("_") or not getattr(mod, "__file__", None):
-            return False
-        return name not in getattr(sys, "stdlib_module_names", ()) and name != "forkreload"
 
     def _post_run_cell(self, result: Any = None) -> None:
         found = self.scan()

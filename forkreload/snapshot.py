@@ -285,6 +285,8 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         if was_enabled:
             gc.enable()
     preload_files = _user_files(set(cfg["preload"]), cfg.get("watch", []))
+    from .agent import is_third_party
+
     return {
         "op": "hello",
         "pid": os.getpid(),
@@ -295,6 +297,9 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 4),
         "threads": _thread_report(_started),
         "modules": len(sys.modules),
+        # What a worker forked from here has imported already: the preloads
+        # and everything they brought (torch brings sympy, jinja2, ...).
+        "libs": sorted(n for n, m in list(sys.modules.items()) if is_third_party(n, m)),
         "preload_files": preload_files,
     }
 

@@ -817,13 +817,29 @@ class Swapper:
         if self.learned is not None and third_party:
             self.learned.add(third_party)
             self.libs.update(third_party)
+            if self.pool is not None:
+                self._prune_learned(self.pool)
             self._learn()
 
     # -- in-session learning ---------------------------------------------------------------
 
     def _missing(self, pool: WorkerPool | None) -> set[str]:
         """Libraries the session imported that `pool`'s snapshot does not hold."""
-        return self.libs - self.unlearnable - set(pool.preload if pool is not None else ())
+        if pool is None:
+            return self.libs - self.unlearnable
+        return self.libs - self.unlearnable - set(pool.preload) - set(pool.info.get("libs", ()))
+
+    def _prune_learned(self, pool: WorkerPool) -> None:
+        """Forget what `pool`'s snapshot holds without preloading it by name:
+        the libraries its preloads import themselves. The first worker of a
+        start comes from a snapshot of the kernel only, so importing torch
+        there reports torch and the ~20 libraries torch imports; learning
+        those would give the next kernel another preload set than the one
+        its snapshot was built with, and another server holding torch."""
+        if self.learned is None:
+            return
+        brought = set(pool.info.get("libs", ())) - set(pool.preload) - set(self.settings.preload)
+        self.learned.forget(sorted(brought))
 
     def _learn(self) -> None:
         """Build a snapshot that also holds the libraries the session imported,
@@ -858,6 +874,7 @@ class Swapper:
         self._check_hello(hello)
         self.unlearnable.update(hello.get("preload_failed", {}))
         old, self.pool = self.pool, pool
+        self._prune_learned(pool)
         if old.spare is not None:
             old.retire(old.spare)
         self.old_pools.append(old)

@@ -442,3 +442,27 @@ def test_first_server_keeps_nothing_the_kernel_was_given(srv, tmp_path, project)
     assert ready and os.read(r, 1) == b""  # EOF: nobody else holds its write end
     os.close(r)
     assert not _gone(info["pid"], timeout=0.2)  # the server lives on (idle timeout)
+
+
+def test_libraries_a_preload_brings_are_not_learned_apart(srv, make_session, project):
+    # The first worker of a start comes from the kernel-only server, so
+    # importing pandas there reports pandas and what pandas imports (numpy,
+    # dateutil, pytz). Once the pandas server serves forks, none of those
+    # is remembered apart: the next kernel has the same preload set, so the
+    # same server, and no second server holding pandas is built.
+    from forkreload.config import LearnedModules
+
+    s1 = make_session(preload=["pandas"], learn=True)
+    assert s1.execute("import pandas, numpy; print('ok')").stdout == "ok\n"
+    deadline = time.monotonic() + 60
+    while "pandas" not in (st1 := _wait_built(s1))["snapshot"]["preload"]:
+        assert time.monotonic() < deadline, st1
+        time.sleep(0.1)
+    time.sleep(0.5)  # a learning build would have been started by now
+    st1 = _wait_built(s1)
+    assert st1["learning"] is None
+    learned = LearnedModules(str(project.root)).modules
+    assert not {"numpy", "dateutil", "pytz"} & set(learned), learned
+    s2 = make_session(preload=["pandas"], learn=True)
+    assert s2.status()["snapshot"]["pid"] == st1["snapshot"]["pid"]
+    assert sorted(i["preload"] for i in _servers(srv)) == [[], ["pandas"]]
