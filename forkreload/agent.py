@@ -24,6 +24,7 @@ once, in the cell that imports that name.
 from __future__ import annotations
 
 import _imp
+import ast
 import builtins
 import collections
 import functools
@@ -130,6 +131,44 @@ def is_third_party(name: str, mod: types.ModuleType) -> bool:
     if "." in name or name.startswith("_") or not getattr(mod, "__file__", None):
         return False
     return name not in getattr(sys, "stdlib_module_names", ()) and name != "forkreload"
+
+
+def _library_submodules(sources: list[str | bytes], new: set[str]) -> list[str]:
+    """The libraries' submodules that these sources' import statements name
+    and that were imported since the last look (`new`): `import scipy.stats`,
+    `from sklearn.linear_model import X`. A snapshot holding `sklearn` does
+    not hold `sklearn.linear_model`: learned by name, it is preloaded too."""
+    named: dict[str, None] = {}
+    for source in sources:
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                named.update(dict.fromkeys(a.name for a in node.names))
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                named[node.module] = None
+                named.update(dict.fromkeys(f"{node.module}.{a.name}" for a in node.names if a.name != "*"))
+    found = []
+    for name in named:
+        top = name.partition(".")[0]
+        if "." not in name or name not in new or any(part.startswith("_") for part in name.split(".")):
+            continue
+        mod, top_mod = sys.modules.get(name), sys.modules.get(top)
+        if isinstance(mod, types.ModuleType) and isinstance(top_mod, types.ModuleType) and is_third_party(top, top_mod):
+            found.append(name)
+    return found
+
+
+def library_modules() -> list[str]:
+    """The libraries imported here, and their public submodules (what a
+    snapshot tells the controller it holds)."""
+    tops = {n for n, m in list(sys.modules.items()) if "." not in n and isinstance(m, types.ModuleType) and is_third_party(n, m)}
+    return sorted(
+        n for n, m in list(sys.modules.items())
+        if isinstance(m, types.ModuleType) and n.partition(".")[0] in tops and not any(p.startswith("_") for p in n.split("."))
+    )
 
 
 _REAL_DIRS: dict[str, str] = {}
@@ -494,14 +533,17 @@ class Agent:
         """The module's file when it is one of the user's modules, else None."""
         return user_module_file(mod, self.watch, self.libs)
 
-    def scan(self) -> list[dict[str, Any]]:
-        """Record modules imported since the last scan; return new user modules."""
+    def scan(self, code: str = "") -> list[dict[str, Any]]:
+        """Record modules imported since the last scan; return new user modules.
+        `code`: the cell that ran (its import statements are looked at)."""
         if not self._imported and len(sys.modules) == self._nmods:
             return []
         # Folders resolved afresh for each look: a link may point elsewhere
         # now (a project switched to another checkout between cells).
         _REAL_DIRS.clear()
         found = []
+        new = [n for n in list(sys.modules) if n not in self.seen]
+        sources: list[str | bytes] = [code] if "import" in code else []
         if self._imported:
             done, self._imported = self._imported, {}
             for name, entry in done.items():
@@ -510,7 +552,10 @@ class Agent:
                 self.seen.add(name)
                 self.user_modules[name] = entry
                 found.append({k: entry[k] for k in ("name", "file", "sha")})
-        for name in [n for n in list(sys.modules) if n not in self.seen]:
+                sources.append(entry["source"])
+        for name in new:
+            if name in self.seen:
+                continue
             self.seen.add(name)
             mod = sys.modules.get(name)
             if mod is None:
@@ -531,6 +576,9 @@ class Agent:
             entry = {"name": name, "file": path, "sha": source_sha(data)}
             self.user_modules[name] = dict(entry, source=data)
             found.append(entry)
+            sources.append(data)
+        if sources:
+            self._new_third_party += _library_submodules(sources, set(new))
         self._nmods = len(sys.modules)
         _REAL_DIRS.clear()  # the next cell's path hooks resolve afresh too
         return found
@@ -710,14 +758,16 @@ class Agent:
                 )
 
     def _post_run_cell(self, result: Any = None) -> None:
-        found = self.scan()
         cell = getattr(getattr(result, "info", None), "raw_cell", None) or ""
-        self.last_ok = bool(getattr(result, "success", True))
-        if not self.dirty:
+        code = cell
+        if not self.dirty or "import" in cell:
             try:
                 code = self.shell.transform_cell(cell)
             except Exception:
-                code = cell
+                pass
+        found = self.scan(code)
+        self.last_ok = bool(getattr(result, "success", True))
+        if not self.dirty:
             self.dirty = not checkpoint.trivial_cell(code)
         if "import" in cell:
             # A file may have been created since the last look (a listdir of

@@ -272,6 +272,8 @@ def status_text(st: dict[str, Any]) -> str:
         lines.append("  failed      " + ", ".join(f"{k}: {v}" for k, v in snap["preload_failed"].items()))
     if snap["threads"].get("risky"):
         lines.append(f"  warning     preloads started threads (fork-safety risk): {snap['threads']['risky']}")
+    if st.get("learning"):
+        lines.append(f"  building    a snapshot with {', '.join(st['learning'])} (forks come from it once ready)")
     previous = f", previous {st['previous_pid']} (%forkreload back)" if st.get("previous_pid") else ""
     lines.append(f"  worker      pid {st['worker_pid']}, spare {st['spare_pid'] or 'starting'}{previous}")
     lines.append(f"  watching    {', '.join(st['watched']) or 'none yet'}")

@@ -285,7 +285,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         if was_enabled:
             gc.enable()
     preload_files = _user_files(set(cfg["preload"]), cfg.get("watch", []))
-    from .agent import is_third_party
+    from .agent import library_modules
 
     return {
         "op": "hello",
@@ -299,7 +299,7 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
         "modules": len(sys.modules),
         # What a worker forked from here has imported already: the preloads
         # and everything they brought (torch brings sympy, jinja2, ...).
-        "libs": sorted(n for n, m in list(sys.modules.items()) if is_third_party(n, m)),
+        "libs": library_modules(),
         "preload_files": preload_files,
     }
 

@@ -526,6 +526,7 @@ def test_the_snapshot_learns_within_the_session(project, make_session):
     s = make_session(learn=True)
     assert "psutil" not in s.status()["snapshot"]["preload"]
     s.execute("import m, psutil")
+    assert "building    a snapshot with psutil" in s.execute("%forkreload status").stdout
     project.write("m.py", "K = 2\n")
     early = s.execute("print(m.K, 'psutil' in dir())")
     assert early.stdout == "2 True\n" and early.reload.mode == "fresh"
@@ -540,6 +541,33 @@ def test_the_snapshot_learns_within_the_session(project, make_session):
     assert r.stdout == "3 True\n" and r.reload.mode == "fresh"
     assert not any("imported" in n for n in r.reload.notes), r.reload.notes
     assert s.status()["learning"] is None
+
+
+@pytest.mark.timeout(120)
+def test_the_snapshot_learns_the_library_submodules_the_code_names(project, make_session):
+    # `import numpy` does not import numpy.polynomial: a snapshot learned as
+    # just "numpy" would leave the swap to import it while unpickling p.
+    project.write("m.py", "K = 1\nfrom numpy.lib import recfunctions\n")
+    s = make_session(learn=True)
+    s.execute("import m\nfrom numpy.polynomial import Polynomial\np = Polynomial([1, 2])")
+    deadline = time.monotonic() + 60
+    while not {"numpy", "numpy.polynomial", "numpy.lib.recfunctions"} <= set(s.status()["snapshot"]["preload"]):
+        assert time.monotonic() < deadline, s.status()
+        time.sleep(0.2)
+    project.write("m.py", "K = 2\n")
+    r = s.execute("import sys; print(m.K, p(1), 'numpy.polynomial' in sys.modules)")
+    assert r.stdout == "2 3.0 True\n" and r.reload.mode == "fresh"
+    assert not any("imported" in n for n in r.reload.notes), r.reload.notes
+
+
+def test_library_submodules_named_by_import_statements():
+    import numpy.polynomial  # noqa: F401
+    from forkreload.agent import _library_submodules
+
+    code = "import numpy.polynomial\nfrom numpy import polynomial, sum\nfrom os import path\nimport json.decoder\nfrom . import x\nimport (\n"
+    new = {"numpy.polynomial", "json.decoder", "os.path"}
+    assert _library_submodules([code, b"from numpy.polynomial import Polynomial"], new) == ["numpy.polynomial"]
+    assert _library_submodules([code], set()) == []  # imported before: nothing new
 
 
 def test_a_session_too_large_to_keep_twice_does_not_keep_the_previous_worker(project, make_session):
