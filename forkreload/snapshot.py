@@ -29,6 +29,7 @@ from typing import Any
 from .channel import Channel, ForgedMessage, set_parent_death_signal
 from .command import project_modules
 from .watch import file_sha
+from .worker import kernel_modules_before_fork, prepare_kernel_modules
 
 __all__ = ["main", "command", "native_threads", "prepare", "fork_child", "send_forked", "describe_status", "restart_if_project_imported", "KERNEL_MODULES"]
 
@@ -49,6 +50,7 @@ KERNEL_MODULES = [
     "forkreload.agent",
     "forkreload.worker",
     "forkreload.migrate",
+    "forkreload.debugger",
 ]
 
 # Modules whose native threads are known to be fork-safe: OpenBLAS (numpy and
@@ -140,6 +142,7 @@ def fork_child(child: Callable[[], None]) -> int | str:
         return f"snapshot has {report['python_threads']} Python threads; refusing to fork"
     sys.stdout.flush()
     sys.stderr.flush()
+    kernel_modules_before_fork()
     with warnings.catch_warnings():
         # Python 3.12+ warns when the process has any OS thread besides the
         # main one; OpenBLAS's pool is fork-safe and checked above.
@@ -273,6 +276,8 @@ def prepare(cfg: dict[str, Any]) -> dict[str, Any]:
     try:
         timings, failures = _preload(cfg["preload"], _started)
         _kt, kfail = _preload(KERNEL_MODULES, _started)
+        if not kfail:
+            prepare_kernel_modules()
     finally:
         sys.path[:] = saved_path
         if cfg["preload"]:

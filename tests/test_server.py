@@ -466,3 +466,33 @@ def test_libraries_a_preload_brings_are_not_learned_apart(srv, make_session, pro
     s2 = make_session(preload=["pandas"], learn=True)
     assert s2.status()["snapshot"]["pid"] == st1["snapshot"]["pid"]
     assert sorted(i["preload"] for i in _servers(srv)) == [[], ["pandas"]]
+
+
+@pytest.mark.parametrize("preload", [["numpy"], ["numpy.random"], ["random"]])
+def test_workers_of_one_server_draw_different_random_numbers(srv, make_session, preload):
+    # Forks of one snapshot share its generators' state unless reseeded; a
+    # snapshot whose numpy has not imported numpy.random leaves that import
+    # (and its seeding from the OS) to each worker.
+    _wait_built(make_session(preload=preload))  # starts the server
+    s2, s3 = make_session(preload=preload), make_session(preload=preload)
+    pid = s2.status()["snapshot"]["pid"]
+    assert _ppid(s2) == pid and _ppid(s3) == pid  # both forked from it
+    cell = "import random, numpy as np; print(random.random(), np.random.rand())"
+    a, b = s2.execute(cell).stdout, s3.execute(cell).stdout
+    assert a.split()[0] != b.split()[0] and a.split()[1] != b.split()[1], (a, b)
+
+
+def test_a_workers_kernel_lists_the_snapshots_modules_without_walking_them(srv, make_session):
+    # ipykernel lists every module's file at a kernel's start (for its
+    # debugger); a worker gets the list the snapshot made, the same list.
+    _wait_built(make_session(preload=["json"]))
+    s = make_session(preload=["json"])
+    out = s.execute(
+        "import sys, forkreload.worker as w, ipykernel.ipkernel as ik\n"
+        "files = get_ipython().kernel._kernel_modules\n"
+        "print(w._lean_start, ik.sys is sys, all(type(f) is str for f in files), ik.__file__ in files,"
+        " w.__file__ in files, len(files) > 300,"
+        # imported by the kernel's start before it lists them (its event loop):
+        " sys.modules['tornado.platform.asyncio'].__file__ in files)"
+    ).stdout
+    assert out == "True True True True True True True\n", out
