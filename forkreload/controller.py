@@ -697,8 +697,8 @@ class Controller:
 
     def _step(self, sigfd: int) -> None:
         poller, workers = self._poller(sigfd)
-        pool = self.swapper.pool
-        assert pool is not None
+        polled = self.swapper.pool
+        assert polled is not None
         events = dict(poller.poll(self.swapper.poll_timeout()))
         if os.getppid() != self._ppid:
             self.running = False  # our parent died: do not outlive it
@@ -713,7 +713,10 @@ class Controller:
         checkpoints = self.swapper.timeline.fileno()
         if checkpoints is not None and checkpoints in events:
             self.swapper.timeline.accept()
-        if pool.fileno() in events:
+        # (A snapshot built in the background may have replaced the polled
+        # one just now, and closed it: its events are no longer anyone's.)
+        pool = self.swapper.pool
+        if pool is polled and pool.fileno() in events:
             try:
                 pool.read_message()
             except ForgedMessage:

@@ -496,3 +496,23 @@ def test_a_workers_kernel_lists_the_snapshots_modules_without_walking_them(srv, 
         " sys.modules['tornado.platform.asyncio'].__file__ in files)"
     ).stdout
     assert out == "True True True True True True True\n", out
+
+
+def test_a_second_learned_snapshot_without_a_swap_between(srv, project, make_session, tmp_path):
+    # The snapshot learned first is replaced before any worker was forked
+    # from it: it is closed in the step that takes the new one, whose
+    # events must not be read from it.
+    log = tmp_path / "controller.log"
+    project.write("m.py", "K = 1\n")
+    s = make_session(learn=True, env={**os.environ, "FORKRELOAD_LOG": str(log)})
+    for lib in ("psutil", "pexpect"):
+        s.execute(f"import m, {lib}")
+        deadline = time.monotonic() + 60
+        while lib not in s.status()["snapshot"]["preload"] or s.status()["learning"]:
+            assert time.monotonic() < deadline, s.status()
+            time.sleep(0.1)
+    assert s.execute("print(m.K)").stdout == "1\n"
+    project.write("m.py", "K = 2\n")
+    r = s.execute("print(m.K, 'pexpect' in dir())")
+    assert r.stdout == "2 True\n" and r.reload.mode == "fresh"
+    assert "internal error" not in log.read_text()
