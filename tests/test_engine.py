@@ -524,21 +524,23 @@ def test_the_snapshot_learns_within_the_session(project, make_session):
     # imports nothing, and the one before it says what it had to import.
     project.write("m.py", "K = 1\n")
     s = make_session(learn=True)
-    assert "psutil" not in s.status()["snapshot"]["preload"]
-    s.execute("import m, psutil")
-    assert "building    a snapshot with psutil" in s.execute("%forkreload status").stdout
+    assert "pandas" not in s.status()["snapshot"]["preload"]
+    s.execute("import m, psutil, pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})")
+    assert "building    a snapshot with" in s.execute("%forkreload status").stdout
     project.write("m.py", "K = 2\n")
-    early = s.execute("print(m.K, 'psutil' in dir())")
-    assert early.stdout == "2 True\n" and early.reload.mode == "fresh"
+    early = s.execute("print(m.K, 'psutil' in dir(), int(df.a.sum()))")
+    assert early.stdout == "2 True 3\n" and early.reload.mode == "fresh"
     deadline = time.monotonic() + 60
-    while "psutil" not in s.status()["snapshot"]["preload"]:
+    while not {"psutil", "pandas"} <= set(s.status()["snapshot"]["preload"]) or s.status()["learning"]:
         assert time.monotonic() < deadline, s.status()
         time.sleep(0.2)
     # (a snapshot starts in well over the few ms between these two cells)
-    assert "the new worker imported psutil itself (a snapshot holding them is being built)" in early.reload.notes, early.reload
+    notes = " ".join(early.reload.notes)
+    assert "the new worker imported" in notes and "pandas" in notes and "psutil" in notes, early.reload
+    assert "(a snapshot holding them is being built)" in notes, early.reload
     project.write("m.py", "K = 3\n")
-    r = s.execute("import sys; print(m.K, 'psutil' in sys.modules)")
-    assert r.stdout == "3 True\n" and r.reload.mode == "fresh"
+    r = s.execute("import sys; print(m.K, 'psutil' in sys.modules, int(df.a.sum()))")
+    assert r.stdout == "3 True 3\n" and r.reload.mode == "fresh"
     assert not any("imported" in n for n in r.reload.notes), r.reload.notes
     assert s.status()["learning"] is None
 
