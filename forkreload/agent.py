@@ -24,7 +24,6 @@ once, in the cell that imports that name.
 from __future__ import annotations
 
 import _imp
-import ast
 import builtins
 import collections
 import functools
@@ -133,6 +132,13 @@ def is_third_party(name: str, mod: types.ModuleType) -> bool:
     return name not in getattr(sys, "stdlib_module_names", ()) and name != "forkreload"
 
 
+# An import statement's start, in source text (a regex, not a parse: the
+# user's modules are looked at after every import and every swap, and
+# ast.parse of a 10,000-line project would cost ~50 ms each time). Names in
+# parentheses continued on further lines are not seen: only learning is lost.
+_IMPORT_LINE = re.compile(r"^[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import[ \t]+\(?([\w.,\t ]*)|import[ \t]+([\w.,\t ]+))", re.M)
+
+
 def _library_submodules(sources: list[str | bytes], new: set[str]) -> list[str]:
     """The libraries' submodules that these sources' import statements name
     and that were imported since the last look (`new`): `import scipy.stats`,
@@ -140,16 +146,13 @@ def _library_submodules(sources: list[str | bytes], new: set[str]) -> list[str]:
     not hold `sklearn.linear_model`: learned by name, it is preloaded too."""
     named: dict[str, None] = {}
     for source in sources:
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                named.update(dict.fromkeys(a.name for a in node.names))
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                named[node.module] = None
-                named.update(dict.fromkeys(f"{node.module}.{a.name}" for a in node.names if a.name != "*"))
+        text = source.decode("latin-1") if isinstance(source, bytes) else source
+        for module, names, plain in _IMPORT_LINE.findall(text):
+            if module:
+                named[module] = None
+                named.update(dict.fromkeys(f"{module}.{n.split()[0]}" for n in names.split(",") if n.split()))
+            else:
+                named.update(dict.fromkeys(n.split()[0] for n in plain.split(",") if n.split()))
     found = []
     for name in named:
         top = name.partition(".")[0]
@@ -533,9 +536,12 @@ class Agent:
         """The module's file when it is one of the user's modules, else None."""
         return user_module_file(mod, self.watch, self.libs)
 
-    def scan(self, code: str = "") -> list[dict[str, Any]]:
+    def scan(self, code: str | None = None) -> list[dict[str, Any]]:
         """Record modules imported since the last scan; return new user modules.
-        `code`: the cell that ran (its import statements are looked at)."""
+        `code`: the cell that ran; its import statements, and those of the
+        user modules it imported, are looked at for libraries' submodules
+        (not in a scan between cells: a new worker's imports were learned
+        by the cells of the workers before it)."""
         if not self._imported and len(sys.modules) == self._nmods:
             return []
         # Folders resolved afresh for each look: a link may point elsewhere
@@ -543,7 +549,7 @@ class Agent:
         _REAL_DIRS.clear()
         found = []
         new = [n for n in list(sys.modules) if n not in self.seen]
-        sources: list[str | bytes] = [code] if "import" in code else []
+        sources: list[str | bytes] | None = None if code is None else [code]
         if self._imported:
             done, self._imported = self._imported, {}
             for name, entry in done.items():
@@ -552,7 +558,8 @@ class Agent:
                 self.seen.add(name)
                 self.user_modules[name] = entry
                 found.append({k: entry[k] for k in ("name", "file", "sha")})
-                sources.append(entry["source"])
+                if sources is not None:
+                    sources.append(entry["source"])
         for name in new:
             if name in self.seen:
                 continue
@@ -576,7 +583,8 @@ class Agent:
             entry = {"name": name, "file": path, "sha": source_sha(data)}
             self.user_modules[name] = dict(entry, source=data)
             found.append(entry)
-            sources.append(data)
+            if sources is not None:
+                sources.append(data)
         if sources:
             self._new_third_party += _library_submodules(sources, set(new))
         self._nmods = len(sys.modules)
