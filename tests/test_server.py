@@ -468,7 +468,7 @@ def test_libraries_a_preload_brings_are_not_learned_apart(srv, make_session, pro
     assert sorted(i["preload"] for i in _servers(srv)) == [[], ["pandas"]]
 
 
-@pytest.mark.parametrize("preload", [["numpy"], ["numpy.random"], ["random"]])
+@pytest.mark.parametrize("preload", [["numpy"], ["numpy.random"]])
 def test_workers_of_one_server_draw_different_random_numbers(srv, make_session, preload):
     # Forks of one snapshot share its generators' state unless reseeded; a
     # snapshot whose numpy has not imported numpy.random leaves that import
