@@ -586,7 +586,9 @@ class Agent:
             if sources is not None:
                 sources.append(data)
         if sources:
-            self._new_third_party += _library_submodules(sources, set(new))
+            # (A package of the user's is never a library, wherever it lies.)
+            subs = _library_submodules(sources, set(new))
+            self._new_third_party += [n for n in subs if self.is_user_module(sys.modules[n]) is None]
         self._nmods = len(sys.modules)
         _REAL_DIRS.clear()  # the next cell's path hooks resolve afresh too
         return found

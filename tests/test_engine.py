@@ -562,6 +562,24 @@ def test_the_snapshot_learns_the_library_submodules_the_code_names(project, make
     assert not any("imported" in n for n in r.reload.notes), r.reload.notes
 
 
+def test_a_package_of_the_users_is_never_learned_as_a_library(project, make_session):
+    project.write("mypkg/__init__.py", "")
+    project.write("mypkg/sub.py", "X = 1\n")
+    s = make_session(learn=True)
+    assert s.execute("import mypkg.sub, psutil; print(mypkg.sub.X)").stdout == "1\n"
+    deadline = time.monotonic() + 60
+    while "psutil" not in s.status()["snapshot"]["preload"] or s.status()["learning"]:
+        assert time.monotonic() < deadline, s.status()
+        time.sleep(0.1)
+    snap = s.status()["snapshot"]
+    assert not any(n.startswith("mypkg") for n in [*snap["preload"], *snap["preload_failed"]]), snap
+    from forkreload.config import LearnedModules
+
+    assert not any(n.startswith("mypkg") for n in LearnedModules(str(project.root)).modules)
+    project.write("mypkg/sub.py", "X = 2\n")
+    assert s.execute("print(mypkg.sub.X)").stdout == "2\n"
+
+
 def test_library_submodules_named_by_import_statements():
     import numpy.polynomial  # noqa: F401
     from forkreload.agent import _library_submodules
