@@ -113,6 +113,9 @@ class DebugSession:
         self.own: set[str] = set()  # the controller's requests: their replies are not forwarded
         self.quiet: set[str] = set()  # while replaying: requests whose events are not forwarded
         self.notice: str | None = None  # told in the next cell
+        # Replies to the requests a spare was given ahead, read before its
+        # switch (an agent call to it reads its control socket too).
+        self.ahead: dict[str, dict[str, Any] | None] = {}
 
     @property
     def active(self) -> bool:
@@ -124,6 +127,27 @@ class DebugSession:
         self.requests.clear()
         self.breakpoints.clear()
         self.pending.clear()
+        # A spare that was given the session ahead holds one no one has now.
+        pool = self.proxy.swapper.pool
+        if pool is not None and pool.spare is not None and pool.spare.debug_prepared:
+            pool.retire(pool.spare)
+            self.proxy.swapper.want_spare = True
+
+    def prepare_spare(self, w: WorkerHandle | None) -> None:
+        """Give a spare the session's start (`initialize`, `attach`) now,
+        while it waits: debugpy's start (its adapter process, ~0.4 s) and the
+        attach (~0.2 s) then leave the swap's path. The replies are read at
+        the switch; what the spare says about them is never forwarded."""
+        if w is None or w.debug_prepared or w.dead or not self.active:
+            return
+        if len(self.ahead) > 100:
+            self.ahead.clear()  # spares retired unused
+        for command in _ESSENTIAL:
+            msg_id = self._send(w, self.requests[command])
+            self.quiet.discard(msg_id)  # (the ids below outlive this replay's quiet set)
+            self.proxy.internal_ids.add(msg_id)  # what it causes is dropped wherever it is read
+            self.ahead[msg_id] = None
+            w.debug_prepared.append((command, msg_id))
 
     # -- the front end's requests and the worker's replies --------------------------
 
@@ -148,6 +172,8 @@ class DebugSession:
         msg_id = str(_json(parts[2]).get("msg_id", ""))
         if msg_id in self.own:
             self.own.discard(msg_id)
+            if msg_id in self.ahead:
+                self.ahead[msg_id] = _json(parts[4])
             return False
         request = self.pending.pop(msg_id, None)
         if request is not None and _json(parts[1]).get("msg_type") == "debug_reply":
@@ -165,6 +191,9 @@ class DebugSession:
             self.forget()  # a new session
         if command in _SESSION_COMMANDS:
             self.requests[str(command)] = request
+            if command == "attach":
+                pool = self.proxy.swapper.pool
+                self.prepare_spare(pool.spare if pool is not None else None)
         elif command == "setBreakpoints":
             args = request.get("arguments") or {}
             path = str((args.get("source") or {}).get("path", ""))
@@ -219,12 +248,29 @@ class DebugSession:
         """Send `w` the requests that built the session: None or why it
         failed, and whether `w`'s debugger was started."""
         deadline = time.monotonic() + REPLAY_TIMEOUT
-        sequence = [self.requests["initialize"], self.requests["attach"], *self.breakpoints.values()]
-        sequence += [self.requests[c] for c in _SESSION_COMMANDS[2:] if c in self.requests]
+        prepared = w.debug_prepared
+        w.debug_prepared = []
+        sequence: list[tuple[dict[str, Any], str | None]] = [(self.requests[c], msg_id) for c, msg_id in prepared]
+        if not prepared:
+            sequence += [(self.requests["initialize"], None), (self.requests["attach"], None)]
+        sequence += [(request, None) for request in self.breakpoints.values()]
+        sequence += [(self.requests[c], None) for c in _SESSION_COMMANDS[2:] if c in self.requests]
         started = False
-        for request in sequence:
+        ahead: dict[str, dict[str, Any]] = {}
+        if prepared:
+            ids = [msg_id for _, msg_id in prepared]
+            ahead = {i: r for i in ids if (r := self.ahead.get(i)) is not None}
+            missing = [i for i in ids if i not in ahead]
+            if missing:
+                ahead.update(self._wait(w, missing, deadline - time.monotonic(), idle=False))
+            for i in ids:
+                self.ahead.pop(i, None)
+        for request, sent in sequence:
             command = request.get("command")
-            reply = self._call(w, request, deadline - time.monotonic())
+            if sent is not None:
+                reply = ahead.get(sent)
+            else:
+                reply = self._call(w, request, deadline - time.monotonic())
             if reply is None:
                 return f"the new worker did not answer {command}", False
             if not reply.get("success"):
@@ -242,17 +288,24 @@ class DebugSession:
         and debug events of this request are not forwarded: the front end
         did not send it. A reply that comes after the timeout is dropped.
         """
-        proxy = self.proxy
         msg_id = self._send(w, content)
+        return self._wait(w, [msg_id], timeout).get(msg_id)
+
+    def _wait(self, w: WorkerHandle, ids: list[str], timeout: float, idle: bool = True) -> dict[str, dict[str, Any]]:
+        """The replies to the controller's requests `ids` to `w`, each once
+        its idle came too (see `_call`; `idle` False: the reply is enough,
+        what the request caused is dropped as an internal id's); those that
+        did not come are missing."""
+        proxy = self.proxy
         poller = zmq.Poller()
         poller.register(w.control, zmq.POLLIN)
         poller.register(w.iopub, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
         deadline = time.monotonic() + max(timeout, 0.0)
-        reply: dict[str, Any] | None = None
-        idle = False
-        # The reply, then this request's idle: the events it caused come before it.
-        while not (reply is not None and idle):
+        replies: dict[str, dict[str, Any]] = {}
+        idled: set[str] = set() if idle else set(ids)
+        # The reply, then the request's idle: the events it caused come before it.
+        while not (len(replies) == len(ids) and len(idled) == len(ids)):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -261,8 +314,8 @@ class DebugSession:
                 frames = w.iopub.recv_multipart()
                 parts = _parts(frames)
                 parent_id = _json(parts[2]).get("msg_id")
-                if parent_id == msg_id and _json(parts[1]).get("msg_type") == "status" and _json(parts[4]).get("execution_state") == "idle":
-                    idle = True
+                if parent_id in ids and _json(parts[1]).get("msg_type") == "status" and _json(parts[4]).get("execution_state") == "idle":
+                    idled.add(str(parent_id))
                 elif parent_id in self.quiet:
                     pass  # debugpy's events of a replayed request, after its idle
                 elif w is proxy.worker:
@@ -270,16 +323,17 @@ class DebugSession:
             if w.control in events:
                 frames = w.control.recv_multipart()
                 parts = _parts(frames)
-                if _json(parts[2]).get("msg_id") == msg_id:
-                    self.own.discard(msg_id)
-                    reply = _json(parts[4])
+                reply_to = _json(parts[2]).get("msg_id")
+                if reply_to in ids:
+                    self.own.discard(str(reply_to))
+                    replies[str(reply_to)] = _json(parts[4])
                 elif self.forward_reply(frames):
                     # The front end's, even from the old worker (a `continue`
                     # answered as an agent call ended): it waits for it.
                     proxy.fe_control.send_multipart(frames)
             if w.pidfd in events:
                 break  # the loop's pidfd watch handles the death
-        return reply
+        return {i: r for i, r in replies.items() if i in idled}
 
     def _send(self, w: WorkerHandle, content: dict[str, Any]) -> str:
         """Send `w` a debug request of the controller's own; its msg_id."""

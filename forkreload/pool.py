@@ -73,6 +73,9 @@ class WorkerHandle:
         self.dead = False
         self.pool: WorkerPool | None = None  # the snapshot it was forked from
         self.origin: Any = None  # the checkpoint it was restored from (timeline.Checkpoint)
+        # A spare given the front end's debug session ahead (command, msg_id
+        # of the requests sent): debugpy's start is then off the swap's path.
+        self.debug_prepared: list[tuple[str, str]] = []
         # Front-end requests forwarded and not answered yet: msg_id -> (identities, header).
         self.inflight: dict[str, tuple[list[bytes], dict[str, Any]]] = {}
         # Requests the worker said busy for and not idle yet.

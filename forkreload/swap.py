@@ -228,6 +228,7 @@ class Swapper:
         if self.want_spare and self.pool is not None and not held:
             self.pool.refill_spare()
             self.want_spare = False
+            self.proxy.debugger.prepare_spare(self.pool.spare)
         w = self.proxy.worker
         idle = w is None or not w.inflight
         self.timeline.tick(idle=idle)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from forkreload import kernelspec
 from jupyter_client import KernelManager
@@ -146,6 +148,18 @@ class Front:
         self.ok("configurationDone")
         return str(source)
 
+    def spare_pid(self) -> int:
+        """The spare worker's pid, from `%forkreload status`."""
+        deadline = time.monotonic() + 30
+        while True:
+            msg_id, _ = self.run("%forkreload status")
+            line = next(ln for ln in self.text(msg_id).splitlines() if ln.strip().startswith("worker"))
+            spare = line.split("spare ")[1].split()[0].rstrip(",")
+            if spare.isdigit():
+                return int(spare)
+            assert time.monotonic() < deadline, line
+            time.sleep(0.2)
+
     def variables(self) -> set[str]:
         """What the variables panel shows while nothing is stopped."""
         return {v["name"] for v in self.ok("inspectVariables")["body"]["variables"]}
@@ -245,6 +259,15 @@ def test_breakpoints_in_a_cell_and_a_module_survive_a_swap(project: Any, kernels
         assert fe.stacks[-2:] == [[("f", source, 2), ("<module>", source, 6)], [("work", str(mod), 2), ("<module>", source, 6)]]
         old_pid = int(fe.result(msg_id))
         assert {"v", "mod", "os"} <= fe.variables()
+        # The spare was given the session ahead: its debugpy is connected to
+        # its adapter before the swap (a kernel's only tcp socket otherwise
+        # is the one its debugger listens on), and the replay then only sets
+        # the breakpoints.
+        spare = psutil.Process(fe.spare_pid())
+        deadline = time.monotonic() + 30
+        while not any(c.status == psutil.CONN_ESTABLISHED for c in spare.net_connections(kind="tcp")):
+            assert time.monotonic() < deadline, "the spare's debugger did not start ahead"
+            time.sleep(0.1)
 
         # A changed class field needs a fresh worker: the session follows it.
         project.write("mod.py", MODULE + "    y = 2\n")
@@ -371,6 +394,11 @@ def test_a_session_that_cannot_follow_ends_with_a_notice(project: Any, kernelspe
     with front(project.root) as fe:
         fe.start_debugger(mod, 2)
         fe.run("import mod, remote\nx = 1")
+        # The spare was given the session ahead (its debugpy started before
+        # it imports anything of the user's): the swap must fork another.
+        spare = fe.spare_pid()
+        os.kill(spare, signal.SIGKILL)
+        psutil.Process(spare).wait(10) if psutil.pid_exists(spare) else None
         since = len(fe.iopub)
         msg_id, _ = fe.run("%forkreload fresh")
         i = fe.wait(lambda m: m["msg_type"] == "debug_event" and m["content"].get("event") == "terminated", since)
