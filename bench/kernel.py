@@ -168,6 +168,33 @@ def expect(out: str, v: int) -> None:
         raise RuntimeError(f"the cell after the edit shows {out!r}, not SCALE={v}")
 
 
+def cell_after_edit(kc: Any, root: Path, last: str, v: int) -> tuple[float, float, list[str]]:
+    """A messy edit (a module constant, no in-place patch), then the cell
+    using it: (seconds to its reply, seconds of the swap, its notes)."""
+    edit(root, v)
+    t0 = time.perf_counter()
+    out = execute(kc, last)
+    took = time.perf_counter() - t0
+    expect(out, v)
+    report = LAST_REPLY["metadata"].get("forkreload") or {}
+    if not (report.get("ok") and report.get("mode") == "fresh"):
+        raise RuntimeError(f"expected a fresh-worker swap, got {report}")
+    return took, report["seconds"], list(report.get("notes", []))
+
+
+def restart_and_run_all(km: KernelManager, kc: Any, nb: Any, root: Path, v: int) -> tuple[float, float]:
+    """An edit, then "Restart kernel and run all": (seconds to ready, to the last reply)."""
+    edit(root, v)
+    t0 = time.perf_counter()
+    km.restart_kernel()
+    kc.wait_for_ready(timeout=120)
+    ready = time.perf_counter() - t0
+    out = run_all(kc, nb)
+    took = time.perf_counter() - t0
+    expect(out, v)
+    return ready, took
+
+
 def bench(runs: int) -> None:
     libs = available(HEAVY)
     nb = build_notebook(libs)
@@ -200,25 +227,13 @@ def bench(runs: int) -> None:
                 execute(kc, last)
                 plain.append(time.perf_counter() - t0)
                 time.sleep(THINK)
-                edit(root, i + 1)  # a messy edit: a module constant, no in-place patch
-                t0 = time.perf_counter()
-                out = execute(kc, last)
-                swaps.append(time.perf_counter() - t0)
-                expect(out, i + 1)
-                report = LAST_REPLY["metadata"].get("forkreload") or {}
-                if not (report.get("ok") and report.get("mode") == "fresh"):
-                    raise RuntimeError(f"expected a fresh-worker swap, got {report}")
-                internal.append(report["seconds"])
+                took, swap, _notes = cell_after_edit(kc, root, last, i + 1)
+                swaps.append(took)
+                internal.append(swap)
             # The front end's "Restart kernel and run all" on forkreload.
             for i in range(max(3, runs // 2)):
                 time.sleep(THINK)
-                edit(root, 100 + i)
-                t0 = time.perf_counter()
-                km.restart_kernel()
-                kc.wait_for_ready(timeout=120)
-                out = run_all(kc, nb)
-                fr_restart_all.append(time.perf_counter() - t0)
-                expect(out, 100 + i)
+                fr_restart_all.append(restart_and_run_all(km, kc, nb, root, 100 + i)[1])
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -230,14 +245,9 @@ def bench(runs: int) -> None:
             expect(run_all(kc, nb), 1)
             for i in range(1, runs + 1):
                 time.sleep(THINK)
-                edit(root, i + 1)
-                t0 = time.perf_counter()
-                km.restart_kernel()
-                kc.wait_for_ready(timeout=120)
-                restart_only.append(time.perf_counter() - t0)
-                out = run_all(kc, nb)
-                restart_all.append(time.perf_counter() - t0)
-                expect(out, i + 1)
+                ready, took = restart_and_run_all(km, kc, nb, root, i + 1)
+                restart_only.append(ready)
+                restart_all.append(took)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -291,25 +301,13 @@ def bench_first_session(runs: int) -> None:
             with kernel("forkreload-new", root) as (_km, kc):
                 expect(run_all(kc, nb), 1)
                 waited.append(wait_learned(kc, libs))
-                edit(root, 2)
-                t0 = time.perf_counter()
-                out = execute(kc, last)
-                swaps.append(time.perf_counter() - t0)
-                expect(out, 2)
-                report = LAST_REPLY["metadata"].get("forkreload") or {}
-                if not (report.get("ok") and report.get("mode") == "fresh"):
-                    raise RuntimeError(f"expected a fresh-worker swap, got {report}")
-                internal.append(report["seconds"])
-                notes += [n for n in report.get("notes", []) if "imported" in n]
+                took, swap, said = cell_after_edit(kc, root, last, 2)
+                swaps.append(took)
+                internal.append(swap)
+                notes += [n for n in said if "imported" in n]
             with kernel("python3", root, quiet=True) as (km, kc):
                 expect(run_all(kc, nb), 2)
-                edit(root, 3)
-                t0 = time.perf_counter()
-                km.restart_kernel()
-                kc.wait_for_ready(timeout=120)
-                out = run_all(kc, nb)
-                restart_all.append(time.perf_counter() - t0)
-                expect(out, 3)
+                restart_all.append(restart_and_run_all(km, kc, nb, root, 3)[1])
         finally:
             # A new project each run: its learned set lives in the cache.
             shutil.rmtree(root, ignore_errors=True)

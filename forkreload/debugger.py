@@ -256,19 +256,12 @@ class DebugSession:
         sequence += [(request, None) for request in self.breakpoints.values()]
         sequence += [(self.requests[c], None) for c in _SESSION_COMMANDS[2:] if c in self.requests]
         started = False
-        ahead: dict[str, dict[str, Any]] = {}
-        if prepared:
-            ids = [msg_id for _, msg_id in prepared]
-            ahead = {i: r for i in ids if (r := self.ahead.get(i)) is not None}
-            missing = [i for i in ids if i not in ahead]
-            if missing:
-                ahead.update(self._wait(w, missing, deadline - time.monotonic(), idle=False))
-            for i in ids:
-                self.ahead.pop(i, None)
         for request, sent in sequence:
             command = request.get("command")
             if sent is not None:
-                reply = ahead.get(sent)
+                # Read already (by an agent call, or while waiting for the
+                # one before), or still to come.
+                reply = self.ahead.pop(sent, None) or self._wait(w, sent, deadline - time.monotonic(), idle=False)
             else:
                 reply = self._call(w, request, deadline - time.monotonic())
             if reply is None:
@@ -288,24 +281,22 @@ class DebugSession:
         and debug events of this request are not forwarded: the front end
         did not send it. A reply that comes after the timeout is dropped.
         """
-        msg_id = self._send(w, content)
-        return self._wait(w, [msg_id], timeout).get(msg_id)
+        return self._wait(w, self._send(w, content), timeout)
 
-    def _wait(self, w: WorkerHandle, ids: list[str], timeout: float, idle: bool = True) -> dict[str, dict[str, Any]]:
-        """The replies to the controller's requests `ids` to `w`, each once
-        its idle came too (see `_call`; `idle` False: the reply is enough,
-        what the request caused is dropped as an internal id's); those that
-        did not come are missing."""
+    def _wait(self, w: WorkerHandle, msg_id: str, timeout: float, idle: bool = True) -> dict[str, Any] | None:
+        """The reply to the controller's request `msg_id` to `w`, once its
+        idle came too (see `_call`; `idle` False: the reply is enough, what
+        the request caused is dropped as an internal id's), or None."""
         proxy = self.proxy
         poller = zmq.Poller()
         poller.register(w.control, zmq.POLLIN)
         poller.register(w.iopub, zmq.POLLIN)
         poller.register(w.pidfd, zmq.POLLIN)
         deadline = time.monotonic() + max(timeout, 0.0)
-        replies: dict[str, dict[str, Any]] = {}
-        idled: set[str] = set() if idle else set(ids)
-        # The reply, then the request's idle: the events it caused come before it.
-        while not (len(replies) == len(ids) and len(idled) == len(ids)):
+        reply: dict[str, Any] | None = None
+        idled = not idle
+        # The reply, then this request's idle: the events it caused come before it.
+        while not (reply is not None and idled):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -314,8 +305,8 @@ class DebugSession:
                 frames = w.iopub.recv_multipart()
                 parts = _parts(frames)
                 parent_id = _json(parts[2]).get("msg_id")
-                if parent_id in ids and _json(parts[1]).get("msg_type") == "status" and _json(parts[4]).get("execution_state") == "idle":
-                    idled.add(str(parent_id))
+                if parent_id == msg_id and _json(parts[1]).get("msg_type") == "status" and _json(parts[4]).get("execution_state") == "idle":
+                    idled = True
                 elif parent_id in self.quiet:
                     pass  # debugpy's events of a replayed request, after its idle
                 elif w is proxy.worker:
@@ -323,17 +314,17 @@ class DebugSession:
             if w.control in events:
                 frames = w.control.recv_multipart()
                 parts = _parts(frames)
-                reply_to = _json(parts[2]).get("msg_id")
-                if reply_to in ids:
-                    self.own.discard(str(reply_to))
-                    replies[str(reply_to)] = _json(parts[4])
+                if _json(parts[2]).get("msg_id") == msg_id:
+                    self.own.discard(msg_id)
+                    self.ahead.pop(msg_id, None)
+                    reply = _json(parts[4])
                 elif self.forward_reply(frames):
                     # The front end's, even from the old worker (a `continue`
                     # answered as an agent call ended): it waits for it.
                     proxy.fe_control.send_multipart(frames)
             if w.pidfd in events:
                 break  # the loop's pidfd watch handles the death
-        return {i: r for i, r in replies.items() if i in idled}
+        return reply if idled else None
 
     def _send(self, w: WorkerHandle, content: dict[str, Any]) -> str:
         """Send `w` a debug request of the controller's own; its msg_id."""

@@ -63,11 +63,9 @@ class _File:
 class _Modules:
     """What `sys.modules.copy().values()` gives, from files listed before the fork."""
 
-    def __init__(self, files: list[str]) -> None:
-        # Copies of the strings, allocated together: reading them touches a
-        # few pages instead of one per module and per file name.
-        self.files = tuple(_File((f + " ")[:-1]) for f in files)
-        self.count = len(sys.modules)
+    def __init__(self, files: tuple[_File, ...]) -> None:
+        self.files = files
+        self.count = len(sys.modules)  # the modules these are the files of
 
     def since(self) -> _Modules | None:
         """These and the modules imported since (the last ones of sys.modules,
@@ -79,10 +77,7 @@ class _Modules:
             return None
         names = list(itertools.islice(reversed(sys.modules), extra))
         files = [getattr(sys.modules[n], "__file__", None) for n in reversed(names)]
-        view = _Modules.__new__(_Modules)
-        view.files = self.files + tuple(_File(f) for f in files if isinstance(f, str) and f)
-        view.count = len(sys.modules)
-        return view
+        return _Modules(self.files + tuple(_File(f) for f in files if isinstance(f, str) and f))
 
     def copy(self) -> _Modules:
         return self
@@ -132,7 +127,10 @@ def prepare_kernel_modules() -> None:
         return
     if src.count("sys.modules") != 1 or "for m in sys.modules.copy().values() if hasattr(m, \"__file__\") and m.__file__" not in src:
         return
-    _KERNEL_MODULES = _Modules([m.__file__ for m in sys.modules.copy().values() if hasattr(m, "__file__") and m.__file__])
+    # Copies of the strings, allocated together: reading them touches a few
+    # pages instead of one per module and per file name.
+    files = [m.__file__ for m in sys.modules.copy().values() if hasattr(m, "__file__") and m.__file__]
+    _KERNEL_MODULES = _Modules(tuple(_File((f + " ")[:-1]) for f in files))
 
 
 def kernel_modules_before_fork() -> None:
