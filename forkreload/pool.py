@@ -143,6 +143,10 @@ class WorkerPool:
         # Source files of preloaded modules that are the user's own code.
         self.watch = SourceWatch()
         self.exit_statuses: dict[int, str] = {}
+        # False while a shared server that handed its first worker out has
+        # not imported yet: a fork would wait for those imports, so a spare
+        # waits for its word instead (`forks_now`).
+        self.prepared = True
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: Channel | None = None
         self._listener: socket.socket | None = None  # while the snapshot starts
@@ -223,6 +227,7 @@ class WorkerPool:
         """What a snapshot says once its preloads are imported: its report,
         and the preloaded files that are the user's own (an edit rebuilds it)."""
         self.info = hello
+        self.prepared = hello.get("prepared", True) is not False
         for m in hello.get("preload_files", []):
             self.watch.add(m["name"], m["file"], m["sha"])
         if hello.get("kernel_failed"):
@@ -269,6 +274,8 @@ class WorkerPool:
             raise ControllerError("the snapshot process is gone")
         if msg.get("op") == "exited":
             self.exit_statuses[msg["pid"]] = msg["status"]
+        elif msg.get("op") == "prepared":
+            self.prepared = True
         return msg, fds
 
     def exit_status(self, pid: int) -> str:

@@ -82,6 +82,8 @@ __all__ = [
 
 DEFAULT_IDLE = 600.0
 _FIRST_CLIENT_WAIT = 10.0
+_FIRST_WORKER_TIMEOUT = 300.0  # its imports, on a machine as slow as a snapshot's may be
+_FIRST_PREPARE_DELAY = 1.0  # as the full server of a cold start (`ServerPool.launch_later`)
 _SERVER_DIR_ENV = "FORKRELOAD_SERVER_DIR"
 
 # Environment variables that change what an import does (thread pools read
@@ -390,7 +392,7 @@ def serve_first(settings: Settings, ready_fd: int) -> None:
     os.environ.update(env)
     sys.argv[:] = [os.path.abspath(__file__)]
     serve({"dir": d, "kid": kid, "desc": desc, "preload": [], "watch": settings.watch, "cwd": settings.cwd,
-           "idle": settings.server_idle, "ready_fd": ready_fd})
+           "idle": settings.server_idle, "ready_fd": ready_fd, "first_worker": True})
 
 
 def command(python: str = sys.executable) -> list[str]:
@@ -431,12 +433,17 @@ class _Server:
         self.stopping = False
         self.served = False  # a client came
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.prepared = False
+        self.first: tuple[int, Channel] | None = None  # the first worker, waiting for its fork request
+        self.prepare_at: float | None = None  # when to import, once the first worker is handed out
 
     # -- start --
 
     def prepare(self) -> None:
         from .snapshot import prepare
 
+        self.prepared = True
+        self.prepare_at = None
         self.hello = prepare(self.cfg)
         self.hello["server"] = self.kid
         self.user_files[tuple(self.cfg.get("watch", []))] = self.hello.get("preload_files", [])
@@ -449,6 +456,108 @@ class _Server:
                 with contextlib.suppress(OSError):
                     st = os.stat(file)
                     self.file_stats[os.path.realpath(file)] = (st.st_mtime_ns, st.st_size)
+
+    def start_first_worker(self) -> None:
+        """A cold start's first worker, forked before anything is imported.
+
+        A worker forked after the imports writes to pages it shares with
+        the server: each first write is a copy-on-write fault (~2,500 of
+        them, ~20 ms, for a kernel's start and an `import numpy, pandas`).
+        This one imports the kernel machinery itself, as a plain kernel
+        does, and its hello is the server's (it holds what the server will
+        hold). The server imports once it has handed it out
+        (`_FIRST_PREPARE_DELAY` later, or at the next fork request), so
+        that the two do not share the CPUs during the kernel's first cells.
+        If it fails, the server imports and forks as usual.
+        """
+        key = secrets.token_bytes(32)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ours.close()
+                self._first_worker(Channel(theirs, key))
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    sys.stderr.write(f"forkreload server: the first worker failed: {type(exc).__name__}: {exc}\n")
+            os._exit(1)
+        theirs.close()
+        chan = Channel(ours, key)
+        msg: dict[str, Any] | None
+        try:
+            ready, _, _ = select.select([chan.fileno()], [], [], _FIRST_WORKER_TIMEOUT)
+            msg, fds = chan.recv() if ready else (None, [])
+            for fd in fds:
+                os.close(fd)
+        except (OSError, ForgedMessage):
+            msg = None
+        if msg is None or msg.get("op") != "hello":
+            chan.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self.prepare()
+            return
+        self.hello = {**msg, "pid": os.getpid(), "server": self.kid}
+        self.user_files[tuple(self.cfg.get("watch", []))] = msg.get("preload_files", [])
+        self.first = (pid, chan)
+
+    def _first_worker(self, chan: Channel) -> None:
+        """In the first worker: import, say hello, wait for the fork request
+        of the kernel that started this server, and become its worker."""
+        from .channel import set_parent_death_signal
+        from .snapshot import prepare
+
+        server_pid = os.getppid()
+        set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != server_pid:
+            os._exit(0)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # the server's: held by this process, it would outlive the server
+            self.lock_fd = None
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            os.close(int(self.cfg["ready_fd"]))  # the starting kernel's: only the server answers there
+        chan.send(prepare(self.cfg))
+        msg, fds = chan.recv()
+        chan.close()
+        if msg is None or msg.get("op") != "fork":
+            os._exit(0)
+        self._become_worker(msg, fds)
+
+    def _hand_first(self, msg: dict[str, Any], fds: list[int]) -> int | None:
+        """Give a fork request to the first worker: its pid, or None if it
+        is gone (the server forks one itself)."""
+        assert self.first is not None
+        pid, chan = self.first
+        self.first = None
+        try:
+            chan.send(msg, fds=fds)
+        except OSError:
+            return None
+        finally:
+            chan.close()
+        self.prepare_at = time.monotonic() + _FIRST_PREPARE_DELAY
+        return pid
+
+    def _prepare_late(self) -> str | None:
+        """The imports a first worker put off; why they failed, if they did
+        (the server then takes no new client: a new one is spawned)."""
+        try:
+            self.prepare()
+        except Exception as exc:
+            self.prepare_at = None
+            why = f"the snapshot server could not import the kernel machinery: {type(exc).__name__}: {exc}"
+            sys.stderr.write(f"forkreload server: {why}\n")
+            self.retire()
+            return why
+        for client in list(self.clients.values()):
+            if client.kernel:
+                try:
+                    client.chan.send({"op": "prepared"})  # its spare may come now
+                except OSError:
+                    self._drop(client)
+        return None
 
     def listen(self) -> None:
         key = secrets.token_hex(32).encode()
@@ -513,8 +622,13 @@ class _Server:
             if self.listener is not None:
                 fds.append(self.listener.fileno())
             timeout = None if self.clients else max(0.0, self.idle_since + idle - time.monotonic())
+            if self.prepare_at is not None:
+                until = max(0.0, self.prepare_at - time.monotonic())
+                timeout = until if timeout is None else min(timeout, until)
             polled = dict(self.clients)
             readable, _, _ = select.select(fds, [], [], timeout)
+            if self.prepare_at is not None and time.monotonic() >= self.prepare_at:
+                self._prepare_late()
             if self.wake_r in readable:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 256)
@@ -604,7 +718,7 @@ class _Server:
         # Which modules are the user's depends on the client's watch paths
         # only: the server's modules never change. Finding them walks every
         # module (0.2 s with pandas), so once per watch list; hashes each time.
-        found = self.user_files.get(tuple(watch))
+        found = self.user_files.get(tuple(watch)) if self.cfg["preload"] else []
         if found is None:
             found = _user_files({p.split(".")[0] for p in self.cfg["preload"]}, watch)
             self.user_files[tuple(watch)] = found
@@ -622,42 +736,50 @@ class _Server:
                 now = None
             if now != self.file_stats.get(f["file"]):
                 stale.append(f["file"])
-        return {**self.hello, "preload_files": files, "stale_files": stale}
+        return {**self.hello, "preload_files": files, "stale_files": stale, "prepared": self.prepared}
+
+    def _become_worker(self, msg: dict[str, Any], fds: list[int]) -> None:
+        """In a child: drop everything of the server's, take the fork
+        request's stdio, environment and umask, and run the worker."""
+        # Nothing of the server's may stay open in a worker: its lock
+        # (the server would look alive), the listener, other clients.
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        if isinstance(msg.get("umask"), int):
+            os.umask(msg["umask"])
+        for c in self.clients.values():
+            c.sock.close()
+        if self.listener is not None:
+            self.listener.close()
+        if self.first is not None:
+            self.first[1].close()
+        for fd in (self.wake_r, self.wake_w, self.lock_fd):
+            if fd is not None:
+                os.close(fd)
+        # The worker writes where its kernel's output goes, not into the server's log.
+        for target, fd in zip((1, 2), fds, strict=False):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        env = msg.get("env")
+        if isinstance(env, dict):
+            os.environ.clear()
+            os.environ.update(env)
+        from .worker import run_worker
+
+        cfg = {"privdir": msg["privdir"], "key": msg["key"], "cwd": msg["cwd"], "watch": msg.get("watch", [])}
+        run_worker(cfg, msg)
 
     def _fork(self, client: _Client, msg: dict[str, Any], fds: list[int]) -> None:
         from .snapshot import fork_child, send_forked
 
-        cfg = {"privdir": msg["privdir"], "key": msg["key"], "cwd": msg["cwd"], "watch": msg.get("watch", [])}
-        env = msg.get("env")
-
-        def child() -> None:
-            # Nothing of the server's may stay open in a worker: its lock
-            # (the server would look alive), the listener, other clients.
-            signal.set_wakeup_fd(-1)
-            for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP):
-                signal.signal(sig, signal.SIG_DFL)
-            if isinstance(msg.get("umask"), int):
-                os.umask(msg["umask"])
-            for c in self.clients.values():
-                c.sock.close()
-            if self.listener is not None:
-                self.listener.close()
-            for fd in (self.wake_r, self.wake_w, self.lock_fd):
-                if fd is not None:
-                    os.close(fd)
-            # The worker writes where its kernel's output goes, not into the server's log.
-            for target, fd in zip((1, 2), fds, strict=False):
-                os.dup2(fd, target)
-            for fd in fds:
-                os.close(fd)
-            if isinstance(env, dict):
-                os.environ.clear()
-                os.environ.update(env)
-            from .worker import run_worker
-
-            run_worker(cfg, msg)
-
-        pid = fork_child(child)
+        pid: int | str | None = None
+        if self.first is not None:
+            pid = self._hand_first(msg, fds)
+        if pid is None:
+            why = None if self.prepared else self._prepare_late()
+            pid = why or fork_child(lambda: self._become_worker(msg, fds))
         for fd in fds:
             os.close(fd)
         if send_forked(client.chan, pid, msg["wid"]) and isinstance(pid, int):
@@ -694,6 +816,9 @@ class _Server:
             "seconds": self.hello.get("seconds"),
             "idle": self.idle,
             "retired": self.listener is None,
+            # False while a cold start's first worker holds the only imports
+            # (`start_first_worker`): the server imports before its next fork.
+            "prepared": self.prepared,
         }
 
     # -- the end --
@@ -804,7 +929,10 @@ def serve(cfg: dict[str, Any]) -> None:
     os.close(devnull)
     server = _Server(cfg, lock_fd)
     try:
-        server.prepare()
+        if cfg.get("first_worker"):
+            server.start_first_worker()
+        else:
+            server.prepare()
         server.listen()
     except BaseException as exc:
         sys.stderr.write(f"forkreload server: could not start: {type(exc).__name__}: {exc}\n")

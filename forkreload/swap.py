@@ -225,7 +225,7 @@ class Swapper:
         # would be retired unused once it is ready, its start competing
         # with the first cells, often the heavy imports.)
         held = self.spare_held or (self.building is not None and self.building is self.start_build)
-        if self.want_spare and self.pool is not None and not held:
+        if self.want_spare and self.pool is not None and not held and self.pool.prepared:
             self.pool.refill_spare()
             self.want_spare = False
             self.proxy.debugger.prepare_spare(self.pool.spare)

@@ -5,6 +5,7 @@ test touches a real user's server, and stops every server it started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -132,6 +133,134 @@ def test_first_server_is_a_detached_fork_of_the_starting_kernel(srv, make_sessio
     assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     assert "stopped" in _cli("stop")
     assert _gone(pid)
+
+
+def _rollup(pid: int) -> dict[str, int]:
+    """A process's memory by kind (/proc/PID/smaps_rollup), in MiB."""
+    found = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                found[parts[0][:-1]] = int(parts[1]) >> 10
+    return found
+
+
+def _server_status(d: Path, kid: str, until: Any = None, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = server.ask(str(d), kid, {"op": "status"})
+        assert status is not None
+        if until is None or until(status) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.1)
+
+
+def test_a_cold_starts_first_worker_does_its_own_imports(srv, make_session, monkeypatch):
+    # Forked after the server's imports, the first worker would copy each
+    # page of them it writes (a fault each: ~20 ms more for a kernel's start
+    # and an `import numpy, pandas` than in a plain kernel). It imports for
+    # itself, and the server imports after handing it out.
+    monkeypatch.setenv("FORKRELOAD_CHECKPOINTS", "off")  # a checkpoint would share the worker's pages
+    s = make_session()
+    [info] = _servers(srv)
+    first = s.status()["worker_pid"]
+    assert psutil.Process(first).ppid() == info["pid"]  # the server's child all the same (it reaps it)
+    own = _rollup(first)
+    assert own["Shared_Dirty"] < 8, own  # only what the server held before its imports
+    status = _server_status(srv, info["kid"], until=lambda st: st["prepared"])
+    assert status["prepared"] and first in status["workers"]
+    s2 = make_session()
+    second = s2.status()["worker_pid"]
+    assert psutil.Process(second).ppid() == info["pid"]
+    forked = _rollup(second)
+    assert forked["Shared_Dirty"] >= 10, forked  # a fork shares the server's imports
+    assert s.execute("print(1 + 1)").stdout == s2.execute("print(2)").stdout == "2\n"
+
+
+def test_a_restart_before_the_server_imported_waits_for_its_imports(srv, make_session):
+    s = make_session()
+    [info] = _servers(srv)
+    first = s.status()["worker_pid"]
+    # (The server imports a second after handing its first worker out, or
+    # now: this restart's fork is likely to come first.)
+    s.execute("x = 41")
+    report = s.restart()  # a fork from the server now: it imports at once
+    assert report.ok, report
+    assert s.execute("print(x + 1)").stdout == "42\n"
+    worker = s.status()["worker_pid"]
+    assert worker != first and psutil.Process(worker).ppid() == info["pid"]
+    assert _server_status(srv, info["kid"])["prepared"]
+
+
+def test_the_spare_waits_for_the_servers_imports(srv, make_session):
+    # Asked for before the server imported, a fork would hold the kernel's
+    # loop for those imports: the spare comes once the server says it did.
+    s = make_session()
+    [info] = _servers(srv)
+    assert s.execute("print(1)").stdout == "1\n"
+    deadline = time.monotonic() + 30
+    while (spare := s.status()["spare_pid"]) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spare is not None and psutil.Process(spare).ppid() == info["pid"]
+    assert _server_status(srv, info["kid"])["prepared"]
+
+
+def test_a_first_worker_gone_before_its_kernel_asked(srv, tmp_path):
+    # The server forks its first worker before it imports; if that worker is
+    # gone when the fork request comes, the server imports and forks one.
+    from forkreload.channel import Channel
+
+    d = str(srv)
+    server.server_dir()  # made as a kernel makes it (0700)
+    kid, desc = server.server_key([], [], str(tmp_path))
+    r, w = os.pipe()
+    proc = subprocess.Popen(server.command(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, env=server.snapshot_env(), start_new_session=True, pass_fds=[w])
+    os.close(w)
+    cfg = {"dir": d, "kid": kid, "desc": desc, "preload": [], "watch": [], "cwd": str(tmp_path), "idle": 60,
+           "ready_fd": w, "first_worker": True}
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(cfg).encode() + b"\n")
+    proc.stdin.close()
+    worker = None
+    try:
+        with os.fdopen(r, "rb") as ready:
+            assert ready.readline() == b"ready\n"
+        [first] = psutil.Process(proc.pid).children()
+        first.kill()
+        assert _gone(first.pid)
+        assert not _server_status(srv, kid)["prepared"]
+        conn = server.connect(d, kid)
+        assert conn is not None
+        chan = Channel(*conn)
+        chan.send({"op": "hello", "watch": [], "pid": os.getpid()})
+        hello, _ = chan.recv()
+        assert hello is not None and hello["op"] == "hello" and hello["pid"] == proc.pid and hello["prepared"] is False
+        privdir = tmp_path / "priv"
+        privdir.mkdir(mode=0o700)
+        chan.send({"op": "fork", "wid": 1, "cwd": str(tmp_path), "privdir": str(privdir), "key": "k", "watch": [],
+                   "env": server.snapshot_env(), "umask": 0o022})
+        said = []
+        while not said or said[-1]["op"] != "fork":
+            answer, fds = chan.recv()
+            for fd in fds:
+                os.close(fd)
+            assert answer is not None
+            said.append(answer)
+        assert [m["op"] for m in said] == ["prepared", "fork"], said  # its clients hear that it imported
+        assert not answer.get("error"), answer
+        worker = answer["pid"]
+        assert worker != first.pid and psutil.Process(worker).ppid() == proc.pid
+        assert _server_status(srv, kid)["prepared"]
+        chan.close()  # the client gone: its worker ends with it
+        assert _gone(worker)
+    finally:
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+        server.ask(d, kid, {"op": "stop"})
+        proc.wait(timeout=20)
 
 
 def test_killed_server_is_respawned(srv, make_session):
