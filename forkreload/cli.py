@@ -180,7 +180,9 @@ def _server(args: argparse.Namespace) -> int:
         since = time.strftime("%H:%M:%S", time.localtime(info.get("started", 0)))
         print(f"{kid}  pid {answer['pid']}  up {answer['uptime']:.0f} s (since {since})  "
               f"clients {len(answer['clients'])}  workers {len(answer['workers'])}"
-              f"{'  retired' if answer.get('retired') else ''}")
+              f"{'  retired' if answer.get('retired') else ''}"
+              # (a cold start's first worker imported for itself; the server imports a second later)
+              f"{'  importing later' if answer.get('prepared') is False else ''}")
         print(f"    preloads: {preload}")
         if answer.get("preload_failed"):
             print(f"    failed: {', '.join(answer['preload_failed'])}")
