@@ -461,8 +461,9 @@ class _Server:
         """A cold start's first worker, forked before anything is imported.
 
         A worker forked after the imports writes to pages it shares with
-        the server: each first write is a copy-on-write fault (~2,500 of
-        them, ~20 ms, for a kernel's start and an `import numpy, pandas`).
+        the server: each first write is a copy-on-write fault (~8 us on the
+        development VM; ~2,100 of them for an `import numpy, pandas` alone),
+        and a kernel's start and first import cell took ~40 ms longer.
         This one imports the kernel machinery itself, as a plain kernel
         does, and its hello is the server's (it holds what the server will
         hold). The server imports once it has handed it out
