@@ -593,7 +593,7 @@ def release_exports(path: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------
-# Reading buffers in place: process_vm_readv
+# Reading buffers in place: /proc/PID/mem, else process_vm_readv
 #
 # The fastest single copy is the loader reading the exporter's memory
 # directly into fresh private memory of its own (transparent huge pages
@@ -643,6 +643,8 @@ def _libc() -> Any:
         ]
         lib.prctl.restype = ctypes.c_int
         lib.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        lib.pread64.restype = ctypes.c_ssize_t
+        lib.pread64.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64]
         _libc_handle = lib
     return _libc_handle
 
@@ -665,7 +667,37 @@ def _address(raw: memoryview) -> int:
         ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
 
 
-def _read_process(pid: int, address: int, dest: int, size: int) -> None:
+def _read_process(pid: int, address: int, dest: int, size: int, shared: bool = False) -> None:
+    """Copy `size` bytes at `address` in process `pid` to `dest` here.
+
+    Pages the exporter `shared` with its forks (its checkpoints) are read
+    through /proc/PID/mem where it opens (the same ptrace-level check):
+    process_vm_readv pins each page it reads, and pinning a shared page
+    costs a second fault per page. 72 MiB shared with two forks took 72-82
+    ms that way against 52-56 ms through /proc (one fault per page, the
+    copy's own). Pages of its own are read by process_vm_readv, in one
+    copy (41-51 ms; /proc/PID/mem copies twice, through a kernel page:
+    52-55 ms).
+    """
+    fd = -1
+    if shared:
+        try:
+            fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # no /proc, or it hides other processes: the system call
+    if fd >= 0:
+        try:
+            pread = _libc().pread64
+            done = 0
+            while done < size:
+                got = pread(fd, dest + done, min(size - done, _READ_CHUNK), address + done)
+                if got <= 0:
+                    err = ctypes.get_errno()
+                    raise ForgedPayload(f"cannot read the dumping process's memory: {os.strerror(err) if got else 'short read'}")
+                done += got
+        finally:
+            os.close(fd)
+        return
     fn = _libc().process_vm_readv
     done = 0
     while done < size:
@@ -676,6 +708,30 @@ def _read_process(pid: int, address: int, dest: int, size: int) -> None:
             err = ctypes.get_errno()
             raise ForgedPayload(f"cannot read the dumping process's memory: {os.strerror(err) if got else 'short read'}")
         done += got
+
+
+def _shares_pages(buffers: list[tuple[int, int]]) -> bool:
+    """Whether any of these (address, size) buffers has a page that another
+    process maps too (a checkpoint forked since it was written): bit 56 of
+    its /proc/self/pagemap entry, "exclusively mapped", is clear. The first,
+    middle and last page of each are looked at."""
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        for address, size in buffers:
+            for at in {address, address + size // 2, address + max(size - 1, 0)}:
+                entry = os.pread(fd, 8, at // mmap.PAGESIZE * 8)
+                if len(entry) == 8:
+                    bits = int.from_bytes(entry, "little")
+                    if bits >> 63 & 1 and not bits >> 56 & 1:
+                        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
 
 
 def _readable_in_place() -> bool:
@@ -712,7 +768,7 @@ def _readable_in_place() -> bool:
         return False
 
 
-def _read_buffer(pid: int, address: int, size: int) -> memoryview:
+def _read_buffer(pid: int, address: int, size: int, shared: bool = False) -> memoryview:
     """``size`` bytes at ``address`` in process ``pid``, copied once into
     fresh private memory of this process (its own mapping, so dropping the
     array frees it)."""
@@ -722,7 +778,7 @@ def _read_buffer(pid: int, address: int, size: int) -> memoryview:
     region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
     dest = ctypes.c_char.from_buffer(region)
     try:
-        _read_process(pid, address, ctypes.addressof(dest), size)
+        _read_process(pid, address, ctypes.addressof(dest), size, shared)
     finally:
         del dest
     return memoryview(region)
@@ -797,6 +853,7 @@ def dump_namespace(
 
     release_exports()
     in_place = bool(buffer_offset) and _readable_in_place()
+    shared = False
     holds: list[memoryview] = []
     fds: list[int] = []
     try:
@@ -818,6 +875,7 @@ def dump_namespace(
             for (_, _, buffers), entry in zip(groups, index_groups, strict=True):
                 entry["buffers"] = [[_address(raw), raw.nbytes] for raw in buffers]
                 holds += buffers
+            shared = _shares_pages([(a, n) for entry in index_groups for a, n in entry["buffers"]])
         elif buffer_offset:
             buffer_fd = _new_memfd("forkreload-buffers", buffer_offset)
             fds.append(buffer_fd)
@@ -830,6 +888,7 @@ def dump_namespace(
                 "started": _process_start(os.getpid()),
                 "stream": [stream_fd, payload_offset, stream_mac.hexdigest()],
                 "via": "process" if in_place else "memfd",
+                "shared": shared,
                 "buffers": [buffer_fd, buffer_offset],
                 "rng": [0, len(rng)],
                 "groups": index_groups,
@@ -1015,8 +1074,10 @@ class Dump:
             # Read every buffer before unpickling anything: the exporter's
             # memory may only be read while it waits, and one that cannot be
             # read fails the whole load, not some groups.
+            shared = index.get("shared") is True
             read = {
-                (o, n): _read_buffer(index["pid"], o, n) for group in index["groups"] for o, n in group["buffers"]
+                (o, n): _read_buffer(index["pid"], o, n, shared)
+                for group in index["groups"] for o, n in group["buffers"]
             } if in_place else {}
             # Still the same process: what was read was its memory.
             exporter.check()

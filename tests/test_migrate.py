@@ -8,6 +8,7 @@ the subprocesses' sys.path, and may be rewritten between dump and load.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -611,3 +612,96 @@ def test_views_come_back_as_views_of_their_base(tmp_path):
     assert out["strides"] == [[16], [-8], [8, 4800], [4800], [32]]
     assert out["equal"] is True
     assert out["through"] == [-1.0, -2.0, -3.0]
+
+
+@pytest.mark.parametrize("forked", [False, True])
+def test_the_index_says_whether_the_buffers_are_shared_with_a_fork(tmp_path, monkeypatch, forked):
+    # A worker with checkpoints shares its arrays' pages with them: the
+    # loader then reads them through /proc/PID/mem (one fault a page).
+    monkeypatch.setenv("FORKRELOAD_MIGRATE_VIA", "process")
+    cell = "import numpy as np\narr = np.arange(1_000_000, dtype=np.int64)\n"
+    if forked:  # a child that holds the pages, as a checkpoint does, until the dumper exits
+        cell += "import os, time\nif os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\n"
+    dump_cell(tmp_path, cell)
+    index = Dump(str(tmp_path / "dump"), KEY).index
+    assert index["via"] == "process" and index["shared"] is forked
+    out = load_in_fresh(tmp_path, 'out["sum"] = int(v["arr"].sum())')
+    assert out["failed"] == {} and out["sum"] == 1_000_000 * 999_999 // 2
+    if forked:
+        import psutil
+
+        proc = _dumpers.pop()
+        children = psutil.Process(proc.pid).children()
+        proc.stdin.close()
+        proc.wait(timeout=20)
+        proc.stdout.close()
+        for child in children:
+            child.kill()
+            with contextlib.suppress(psutil.Error):
+                child.wait(timeout=10)
+
+
+def _ptrace_scope() -> int:
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_ptrace_scope() >= 2, reason="Yama forbids reading a child's memory")
+@pytest.mark.parametrize("proc_mem", [True, False])
+def test_a_buffer_the_exporter_shares_with_its_forks_is_read_with_one_fault_a_page(monkeypatch, proc_mem):
+    # An exporter's buffers are usually shared with its checkpoints (forks
+    # of it), and it says so. Read through /proc/PID/mem, each page costs
+    # one fault (the copy's own page); process_vm_readv, which pins each
+    # page it reads, takes a second one per shared page. Where
+    # /proc/PID/mem does not open, the system call reads the same bytes.
+    import ctypes
+    import mmap
+    import resource
+
+    from forkreload import migrate
+
+    pages = 4096
+    size = pages * mmap.PAGESIZE
+    src = bytearray(os.urandom(size))
+    address = ctypes.addressof((ctypes.c_char * size).from_buffer(src))
+    assert not migrate._shares_pages([(address, size)])  # written here, not forked since
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the exporter: its memory shared with a fork of its own, as with a checkpoint
+        os.close(w)
+        fork = os.fork()
+        if fork == 0:
+            os.read(r, 1)
+            os._exit(0)
+        os.read(r, 1)
+        os.waitpid(fork, 0)
+        os._exit(0)
+    os.close(r)
+    assert migrate._shares_pages([(address, size)])  # the child maps the same pages now
+    if not proc_mem:
+        real_open = os.open
+
+        def no_proc_mem(path, *args, **kwargs):
+            if str(path).endswith("/mem"):
+                raise PermissionError(13, "refused", path)
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", no_proc_mem)
+    try:
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        dest = ctypes.c_char.from_buffer(region)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        migrate._read_process(pid, address, ctypes.addressof(dest), size, shared=True)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        del dest
+        assert region[:] == bytes(src)
+        if proc_mem:
+            assert faults < pages * 1.5, faults
+        region.close()
+    finally:
+        os.write(w, b"xx")
+        os.close(w)
+        os.waitpid(pid, 0)
