@@ -593,7 +593,7 @@ def release_exports(path: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------
-# Reading buffers in place: /proc/PID/mem, else process_vm_readv
+# Reading buffers in place: process_vm_readv (/proc/PID/mem for shared pages)
 #
 # The fastest single copy is the loader reading the exporter's memory
 # directly into fresh private memory of its own (transparent huge pages
@@ -685,29 +685,23 @@ def _read_process(pid: int, address: int, dest: int, size: int, shared: bool = F
             fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             pass  # no /proc, or it hides other processes: the system call
-    if fd >= 0:
-        try:
-            pread = _libc().pread64
-            done = 0
-            while done < size:
-                got = pread(fd, dest + done, min(size - done, _READ_CHUNK), address + done)
-                if got <= 0:
-                    err = ctypes.get_errno()
-                    raise ForgedPayload(f"cannot read the dumping process's memory: {os.strerror(err) if got else 'short read'}")
-                done += got
-        finally:
+    libc = _libc()
+    try:
+        done = 0
+        while done < size:
+            n = min(size - done, _READ_CHUNK)
+            if fd >= 0:
+                got = libc.pread64(fd, dest + done, n, address + done)
+            else:
+                local, remote = _IOVec(dest + done, n), _IOVec(address + done, n)
+                got = libc.process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+            if got <= 0:
+                err = ctypes.get_errno()
+                raise ForgedPayload(f"cannot read the dumping process's memory: {os.strerror(err) if got else 'short read'}")
+            done += got
+    finally:
+        if fd >= 0:
             os.close(fd)
-        return
-    fn = _libc().process_vm_readv
-    done = 0
-    while done < size:
-        n = min(size - done, _READ_CHUNK)
-        local, remote = _IOVec(dest + done, n), _IOVec(address + done, n)
-        got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got <= 0:
-            err = ctypes.get_errno()
-            raise ForgedPayload(f"cannot read the dumping process's memory: {os.strerror(err) if got else 'short read'}")
-        done += got
 
 
 def _shares_pages(buffers: list[tuple[int, int]]) -> bool:

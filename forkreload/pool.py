@@ -145,7 +145,7 @@ class WorkerPool:
         self.exit_statuses: dict[int, str] = {}
         # False while a shared server that handed its first worker out has
         # not imported yet: a fork would wait for those imports, so a spare
-        # waits for its word instead (`forks_now`).
+        # waits for its word (`prepared`) instead.
         self.prepared = True
         self.proc: subprocess.Popen[bytes] | None = None
         self.chan: Channel | None = None
