@@ -158,9 +158,9 @@ def _server_status(d: Path, kid: str, until: Any = None, timeout: float = 30.0) 
 
 def test_a_cold_starts_first_worker_does_its_own_imports(srv, make_session, monkeypatch):
     # Forked after the server's imports, the first worker would copy each
-    # page of them it writes (a fault each: ~20 ms more for a kernel's start
-    # and an `import numpy, pandas` than in a plain kernel). It imports for
-    # itself, and the server imports after handing it out.
+    # page of them it writes (a fault each: a kernel's start and first
+    # `import numpy, pandas` took ~40 ms longer than they do now). It
+    # imports for itself, and the server imports after handing it out.
     monkeypatch.setenv("FORKRELOAD_CHECKPOINTS", "off")  # a checkpoint would share the worker's pages
     s = make_session()
     [info] = _servers(srv)
