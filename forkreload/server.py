@@ -471,33 +471,36 @@ class _Server:
         that the two do not share the CPUs during the kernel's first cells.
         If it fails, the server imports and forks as usual.
         """
+        from .snapshot import fork_child
+
         key = secrets.token_bytes(32)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
+
+        def child() -> None:
             try:
                 ours.close()
                 self._first_worker(Channel(theirs, key))
             except BaseException as exc:
                 with contextlib.suppress(BaseException):
                     sys.stderr.write(f"forkreload server: the first worker failed: {type(exc).__name__}: {exc}\n")
-            os._exit(1)
+
+        pid = fork_child(child)
         theirs.close()
         chan = Channel(ours, key)
-        msg: dict[str, Any] | None
-        try:
-            ready, _, _ = select.select([chan.fileno()], [], [], _FIRST_WORKER_TIMEOUT)
-            msg, fds = chan.recv() if ready else (None, [])
-            for fd in fds:
-                os.close(fd)
-        except (OSError, ForgedMessage):
-            msg = None
-        if msg is None or msg.get("op") != "hello":
+        msg: dict[str, Any] | None = None
+        if isinstance(pid, int):
+            try:
+                ready, _, _ = select.select([chan.fileno()], [], [], _FIRST_WORKER_TIMEOUT)
+                msg, fds = chan.recv() if ready else (None, [])
+                for fd in fds:
+                    os.close(fd)
+            except (OSError, ForgedMessage):
+                msg = None
+        if not isinstance(pid, int) or msg is None or msg.get("op") != "hello":
             chan.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if isinstance(pid, int):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.prepare()
             return
         self.hello = {**msg, "pid": os.getpid(), "server": self.kid}
